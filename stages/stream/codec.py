@@ -1,0 +1,243 @@
+"""Reading and writing whole streams: header first, trailer last, every record checked."""
+
+import errno
+import os
+
+import msgpack
+
+from . import envelope, images, plans
+from .errors import StreamError
+from .schema import Int, Map, MapOf, Str
+
+FORMATS = {images.FORMAT: images, plans.FORMAT: plans}
+
+TRAILER = Map(
+    {"records": Int(1), "counts": MapOf(Str(max_len=64), Int(0)), "chain": Int(0, (1 << 32) - 1)},
+    {"summary": MapOf(Str(max_len=64), Int())},
+)
+
+
+class Record:
+    __slots__ = ("kind", "seq", "body", "data", "meta")
+
+    def __init__(self, kind, seq, body, data, meta):
+        self.kind, self.seq, self.body, self.data, self.meta = kind, seq, body, data, meta
+
+    def __repr__(self):
+        return f"<Record {self.seq} {self.kind}>"
+
+
+def _schema_module(header_body, seq=0):
+    fmt = header_body.get("format")
+    module = FORMATS.get(fmt)
+    if module is None:
+        raise StreamError(f"record {seq}: unknown stream format {fmt!r} (expected one of {sorted(FORMATS)})")
+    version = header_body.get("version")
+    if not isinstance(version, int):
+        raise StreamError(f"record {seq}: header has no format version")
+    if version > module.VERSION:
+        raise StreamError(
+            f"stream format {fmt} version {version} is newer than this cowtree understands "
+            f"(version {module.VERSION}): upgrade cowtree to read it"
+        )
+    if version < module.VERSION:
+        raise StreamError(
+            f"stream format {fmt} version {version} is older than this cowtree reads "
+            f"(version {module.VERSION}): re-create it with a matching cowtree"
+        )
+    return module
+
+
+class StreamWriter:
+    """Writes one stream.  ``close()`` writes the trailer; a stream without it is invalid."""
+
+    def __init__(self, fileobj, fmt, header, validate=True):
+        self.out = fileobj
+        self.module = FORMATS[fmt]
+        self.validate = validate
+        self.seq = 0
+        self.chain = 0
+        self.counts = {}
+        self.phase = -1
+        self.bytes_written = 0
+        body = dict(header, format=fmt, version=self.module.VERSION)
+        self.write("header", body)
+
+    def write(self, kind, body, data=None):
+        if self.validate:
+            spec = self.module.BODIES.get(kind)
+            if spec is None:
+                raise StreamError(f"cannot write record of unknown kind {kind!r}")
+            spec.check(body, f"{kind} record")
+        self.write_encoded(kind, envelope.pack_meta(body), data)
+
+    def write_encoded(self, kind, meta, data=None):
+        """Write a record whose body is already msgpack-encoded (pass-through of pages)."""
+        phase = self.module.PHASES.get(kind)
+        if phase is None:
+            raise StreamError(f"cannot write record of unknown kind {kind!r}")
+        if phase < self.phase:
+            raise StreamError(f"record {kind!r} written out of order")
+        if (data is not None) != (kind in self.module.DATA_KINDS):
+            raise StreamError(f"record {kind!r}: data payload present/absent wrongly")
+        self.phase = phase
+        blob, crc = envelope.encode_record(kind, self.seq, meta, data)
+        self.out.write(blob)
+        self.bytes_written += len(blob)
+        self.chain = envelope.chain_update(self.chain, crc)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.seq += 1
+
+    def close(self, summary=None):
+        body = {"records": self.seq, "counts": dict(self.counts), "chain": self.chain}
+        if summary:
+            body["summary"] = summary
+        meta = envelope.pack_meta(body)
+        blob, _ = envelope.encode_record("trailer", self.seq, meta, None)
+        self.out.write(blob)
+        self.bytes_written += len(blob)
+        self.out.flush()
+
+
+class StreamReader:
+    """Iterates the records of a stream, checking envelope, order and schema of each.
+
+    The trailer is checked when it is reached; iteration ends there and any
+    bytes after it are an error.  ``header`` is available after construction.
+    """
+
+    def __init__(self, fileobj, expect=None, validate=True):
+        self.fileobj = fileobj
+        self.unpacker = envelope.make_unpacker(fileobj)
+        self.validate = validate
+        self.seq = 0
+        self.chain = 0
+        self.counts = {}
+        self.phase = 0
+        self.trailer = None
+        self.done = False
+        first = self._next_raw()
+        if first is None:
+            raise StreamError("stream is empty or truncated before its header")
+        kind, meta, data, crc = first
+        if kind != "header":
+            raise StreamError(f"record 0 is {kind!r}, expected the header")
+        body = envelope.unpack_meta(meta, kind, 0)
+        self.module = _schema_module(body)
+        self.format = body["format"]
+        if expect is not None and self.format not in ([expect] if isinstance(expect, str) else expect):
+            raise StreamError(f"this is a {self.format} stream, expected {expect}")
+        self.module.HEADER.check(body, "header")
+        self.header = body
+        self._account(kind, crc)
+
+    def _next_raw(self):
+        try:
+            obj = self.unpacker.unpack()
+        except msgpack.OutOfData:
+            return None
+        except StreamError:
+            raise
+        except Exception as exc:
+            raise StreamError(f"record {self.seq}: undecodable bytes ({exc.__class__.__name__}: {exc})")
+        return envelope.check_envelope(obj, self.seq)
+
+    def _account(self, kind, crc):
+        self.chain = envelope.chain_update(self.chain, crc)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.seq += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.done:
+            raise StopIteration
+        seq = self.seq
+        raw = self._next_raw()
+        if raw is None:
+            raise StreamError(f"stream is truncated after record {seq - 1}: no trailer")
+        kind, meta, data, crc = raw
+        if kind == "trailer":
+            self._finish(meta)
+            raise StopIteration
+        spec = self.module.BODIES.get(kind)
+        if spec is None or kind == "header":
+            raise StreamError(f"record {seq}: unexpected record kind {kind!r} in a {self.format} stream")
+        phase = self.module.PHASES[kind]
+        if phase < self.phase:
+            raise StreamError(f"record {seq} ({kind}): out of order")
+        self.phase = phase
+        if (data is not None) != (kind in self.module.DATA_KINDS):
+            raise StreamError(f"record {seq} ({kind}): data payload present/absent wrongly")
+        body = envelope.unpack_meta(meta, kind, seq)
+        if self.validate:
+            spec.check(body, f"record {seq} ({kind})")
+        self._account(kind, crc)
+        return Record(kind, seq, body, data, meta)
+
+    def _finish(self, meta):
+        body = envelope.unpack_meta(meta, "trailer", self.seq)
+        TRAILER.check(body, f"record {self.seq} (trailer)")
+        if body["records"] != self.seq:
+            raise StreamError(f"trailer counts {body['records']} records, the stream has {self.seq}")
+        if body["counts"] != self.counts:
+            raise StreamError(f"trailer counts {body['counts']}, the stream has {self.counts}")
+        if body["chain"] != self.chain:
+            raise StreamError("trailer chain checksum does not match the records: the stream is corrupted")
+        self.trailer = body
+        self.done = True
+        try:
+            extra = self.unpacker.unpack()
+        except msgpack.OutOfData:
+            return
+        except Exception:
+            extra = True
+        if extra is not None:
+            raise StreamError("bytes after the trailer: the stream is corrupted or two streams were joined")
+
+    def records(self):
+        return list(self)
+
+
+def open_input(path):
+    """A binary file object for ``path`` or stdin ('-' or None)."""
+    if path in (None, "-"):
+        return os.fdopen(os.dup(0), "rb", buffering=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
+
+
+class OutputFile:
+    """A stream destination: a new 0600 file (removed again unless committed) or stdout.
+
+    Images and plans contain process memory, so files are private to the owner.
+    """
+
+    def __init__(self, path):
+        self.path = None if path in (None, "-") else path
+        if self.path is None:
+            self.file = os.fdopen(os.dup(1), "wb", buffering=1 << 20)
+        else:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)
+            self.file = os.fdopen(fd, "wb", buffering=1 << 20)
+
+    def commit(self):
+        self.file.flush()
+        self.file.close()
+
+    def abandon(self):
+        """Close and remove a partial file; on a pipe the missing trailer marks it invalid."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def is_broken_pipe(exc):
+    return isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE)

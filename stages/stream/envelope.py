@@ -1,0 +1,96 @@
+"""The wire envelope: how one record is framed, checksummed and chained.
+
+A stream is a sequence of msgpack arrays, one per record:
+
+    [kind: str, seq: int, meta: bin, data: bin | nil, crc: int]
+
+* ``meta`` is the record body, itself msgpack-encoded (a map).  Keeping it as
+  bytes lets the reader check the checksum before it trusts the content.
+* ``data`` carries bulk bytes (page contents) outside the body, so page bytes
+  are never re-encoded: they travel as one msgpack bin payload.
+* ``crc`` is CRC-32 over ``"kind:seq"``, meta and data, in that order.
+* ``seq`` counts records from 0 (the header); a missing, repeated or swapped
+  record breaks the sequence.
+
+The trailer (last record) carries the number of records, per-kind counts and
+``chain``: CRC-32 over the 4-byte little-endian crcs of every record before it.
+A stream without a trailer is truncated; bytes after it are garbage.
+"""
+
+import struct
+import zlib
+
+import msgpack
+
+from .errors import StreamError
+
+# One record may carry at most this many bytes of meta or data.  Bigger than
+# any record cowtree writes (page runs are capped well below), small enough
+# that a corrupted length cannot make the reader allocate gigabytes.
+MAX_META_BYTES = 256 << 20
+MAX_DATA_BYTES = 64 << 20
+
+
+def record_crc(kind, seq, meta, data):
+    crc = zlib.crc32(f"{kind}:{seq}".encode())
+    crc = zlib.crc32(meta, crc)
+    if data is not None:
+        crc = zlib.crc32(data, crc)
+    return crc
+
+
+def pack_meta(body):
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack_meta(meta, kind, seq):
+    try:
+        body = msgpack.unpackb(meta, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise StreamError(f"record {seq} ({kind}): body is not valid msgpack: {exc}")
+    if not isinstance(body, dict):
+        raise StreamError(f"record {seq} ({kind}): body is not a map")
+    return body
+
+
+def encode_record(kind, seq, meta, data):
+    """Frame one record; returns (bytes, crc)."""
+    crc = record_crc(kind, seq, meta, data)
+    return msgpack.packb([kind, seq, meta, data, crc], use_bin_type=True), crc
+
+
+def chain_update(chain, crc):
+    return zlib.crc32(struct.pack("<I", crc), chain)
+
+
+def make_unpacker(fileobj):
+    return msgpack.Unpacker(
+        fileobj,
+        raw=False,
+        use_list=True,
+        strict_map_key=False,
+        max_buffer_size=MAX_META_BYTES + MAX_DATA_BYTES + (1 << 20),
+        max_bin_len=max(MAX_META_BYTES, MAX_DATA_BYTES),
+        max_str_len=1 << 16,
+        max_array_len=16,
+        max_map_len=16,
+    )
+
+
+def check_envelope(obj, expected_seq):
+    """Check the shape and checksum of one raw envelope; return its parts."""
+    if not isinstance(obj, list) or len(obj) != 5:
+        raise StreamError(f"record {expected_seq}: not a cowtree record (bad envelope)")
+    kind, seq, meta, data, crc = obj
+    if not isinstance(kind, str) or not isinstance(seq, int) or not isinstance(crc, int):
+        raise StreamError(f"record {expected_seq}: not a cowtree record (bad envelope fields)")
+    if not isinstance(meta, bytes) or not (data is None or isinstance(data, bytes)):
+        raise StreamError(f"record {expected_seq} ({kind}): meta/data are not binary")
+    if seq != expected_seq:
+        raise StreamError(
+            f"record {expected_seq} ({kind}): sequence number is {seq}: "
+            "records are missing, repeated or out of order"
+        )
+    if record_crc(kind, seq, meta, data) != crc:
+        raise StreamError(f"record {seq} ({kind}): checksum mismatch: the stream is corrupted")
+    return kind, meta, data, crc

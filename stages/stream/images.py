@@ -1,0 +1,115 @@
+"""Record schemas of the image stream (cow-collect -> cow-plan).
+
+Order: header, one ``process`` per process (parents before children), one
+``vmas`` per process (same order), ``pages`` runs covering frame ids 1..N in
+ascending order, trailer.  docs/FORMAT.md describes every field.
+"""
+
+from .schema import Any, Bin, Bool, Int, ListOf, Map, Nullable, Str, Tuple, UInt
+
+FORMAT = "cowtree-images"
+VERSION = 1
+
+VMA_KINDS = {"anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vsyscall", "special"}
+
+PID = Int(1, (1 << 22))
+ADDR = UInt()
+
+HEADER = Map(
+    {
+        "format": Str(choices={FORMAT}),
+        "version": Int(1),
+        "kernel": Str(),
+        "arch": Str(),
+        "page_size": Int(4096, 4096),
+        "root_pid": PID,
+        "vdso": Map(
+            {
+                # [[name, start, end], ...] of [vvar], [vvar_vclock], [vdso] as mapped in the root
+                "layout": ListOf(Tuple(Str(), ADDR, ADDR), max_len=8),
+                "sha256": Str(max_len=64),
+            },
+            {"symbols": ListOf(Tuple(Str(), ADDR), max_len=256)},
+        ),
+    },
+    {"tool": Str(), "created": Str()},
+)
+
+THREAD = Map(
+    {
+        "tid": PID,
+        "regs": Bin(max_len=4096),  # struct user_regs_struct (NT_PRSTATUS)
+        "xstate": Bin(max_len=1 << 16),  # NT_X86_XSTATE
+        "sigmask": UInt(),
+    },
+    {"fpregs": Bin(max_len=4096), "extra": Map({}, {})},
+)
+
+SIGACTION = Tuple(UInt(), UInt(), UInt(), UInt())  # handler, flags, restorer, mask
+
+FD = Map(
+    {"fd": Int(0, 1 << 20), "kind": Str(), "path": Nullable(Str()), "flags": UInt()},
+    {"pos": UInt(), "mode": UInt(), "dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "cloexec": Bool()},
+)
+
+MM = Map(
+    {
+        name: ADDR
+        for name in (
+            "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+            "start_stack", "arg_start", "arg_end", "env_start", "env_end",
+        )
+    },
+    {"exe_file": Nullable(Str())},
+)
+
+PROCESS = Map(
+    {
+        "pid": PID,
+        "ppid": Int(0, 1 << 22),
+        "pgid": Int(0, 1 << 22),
+        "sid": Int(0, 1 << 22),
+        "comm": Str(max_len=64),
+        "exe": Nullable(Str()),
+        "threads": ListOf(THREAD, max_len=1 << 15),
+        "mm": MM,
+        "auxv": Bin(multiple=16, max_len=1 << 16),
+        "sigactions": ListOf(SIGACTION, max_len=64),
+        "fds": ListOf(FD, max_len=1 << 20),
+    },
+    {
+        "cwd": Str(),
+        "root": Str(),
+        "umask": UInt(),
+        "state": Map({}, {}),  # reserved for the process-state issue
+        "extra": Any(),
+    },
+)
+
+VMA = Map(
+    {
+        "start": ADDR,
+        "end": ADDR,
+        "prot": Int(0, 7),
+        "shared": Bool(),
+        "pgoff": UInt(),  # byte offset into the file (0 for anonymous)
+        "kind": Str(choices=VMA_KINDS),
+        "path": Nullable(Str()),
+        "vmflags": ListOf(Str(max_len=4), max_len=64),
+        # one uint32 frame id per page, 0 = nothing to restore; nil when no page is a frame
+        "frames": Nullable(Bin(multiple=4)),
+    },
+    {"dev": Nullable(Str()), "ino": UInt(), "size": UInt()},
+)
+
+VMAS = Map({"pid": PID, "vmas": ListOf(VMA, max_len=1 << 20)})
+
+# A run of frames first..first+count-1.  same[i] (uint32): 0 = this frame's bytes
+# are the next page of ``data``; otherwise an earlier frame id with equal bytes.
+# hashes: 16-byte BLAKE2b of every frame's bytes.
+PAGES = Map({"first": Int(1, (1 << 32) - 1), "count": Int(1, 1 << 16), "same": Bin(multiple=4), "hashes": Bin(multiple=16)})
+
+BODIES = {"header": HEADER, "process": PROCESS, "vmas": VMAS, "pages": PAGES}
+# Records appear in non-decreasing phase order.
+PHASES = {"header": 0, "process": 1, "vmas": 2, "pages": 3}
+DATA_KINDS = {"pages"}

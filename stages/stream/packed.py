@@ -1,0 +1,26 @@
+"""Packed little-endian integer arrays, the wire form of frame maps and id lists."""
+
+import sys
+from array import array
+
+from .errors import StreamError
+
+_LITTLE = sys.byteorder == "little"
+
+
+def pack_u32(values):
+    arr = values if isinstance(values, array) and values.typecode == "I" else array("I", values)
+    if not _LITTLE:
+        arr = array("I", arr)
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def unpack_u32(blob, what="array"):
+    if len(blob) % 4:
+        raise StreamError(f"{what}: length {len(blob)} is not a multiple of 4")
+    arr = array("I")
+    arr.frombytes(blob)
+    if not _LITTLE:
+        arr.byteswap()
+    return arr
