@@ -187,13 +187,7 @@ class StreamReader:
             raise StreamError("trailer chain checksum does not match the records: the stream is corrupted")
         self.trailer = body
         self.done = True
-        try:
-            extra = self.unpacker.unpack()
-        except msgpack.OutOfData:
-            return
-        except Exception:
-            extra = True
-        if extra is not None:
+        if self.unpacker.read_bytes(1):
             raise StreamError("bytes after the trailer: the stream is corrupted or two streams were joined")
 
     def records(self):

@@ -1,0 +1,262 @@
+"""cow-show: print any cowtree stream (images or plan) for people, scripts or golden files.
+
+Three forms:
+  default   a readable report: header, process tree, VMA tables with frame runs, page runs
+  --json    one JSON document (packed arrays decoded to lists, other binaries summarised)
+  --normal  the report with everything that differs between two dumps of the same
+            workload masked (pids renumbered, registers, hashes, kernel, temp paths):
+            the form compared with tests/golden/
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+from stages.stream import StreamError, StreamReader, open_input, unpack_u32
+
+PROT = {0: "---", 1: "r--", 2: "-w-", 3: "rw-", 4: "--x", 5: "r-x", 6: "-wx", 7: "rwx"}
+PAGE = 4096
+
+# Fields holding packed uint32 arrays.
+PACKED_U32 = {"frames", "same"}
+
+
+def frame_runs(ids):
+    """Compress a frame-id array into runs: '1-256', '0x12' (12 absent pages), '300'."""
+    out = []
+    i, n = 0, len(ids)
+    while i < n:
+        j = i
+        if ids[i] == 0:
+            while j + 1 < n and ids[j + 1] == 0:
+                j += 1
+            out.append(f"0x{j - i + 1}")
+        else:
+            while j + 1 < n and ids[j + 1] == ids[j] + 1:
+                j += 1
+            out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return " ".join(out)
+
+
+def summarize_bin(blob):
+    return {"bytes": len(blob), "blake2b": hashlib.blake2b(blob, digest_size=8).hexdigest()}
+
+
+def to_json(value, key=None):
+    if isinstance(value, bytes):
+        if key in PACKED_U32:
+            return list(unpack_u32(value, key))
+        if key == "pages":  # write steps: (page, frame) pairs
+            arr = unpack_u32(value, key)
+            return [[arr[i], arr[i + 1]] for i in range(0, len(arr), 2)]
+        return summarize_bin(value)
+    if isinstance(value, dict):
+        return {str(k): to_json(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_json(v, key) for v in value]
+    return value
+
+
+class Normalizer:
+    """Masks what legitimately differs between two dumps of the same workload."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.pids = {}
+        self.root_pid = None
+
+    def pid(self, pid):
+        if not self.enabled or not pid:
+            return str(pid)
+        if pid not in self.pids:
+            self.pids[pid] = f"P{len(self.pids) + 1}"
+        return self.pids[pid]
+
+    def path(self, path):
+        if path is None:
+            return "-"
+        if self.enabled and (path.startswith("/tmp/") or path.startswith("/var/tmp/")):
+            return "<tmp>/" + os.path.basename(path)
+        return path
+
+    def value(self, text):
+        return "*" if self.enabled else text
+
+
+class Printer:
+    def __init__(self, out, normal):
+        self.out = out
+        self.norm = Normalizer(normal)
+
+    def line(self, text=""):
+        self.out.write(text + "\n")
+
+    # -- header and trailer -------------------------------------------------
+    def header(self, h):
+        self.line(f"{h['format']} version {h['version']}")
+        self.line(f"  kernel {self.norm.value(h['kernel'])}  arch {h['arch']}  page size {h['page_size']}")
+        self.norm.root_pid = h["root_pid"]
+        self.line(f"  root pid {self.norm.pid(h['root_pid'])}")
+        vdso = h["vdso"]
+        layout = ", ".join(f"{name} {start:#x}-{end:#x}" for name, start, end in vdso["layout"])
+        self.line(f"  vdso {layout or '-'}  sha256 {self.norm.value(vdso['sha256'][:16])}")
+        if "strategy" in h:
+            self.line(f"  strategy {h['strategy']}")
+            w = h["window"]
+            self.line(f"  window base hint {w['base_hint']:#x} size {w['size']:#x}")
+            for key in sorted(h["stats"]):
+                self.line(f"  stat {key} = {h['stats'][key]}")
+
+    def trailer(self, t, stats):
+        counts = " ".join(f"{k}={v}" for k, v in sorted(t["counts"].items()))
+        self.line(f"trailer: {t['records']} records ({counts})")
+        if "summary" in t:
+            for key in sorted(t["summary"]):
+                self.line(f"  {key} = {t['summary'][key]}")
+        if stats["pages_records"]:
+            self.line(
+                f"pages: {stats['pages_records']} runs, {stats['frames']} frames, "
+                f"{stats['stored']} stored, {stats['same']} equal to an earlier frame"
+            )
+
+    # -- images -------------------------------------------------------------
+    def process(self, p, indent="", ppid_field="ppid"):
+        n = self.norm
+        # the root's parent is outside the tree: its pid means nothing after a restore
+        ppid = "-" if (n.enabled and p["pid"] == n.root_pid) else n.pid(p[ppid_field])
+        self.line(
+            f"{indent}process {n.pid(p['pid'])} ppid {ppid} pgid {n.pid(p['pgid'])} "
+            f"sid {n.pid(p['sid'])} comm {p['comm']} exe {n.path(p.get('exe'))}"
+        )
+        for t in p["threads"]:
+            self.line(
+                f"{indent}  thread {n.pid(t['tid'])} regs {n.value(summarize_bin(t['regs'])['blake2b'])} "
+                f"xstate {len(t['xstate'])} bytes sigmask {t['sigmask']:#x}"
+            )
+        if not self.norm.enabled:
+            mm = p["mm"]
+            self.line(
+                f"{indent}  mm code {mm['start_code']:#x}-{mm['end_code']:#x} data {mm['start_data']:#x}-"
+                f"{mm['end_data']:#x} brk {mm['start_brk']:#x}-{mm['brk']:#x} stack {mm['start_stack']:#x}"
+            )
+        changed = [
+            f"{i + 1}:{'ign' if a[0] == 1 else 'handler' if a[0] else 'dfl'}"
+            for i, a in enumerate(p["sigactions"])
+            if a[0] != 0
+        ]
+        self.line(f"{indent}  sigactions {' '.join(changed) or 'all default'}")
+        for fd in p["fds"]:
+            self.line(f"{indent}  fd {fd['fd']} {fd['kind']} {n.path(fd.get('path'))} flags {fd['flags']:#o}")
+        for key in ("cwd", "root", "umask"):
+            if key in p:
+                self.line(f"{indent}  {key} {n.path(p[key]) if key != 'umask' else oct(p[key])}")
+
+    def vma_line(self, v):
+        npages = (v["end"] - v["start"]) // PAGE
+        flags = ",".join(v["vmflags"]) if not self.norm.enabled else ",".join(
+            f for f in v["vmflags"] if f not in ("ac", "sd", "um", "uw")
+        )
+        text = (
+            f"  {v['start']:#014x}-{v['end']:#014x} {PROT[v['prot']]}{'s' if v['shared'] else 'p'} "
+            f"{v['kind']:<6} {npages:>6}p off {v['pgoff']:#x} {self.norm.path(v.get('path'))} [{flags}]"
+        )
+        self.line(text)
+        if v.get("frames") is not None:
+            ids = unpack_u32(v["frames"], "frames")
+            present = sum(1 for x in ids if x)
+            self.line(f"      frames ({present} present): {frame_runs(ids)}")
+
+    def vmas(self, body):
+        self.line(f"vmas of {self.norm.pid(body['pid'])}: {len(body['vmas'])}")
+        for v in body["vmas"]:
+            self.vma_line(v)
+
+    # -- plans --------------------------------------------------------------
+    def plan_process(self, body):
+        n = self.norm
+        img = body["image"]
+        self.line(f"plan for {n.pid(body['pid'])} (restored ppid {n.pid(body['ppid'])})")
+        self.process(img, indent="  ")
+        for r in body["ranges"]:
+            src = "anon" if r["backing"] == "anon" else f"file {n.path(r.get('path'))} @ {r.get('pgoff', 0):#x}"
+            self.line(f"  range {r['id']} at +{r['offset']:#x} size {r['size'] // PAGE}p {src}")
+        for s in body["steps"]:
+            if s["op"] == "write":
+                pairs = unpack_u32(s["pages"], "pages")
+                self.line(f"  step write range {s['range']}: {len(pairs) // 2} pages")
+            elif s["op"] == "fork":
+                self.line(f"  step fork {n.pid(s['pid'])}")
+            else:
+                self.line(f"  step drop range {s['range']}")
+        for v in body["layout"]:
+            self.vma_line(dict(v, frames=None))
+            for r, rp, count, vp in v["pieces"]:
+                self.line(f"      piece range {r} page {rp} x{count} -> vma page {vp}")
+
+
+def show(stream, out, normal=False, as_json=False):
+    reader = StreamReader(stream)
+    stats = {"pages_records": 0, "frames": 0, "stored": 0, "same": 0}
+    if as_json:
+        doc = {"header": to_json(reader.header), "records": []}
+        for rec in reader:
+            entry = {"kind": rec.kind, "body": to_json(rec.body)}
+            if rec.data is not None:
+                entry["data"] = summarize_bin(rec.data)
+            doc["records"].append(entry)
+        doc["trailer"] = reader.trailer
+        json.dump(doc, out, indent=1, sort_keys=True)
+        out.write("\n")
+        return
+    pr = Printer(out, normal)
+    pr.header(reader.header)
+    for rec in reader:
+        if rec.kind == "process" and "image" in rec.body:
+            pr.plan_process(rec.body)
+        elif rec.kind == "process":
+            pr.process(rec.body)
+        elif rec.kind == "vmas":
+            pr.vmas(rec.body)
+        elif rec.kind == "pages":
+            same = unpack_u32(rec.body["same"], "same")
+            stats["pages_records"] += 1
+            stats["frames"] += rec.body["count"]
+            stats["same"] += sum(1 for s in same if s)
+            stats["stored"] += sum(1 for s in same if not s)
+    pr.trailer(reader.trailer, stats)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="cow-show",
+        description="Print a cowtree stream (images from cow-collect, or a plan from cow-plan). "
+        "Every record is checked (checksums, order, schema); a bad stream exits 1.",
+    )
+    ap.add_argument("file", nargs="?", default="-", help="stream file (default: standard input)")
+    form = ap.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    form.add_argument(
+        "--normal", action="store_true",
+        help="normal form for golden files: pids renumbered, registers, hashes and temp paths masked",
+    )
+    args = ap.parse_args(argv)
+    try:
+        with open_input(args.file) as stream:
+            show(stream, sys.stdout, normal=args.normal, as_json=args.json)
+    except StreamError as exc:
+        sys.stdout.flush()
+        print(f"cow-show: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cow-show: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
