@@ -1,0 +1,177 @@
+"""cowtree demo: checkpoint and restore a python3 pre-fork server, and show the memory it keeps.
+
+Starts scripts/workloads/prefork_server.py (a parent with a dataset, forked
+workers serving requests), asks every worker a question, measures the tree
+with cow-mem, checkpoints it with `cow-collect --kill`, plans it three ways,
+restores the exact plan with cow-apply, asks the same questions again, checks
+every worker's dataset checksum and measures again.  Everything it started is
+killed at the end, pass or fail.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, ".venv", "bin")
+SERVER = os.path.join(ROOT, "scripts", "workloads", "prefork_server.py")
+
+
+class DemoError(Exception):
+    pass
+
+
+def tool(name):
+    return os.path.join(BIN, name)
+
+
+def run(cmd, what, **kw):
+    start = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw)
+    elapsed = time.monotonic() - start
+    if res.returncode != 0:
+        raise DemoError(f"{what} failed (exit {res.returncode}):\n{res.stderr.strip()}")
+    return res, elapsed
+
+
+def wait_for(path, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def ask(directory, pid, text, timeout=30):
+    resp = os.path.join(directory, f"resp-{pid}")
+    if os.path.exists(resp):
+        os.unlink(resp)
+    tmp = os.path.join(directory, f".req-{pid}")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, os.path.join(directory, f"req-{pid}"))
+    wait_for(resp, timeout, f"worker {pid} to answer {text!r}")
+    with open(resp) as f:
+        return f.read().strip()
+
+
+def tree_memory(root):
+    res, _ = run([tool("cow-mem"), str(root), "--json"], "cow-mem")
+    return json.loads(res.stdout)
+
+
+def kill_pids(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # reap the ones that are our children (the original server)
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def mib(frames):
+    return frames * 4096 / (1 << 20)
+
+
+def demo(args, workdir):
+    started = []
+    try:
+        print(f"starting a python3 pre-fork server: {args.mib} MiB dataset, {args.workers} workers")
+        server = subprocess.Popen(
+            [sys.executable, SERVER, "--mib", str(args.mib), "--workers", str(args.workers), "--dir", workdir],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        started.append(server.pid)
+        wait_for(os.path.join(workdir, "ready"), 120, "the server to start")
+        with open(os.path.join(workdir, "ready")) as f:
+            pids = [int(x) for x in f.read().split()]
+        started[:] = pids
+        root, workers = pids[0], pids[1:]
+        questions = {w: f"{4096 * (i + 1)} 65536" for i, w in enumerate(workers)}
+        before = {w: ask(workdir, w, q) for w, q in questions.items()}
+        for w in workers:
+            print(f"  worker {w} answers: {before[w]}")
+        mem_before = tree_memory(root)
+
+        images = os.path.join(workdir, "images.cow")
+        _, t_collect = run([tool("cow-collect"), "--tree", str(root), "--kill", "-o", images], "cow-collect")
+        server.wait(timeout=10)
+        print(f"checkpointed {len(pids)} processes with cow-collect --kill in {t_collect:.2f} s")
+
+        plans, stats, t_plan = {}, {}, {}
+        for strategy in ("exact", "address", "none"):
+            plans[strategy] = os.path.join(workdir, f"plan.{strategy}")
+            stats_file = os.path.join(workdir, f"stats.{strategy}.json")
+            _, t_plan[strategy] = run(
+                [tool("cow-plan"), "-i", images, "-o", plans[strategy], "--strategy", strategy,
+                 "--stats", stats_file], f"cow-plan --strategy {strategy}",
+            )
+            with open(stats_file) as f:
+                stats[strategy] = json.load(f)
+
+        res, t_apply = run([tool("cow-apply"), "-i", plans["exact"]], "cow-apply")
+        print(f"restored with cow-apply in {t_apply:.2f} s: {res.stdout.strip()}")
+        for w in workers:
+            wait_for(f"/proc/{w}", 10, f"worker {w} to exist")
+        after = {}
+        for w, q in questions.items():
+            after[w] = ask(workdir, w, q)
+            check = ask(workdir, w, "check", timeout=60)
+            print(f"  worker {w} answers: {after[w]}   dataset check: {check.split()[0]}")
+            if not check.startswith("ok"):
+                raise DemoError(f"worker {w}: dataset checksum differs after restore")
+            if after[w].split()[1:] != before[w].split()[1:]:
+                raise DemoError(f"worker {w}: answer differs after restore")
+        mem_after = tree_memory(root)
+
+        size = os.path.getsize(images)
+        print()
+        print(f"{'':34}{'frames':>10}{'MiB':>10}")
+        print(f"{'before dump (kernel, cow-mem)':34}{mem_before['distinct_frames']:>10}{mib(mem_before['distinct_frames']):>10.1f}")
+        print(f"{'after restore, exact (cow-mem)':34}{mem_after['distinct_frames']:>10}{mib(mem_after['distinct_frames']):>10.1f}")
+        for strategy in ("exact", "address", "none"):
+            planned = stats[strategy]["frames_planned"]
+            print(f"{'plan ' + strategy + ' would create':34}{planned:>10}{mib(planned):>10.1f}")
+        print(f"{'image file':34}{'':>10}{size / (1 << 20):>10.1f}")
+        print()
+        print(f"time: collect {t_collect:.2f} s, plan {t_plan['exact']:.2f} s, apply {t_apply:.2f} s")
+        ratio = mem_after["distinct_frames"] / max(1, mem_before["distinct_frames"])
+        print(f"frames after / before: {ratio:.3f}")
+        return 0
+    finally:
+        kill_pids(started)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=256, help="dataset size (default 256)")
+    ap.add_argument("--workers", type=int, default=4, help="number of workers (default 4)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (images, plans)")
+    args = ap.parse_args()
+    workdir = tempfile.mkdtemp(prefix="cowtree-demo-")
+    try:
+        return demo(args, workdir)
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
