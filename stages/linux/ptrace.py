@@ -181,3 +181,28 @@ def errno_is(exc, *codes):
 
 
 ESRCH = errno.ESRCH
+
+
+# struct ptrace_rseq_configuration: rseq_abi_pointer, rseq_abi_size, signature, flags, pad
+_RSEQ_CONF = struct.Struct("<QIIII")
+
+
+def get_rseq_configuration(pid):
+    """(addr, len, sig) of the thread's registered rseq area; addr 0 when none."""
+    buf = ffi.new("char[]", _RSEQ_CONF.size)
+    ptrace(PTRACE_GET_RSEQ_CONFIGURATION, pid, _RSEQ_CONF.size, int(ffi.cast("unsigned long", buf)),
+           "PTRACE_GET_RSEQ_CONFIGURATION")
+    addr, size, sig, _flags, _pad = _RSEQ_CONF.unpack(bytes(ffi.buffer(buf, _RSEQ_CONF.size)))
+    return addr, size, sig
+
+
+SYS_GET_ROBUST_LIST = 274
+
+
+def get_robust_list(pid):
+    """(head, len) as set by set_robust_list in thread pid (needs ptrace access to it)."""
+    head = ffi.new("unsigned long *")
+    length = ffi.new("unsigned long *")
+    _check(lib.cow_syscall6(SYS_GET_ROBUST_LIST, pid, int(ffi.cast("unsigned long", head)),
+                            int(ffi.cast("unsigned long", length)), 0, 0, 0), "get_robust_list", pid)
+    return head[0], length[0]

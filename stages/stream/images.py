@@ -42,7 +42,15 @@ THREAD = Map(
         "xstate": Bin(max_len=1 << 16),  # NT_X86_XSTATE
         "sigmask": UInt(),
     },
-    {"fpregs": Bin(max_len=4096), "extra": Map({}, {})},
+    {
+        "fpregs": Bin(max_len=4096),
+        "extra": Map({}, {}),
+        # the rseq registration (PTRACE_GET_RSEQ_CONFIGURATION); absent when none
+        "rseq": Map({"addr": ADDR, "len": UInt(), "sig": UInt()}),
+        # set_robust_list (head, len) and set_tid_address (clear_child_tid) values
+        "robust_list": Tuple(ADDR, UInt()),
+        "tid_address": ADDR,
+    },
 )
 
 SIGACTION = Tuple(UInt(), UInt(), UInt(), UInt())  # handler, flags, restorer, mask

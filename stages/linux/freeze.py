@@ -1,0 +1,227 @@
+"""Freezing a process tree with ptrace, and letting it go again.
+
+freeze_tree(root): PTRACE_SEIZE + PTRACE_INTERRUPT every thread of every process
+below root, walking /proc/PID/task/*/children again until no new process or
+thread shows up (a fork in flight when we stopped the parent has created its
+child by the time the parent traps, so the next walk sees it).  A process that
+exits while being frozen is dropped.
+
+FrozenTree.resume() / leave_stopped() / kill() end the ptrace session; every
+path detaches every thread, so a tree is never left frozen by us.
+"""
+
+import contextlib
+import errno
+import os
+import signal
+import time
+
+from . import procfs, ptrace
+
+
+REAP_GRACE = 1.0  # seconds to wait for the parents of killed processes to reap them
+
+
+# Signals that would interrupt a release half way (the handlers of cow-collect raise).
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Block SIGINT/SIGTERM/SIGHUP while the tree is being let go: all or nothing."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class FreezeError(Exception):
+    pass
+
+
+def _exiting(tid):
+    try:
+        return procfs.read_stat(tid)["state"] in ("Z", "X")
+    except OSError:
+        return True
+
+
+class FrozenTree:
+    def __init__(self, root):
+        self.root = root
+        self.order = []      # pids, parents before children
+        self.threads = {}    # pid -> [tid, ...]
+        self.zombies = []    # pids of exited, unreaped children in the tree (not seized)
+        self.released = False
+
+    @property
+    def pids(self):
+        return list(self.order)
+
+    # -- freezing -------------------------------------------------------------
+    def _seize_thread(self, tid):
+        """Seize and interrupt one thread; True when it is now in our stop, False if it is gone."""
+        try:
+            ptrace.seize(tid, ptrace.PTRACE_O_TRACESYSGOOD)
+        except OSError as exc:
+            if exc.errno == ptrace.ESRCH:
+                return False
+            if exc.errno == errno.EPERM and _exiting(tid):
+                return False  # it is exiting: the kernel refuses to attach to a dying task
+            raise FreezeError(f"process {tid}: cannot attach: {os.strerror(exc.errno)}")
+        try:
+            ptrace.interrupt(tid)
+        except OSError as exc:
+            if exc.errno == ptrace.ESRCH:
+                return False
+            raise
+        while True:
+            try:
+                _, status = ptrace.waitpid(tid)
+            except ChildProcessError:
+                return False
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                return False
+            if ptrace.is_group_stop(status):
+                return True
+            # a signal-delivery stop came first: deliver the signal, the trap follows
+            ptrace.cont(tid, os.WSTOPSIG(status))
+
+    def _freeze_process(self, pid):
+        """Seize every thread of pid until no new thread appears; False if pid is gone."""
+        try:
+            state = procfs.read_stat(pid)["state"]
+        except OSError:
+            return False
+        if state in ("Z", "X"):
+            return False
+        seized = self.threads.setdefault(pid, [])
+        tried = set()
+        while True:
+            try:
+                tids = procfs.tids(pid)
+            except OSError:
+                tids = []
+            new = [t for t in tids if t not in tried]
+            if not new:
+                break
+            for tid in new:
+                tried.add(tid)  # a thread that could not be seized is exiting: not tried again
+                if self._seize_thread(tid):
+                    seized.append(tid)
+        if not seized:
+            del self.threads[pid]
+            return False
+        return True
+
+    def freeze(self):
+        seen = set()
+        while True:
+            walk = procfs.walk_tree(self.root)
+            if self.root not in walk or not os.path.exists(f"/proc/{self.root}"):
+                raise FreezeError(f"process {self.root}: no such process")
+            if os.getpid() in walk:
+                raise FreezeError(f"process {self.root}: its tree contains this process ({os.getpid()}) itself")
+            new = [pid for pid in walk if pid not in seen]
+            if not new:
+                break
+            for pid in new:
+                seen.add(pid)
+                self._freeze_process(pid)
+        if self.root not in self.threads:
+            raise FreezeError(f"process {self.root}: exited while being frozen")
+        # keep the walk's order (parents first) for the processes we hold
+        walk = procfs.walk_tree(self.root)
+        self.order = [pid for pid in walk if pid in self.threads]
+        # zombies: children that exited and that their (now frozen) parent has not reaped
+        self.zombies = [pid for pid in walk if pid not in self.threads and _exiting(pid)
+                        and os.path.exists(f"/proc/{pid}")]
+        for pid in self.threads:
+            if pid not in self.order:
+                self.order.append(pid)
+        return self
+
+    # -- releasing ------------------------------------------------------------
+    def _detach_all(self):
+        with _signals_held():
+            return self._detach_all_threads()
+
+    def _detach_all_threads(self):
+        errors = []
+        for pid in reversed(self.order):
+            for tid in self.threads.get(pid, []):
+                try:
+                    ptrace.detach(tid)
+                except OSError as exc:
+                    if exc.errno != ptrace.ESRCH:
+                        errors.append(f"process {pid}: detach of thread {tid}: {exc.strerror}")
+        self.released = True
+        return errors
+
+    def resume(self):
+        """Detach everything: the tree runs on as if nothing happened."""
+        if self.released:
+            return []
+        return self._detach_all()
+
+    def leave_stopped(self):
+        """Detach into group-stop: SIGSTOP is queued first, so each process stops as it resumes."""
+        if self.released:
+            return []
+        with _signals_held():
+            for pid in self.order:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            return self._detach_all()
+
+    def kill(self, timeout=10.0):
+        """SIGKILL every process and wait until each has left /proc (or is a zombie its
+        parent has not reaped yet).  Returns the list of such unreaped zombies."""
+        if self.released:
+            return []
+        with _signals_held():
+            return self._kill(timeout)
+
+    def _kill(self, timeout):
+        for pid in self.order:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # as tracer we are told about each thread's death; collecting that detaches it
+        for pid in self.order:
+            for tid in self.threads.get(pid, []):
+                try:
+                    ptrace.waitpid(tid)
+                except ChildProcessError:
+                    pass
+        self.released = True
+        # dead processes leave /proc once reaped; give parents a moment to do it
+        start = time.monotonic()
+        while True:
+            left = []
+            for pid in self.order:
+                try:
+                    st = procfs.read_stat(pid)
+                except OSError:
+                    continue
+                left.append((pid, st["state"], st["ppid"]))
+            if not left:
+                return []
+            elapsed = time.monotonic() - start
+            all_dead = all(state in ("Z", "X") for _, state, _ in left)
+            if (all_dead and elapsed > REAP_GRACE) or elapsed > timeout:
+                return [(pid, ppid) for pid, _, ppid in left]
+            time.sleep(0.005)
+
+
+def freeze_tree(root):
+    tree = FrozenTree(root)
+    try:
+        return tree.freeze()
+    except BaseException:
+        tree.resume()
+        raise

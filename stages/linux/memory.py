@@ -1,0 +1,42 @@
+"""Reading and writing another process's memory through /proc/PID/mem.
+
+/proc/PID/mem reads with FOLL_FORCE: it also reads pages a VMA maps without
+PROT_READ (PROT_NONE, execute-only), which process_vm_readv refuses.
+"""
+
+import os
+
+
+class ProcessMemory:
+    def __init__(self, pid, write=False):
+        self.pid = pid
+        self.fd = os.open(f"/proc/{pid}/mem", (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+
+    def read(self, addr, length):
+        """Exactly length bytes at addr (OSError on a short read)."""
+        out = bytearray()
+        while len(out) < length:
+            chunk = os.pread(self.fd, length - len(out), addr + len(out))
+            if not chunk:
+                raise OSError(f"process {self.pid}: cannot read memory at {addr + len(out):#x}")
+            out += chunk
+        return bytes(out)
+
+    def write(self, addr, data):
+        done = 0
+        while done < len(data):
+            n = os.pwrite(self.fd, data[done:], addr + done)
+            if n <= 0:
+                raise OSError(f"process {self.pid}: cannot write memory at {addr + done:#x}")
+            done += n
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,306 @@
+"""Parsers of /proc files.  Each parse_* takes the file's text (testable on recorded
+contents); the read_* wrappers read the live file of one pid."""
+
+import os
+import stat as statmod
+
+PAGE = 4096
+
+# /proc/PID/stat fields (1-based as in proc(5)) that describe the mm
+STAT_MM_FIELDS = {
+    "start_code": 26, "end_code": 27, "start_stack": 28,
+    "start_data": 45, "end_data": 46, "start_brk": 47,
+    "arg_start": 48, "arg_end": 49, "env_start": 50, "env_end": 51,
+}
+
+SPECIAL_KINDS = {"[heap]": "heap", "[stack]": "stack", "[vdso]": "vdso", "[vvar]": "vvar",
+                 "[vvar_vclock]": "vvar_vclock", "[vsyscall]": "vsyscall"}
+
+DELETED = " (deleted)"
+SHARED_ANON_PATH = "/dev/zero (deleted)"  # how maps names a MAP_SHARED|MAP_ANONYMOUS mapping
+
+
+def parse_stat(text):
+    """/proc/PID/stat -> dict with pid, comm, state, ppid, pgrp, session and the mm fields.
+
+    comm may hold spaces and parentheses: it ends at the last ')'.
+    """
+    head, rest = text.rsplit(")", 1)
+    pid_text, comm = head.split("(", 1)
+    fields = rest.split()
+    # fields[0] is field 3 (state)
+    def field(n):
+        return int(fields[n - 3])
+    out = {"pid": int(pid_text), "comm": comm, "state": fields[0], "ppid": field(4),
+           "pgrp": field(5), "session": field(6), "num_threads": field(20)}
+    for name, n in STAT_MM_FIELDS.items():
+        out[name] = field(n) if len(fields) > n - 3 else 0
+    return out
+
+
+def parse_status(text):
+    """/proc/PID/status -> {key: value text}."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out
+
+
+def parse_maps_line(line):
+    """One line of maps/smaps -> a VMA dict (start, end, prot, shared, pgoff, dev, ino, path, kind)."""
+    parts = line.split(None, 5)
+    start, end = (int(x, 16) for x in parts[0].split("-"))
+    perms = parts[1]
+    prot = (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+    path = parts[5].strip() if len(parts) > 5 else ""  # a path may itself contain spaces
+    ino = int(parts[4])
+    if path in SPECIAL_KINDS:
+        kind = SPECIAL_KINDS[path]
+    elif path in ("", SHARED_ANON_PATH) or path.startswith("[anon:") or path.startswith("[anon_shmem:"):
+        kind = "anon"
+    elif path.startswith("[") and path.endswith("]"):
+        kind = "special"
+    else:
+        kind = "file"
+    return {
+        "start": start, "end": end, "prot": prot, "shared": perms[3] == "s",
+        "pgoff": int(parts[2], 16), "dev": parts[3], "ino": ino,
+        "path": path or None, "kind": kind,
+    }
+
+
+def _is_maps_header(line):
+    head = line.split(" ", 1)[0]
+    if "-" not in head:
+        return False
+    a, _, b = head.partition("-")
+    try:
+        int(a, 16), int(b, 16)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_maps(text):
+    return [parse_maps_line(line) for line in text.splitlines() if line.strip()]
+
+
+def parse_smaps(text):
+    """/proc/PID/smaps -> VMAs as parse_maps, each with ``vmflags`` (list of mnemonics)
+    and ``smaps`` (the numeric fields in kB, e.g. Rss, Anonymous)."""
+    vmas = []
+    for line in text.splitlines():
+        if not line:
+            continue
+        if _is_maps_header(line):
+            vma = parse_maps_line(line)
+            vma["vmflags"], vma["smaps"] = [], {}
+            vmas.append(vma)
+        elif line.startswith("VmFlags:"):
+            vmas[-1]["vmflags"] = line.split(":", 1)[1].split()
+        else:
+            key, _, value = line.partition(":")
+            value = value.split()
+            if value and value[0].isdigit():
+                vmas[-1]["smaps"][key] = int(value[0])
+    return vmas
+
+
+def parse_fdinfo(text):
+    """/proc/PID/fdinfo/N -> {'pos': int, 'flags': int (octal in the file), 'mnt_id': int, ...}."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        value = value.strip()
+        if key == "flags":
+            out["flags"] = int(value, 8)
+        elif key in ("pos", "mnt_id", "ino"):
+            out[key] = int(value)
+        else:
+            out.setdefault(key, value)
+    return out
+
+
+def parse_rollup(text):
+    """/proc/PID/smaps_rollup -> {field: kB}."""
+    out = {}
+    for line in text.splitlines()[1:]:
+        key, _, value = line.partition(":")
+        value = value.split()
+        if value and value[0].isdigit():
+            out[key] = int(value[0])
+    return out
+
+
+def parse_net_inodes(text):
+    """/proc/net/{tcp,udp,unix,...} -> set of socket inode numbers listed."""
+    lines = text.splitlines()
+    if not lines:
+        return set()
+    header = lines[0].split()
+    # tcp/udp/raw: 'inode' is a column of the header; unix: 'Inode'; netlink: 'Inode'
+    col = None
+    for i, name in enumerate(header):
+        if name.lower() == "inode":
+            col = i
+    out = set()
+    for line in lines[1:]:
+        parts = line.split()
+        if col is None:
+            continue
+        # tcp/udp: "tx_queue rx_queue" and "tr tm->when" name one column each
+        idx = col - 2 if header[0] == "sl" else col
+        if len(parts) > idx and parts[idx].isdigit():
+            out.add(int(parts[idx]))
+    return out
+
+
+def read_text(path):
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", "surrogateescape")
+
+
+def read_stat(pid):
+    return parse_stat(read_text(f"/proc/{pid}/stat"))
+
+
+def read_status(pid):
+    return parse_status(read_text(f"/proc/{pid}/status"))
+
+
+def read_smaps(pid):
+    return parse_smaps(read_text(f"/proc/{pid}/smaps"))
+
+
+def read_maps(pid):
+    return parse_maps(read_text(f"/proc/{pid}/maps"))
+
+
+def read_rollup(pid):
+    return parse_rollup(read_text(f"/proc/{pid}/smaps_rollup"))
+
+
+def read_auxv(pid):
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        return f.read()
+
+
+def tids(pid):
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def children(pid):
+    """Direct children of pid (over all its threads); [] when pid is gone."""
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    out.extend(int(x) for x in f.read().split())
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def walk_tree(root):
+    """Pids of the tree rooted at root, parents before children (breadth first)."""
+    order, seen, queue = [], set(), [root]
+    while queue:
+        pid = queue.pop(0)
+        if pid in seen:
+            continue
+        seen.add(pid)
+        order.append(pid)
+        queue.extend(children(pid))
+    return order
+
+
+def readlink(path):
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def fd_numbers(pid):
+    return sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+
+
+def describe_fd(pid, fd):
+    """What fd N of pid is: {'fd', 'kind', 'path', 'flags', 'pos', 'mode', ...}.
+
+    kind: 'file' (regular), 'chr' (character device), 'dir', 'blk', 'fifo', 'socket', 'anon'
+    (anon_inode: eventpoll, eventfd, signalfd, timerfd, inotify, io_uring, ...), 'other'.
+    """
+    base = f"/proc/{pid}"
+    target = readlink(f"{base}/fd/{fd}") or ""
+    info = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}"))
+    out = {"fd": fd, "path": target, "flags": info.get("flags", 0), "pos": info.get("pos", 0)}
+    if target.startswith("socket:["):
+        out["kind"] = "socket"
+        out["ino"] = int(target[8:-1])
+        return out
+    if target.startswith("anon_inode:"):
+        out["kind"] = "anon"
+        return out
+    try:
+        st = os.stat(f"{base}/fd/{fd}")
+    except OSError:
+        out["kind"] = "other"
+        return out
+    out["mode"] = st.st_mode
+    out["ino"] = st.st_ino
+    out["dev"] = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    if statmod.S_ISREG(st.st_mode):
+        out["kind"] = "file"
+        out["size"] = st.st_size
+        out["deleted"] = target.endswith(DELETED) or st.st_nlink == 0
+    elif statmod.S_ISCHR(st.st_mode):
+        out["kind"] = "chr"
+    elif statmod.S_ISDIR(st.st_mode):
+        out["kind"] = "dir"
+    elif statmod.S_ISFIFO(st.st_mode):
+        out["kind"] = "fifo"
+    elif statmod.S_ISBLK(st.st_mode):
+        out["kind"] = "blk"
+    else:
+        out["kind"] = "other"
+    return out
+
+
+# /proc/PID/net files -> the name a refusal gives a socket found there
+SOCKET_TABLES = (
+    ("tcp", "TCP socket"), ("tcp6", "TCPv6 socket"), ("udp", "UDP socket"), ("udp6", "UDPv6 socket"),
+    ("unix", "UNIX socket"), ("raw", "raw socket"), ("raw6", "raw IPv6 socket"),
+    ("netlink", "netlink socket"), ("packet", "packet socket"), ("udplite", "UDP-Lite socket"),
+)
+
+
+def socket_kind(pid, ino):
+    """'TCP socket', 'UNIX socket', ... for socket inode ino of pid (its network namespace)."""
+    for table, name in SOCKET_TABLES:
+        try:
+            if ino in parse_net_inodes(read_text(f"/proc/{pid}/net/{table}")):
+                return name
+        except OSError:
+            continue
+    return "socket"
+
+
+ANON_INODE_NAMES = {
+    "[eventpoll]": "epoll instance", "[eventfd]": "eventfd", "[signalfd]": "signalfd",
+    "[timerfd]": "timerfd", "inotify": "inotify instance", "[fanotify]": "fanotify instance",
+    "[io_uring]": "io_uring instance", "[pidfd]": "pidfd", "[userfaultfd]": "userfaultfd",
+    "[perf_event]": "perf event", "bpf-map": "BPF map", "bpf-prog": "BPF program",
+}
+
+
+def anon_inode_kind(target):
+    name = target[len("anon_inode:"):]
+    return ANON_INODE_NAMES.get(name, f"anon inode {name}")

@@ -1,0 +1,170 @@
+"""System calls executed inside a ptrace-stopped tracee (x86_64).
+
+The tracee must be in a ptrace stop of ours (PTRACE_SEIZE'd with
+PTRACE_O_TRACESYSGOOD and stopped by PTRACE_INTERRUPT).  A call: point rip at
+a ``syscall`` instruction (found in the vDSO), load rax and the arguments, set
+orig_rax = -1 so the kernel does not apply the interrupted syscall's restart
+logic to our registers, and run it with PTRACE_SYSCALL twice (enter, exit): no
+signal is generated, so no disposition changes (a single-step SIGTRAP would
+reset an ignored SIGTRAP to SIG_DFL).  All signals are blocked meanwhile so
+none is delivered in the middle.
+
+``close()`` puts the registers and signal mask back, then traps the tracee
+again with PTRACE_INTERRUPT: it is back in the same kind of stop as before,
+inside get_signal(), so when it is resumed the kernel restarts the interrupted
+system call exactly as it would have.
+"""
+
+import os
+import signal
+import struct
+
+from . import ptrace
+from .memory import ProcessMemory
+
+SYS_BRK = 12
+SYS_RT_SIGACTION = 13
+SYS_PRCTL = 157
+PR_GET_TID_ADDRESS = 40
+SYSCALL_INSN = b"\x0f\x05"
+SIGTRAP_SYSCALL = signal.SIGTRAP | 0x80  # PTRACE_O_TRACESYSGOOD
+ALL_SIGNALS = (1 << 64) - 1
+U64 = (1 << 64) - 1
+SIGACTION = struct.Struct("<4Q")  # kernel struct sigaction: handler, flags, restorer, mask
+
+
+class RemoteError(OSError):
+    pass
+
+
+def find_syscall_insn(pid, vmas):
+    """Address of a ``syscall`` instruction: in the tracee's vDSO, or else the one it is
+    stopped after (rip - 2 when it is inside a system call)."""
+    with ProcessMemory(pid) as mem:
+        for vma in vmas:
+            if vma["kind"] == "vdso":
+                at = mem.read(vma["start"], vma["end"] - vma["start"]).find(SYSCALL_INSN)
+                if at >= 0:
+                    return vma["start"] + at
+        regs = ptrace.get_regs(pid)
+        if regs["orig_rax"] >> 63 == 0:
+            try:
+                if mem.read(regs["rip"] - 2, 2) == SYSCALL_INSN:
+                    return regs["rip"] - 2
+            except OSError:
+                pass
+    raise RemoteError(f"process {pid}: no syscall instruction found (no vDSO, not in a system call)")
+
+
+def _wait_stop(pid, what):
+    while True:
+        _, status = ptrace.waitpid(pid)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise RemoteError(f"process {pid} died during {what}")
+        if os.WIFSTOPPED(status):
+            return status
+
+
+class RemoteSyscalls:
+    """Use as a context manager around calls into one stopped tracee."""
+
+    def __init__(self, pid, syscall_addr):
+        self.pid = pid
+        self.syscall_addr = syscall_addr
+        self.saved_regs = ptrace.get_regs_raw(pid)
+        self.saved_mask = ptrace.get_sigmask(pid)
+        self.regs = ptrace.regs_from_bytes(self.saved_regs)
+        ptrace.set_sigmask(pid, ALL_SIGNALS)
+        self.deferred = []
+        self.closed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def call(self, nr, *args):
+        """Run syscall nr(args) in the tracee; return its raw result (negative errno on failure)."""
+        regs = dict(self.regs)
+        names = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+        for name, value in zip(names, args):
+            regs[name] = value & U64
+        regs.update(rax=nr, orig_rax=U64, rip=self.syscall_addr)
+        ptrace.set_regs(self.pid, regs)
+        for phase in ("entry", "exit"):
+            while True:
+                ptrace.ptrace(ptrace.PTRACE_SYSCALL, self.pid, 0, 0, "PTRACE_SYSCALL")
+                status = _wait_stop(self.pid, f"remote syscall {nr}")
+                sig = os.WSTOPSIG(status)
+                if sig == SIGTRAP_SYSCALL:
+                    break
+                if ptrace.is_group_stop(status):
+                    continue  # a group stop (SIGSTOP'd process) reported again: go on
+                if phase == "entry" and ptrace.get_regs(self.pid)["rip"] == self.syscall_addr:
+                    # an unblockable signal (SIGSTOP) arrived before our call ran:
+                    # hold it back and send it again when we are done
+                    self.deferred.append(sig)
+                    continue
+                raise RemoteError(f"process {self.pid}: unexpected stop {sig} at syscall {phase} of remote syscall {nr}")
+        result = ptrace.get_regs(self.pid)["rax"]
+        return result - (1 << 64) if result >> 63 else result
+
+    def close(self):
+        """Registers and mask back, then the tracee is put in a PTRACE_EVENT_STOP again."""
+        if self.closed:
+            return
+        self.closed = True
+        ptrace.setregset(self.pid, ptrace.NT_PRSTATUS, self.saved_regs)
+        ptrace.set_sigmask(self.pid, self.saved_mask)
+        for sig in self.deferred:
+            os.kill(self.pid, sig)
+        ptrace.interrupt(self.pid)
+        ptrace.cont(self.pid)
+        while True:
+            status = _wait_stop(self.pid, "re-stopping after remote syscalls")
+            if ptrace.is_group_stop(status):
+                return
+            # a signal arrived meanwhile: let it go through, it is handled after the trap
+            ptrace.cont(self.pid, os.WSTOPSIG(status))
+
+
+def remote_brk(rs):
+    return rs.call(SYS_BRK, 0)
+
+
+def remote_sigactions(rs, pid, rsp):
+    """All 64 dispositions as [handler, flags, restorer, mask]; index n-1 is signal n.
+
+    The kernel writes each old action into scratch memory below the tracee's red zone;
+    those bytes are put back afterwards."""
+    scratch = (rsp - 128 - 256) & ~15
+    out = []
+    with ProcessMemory(pid, write=True) as mem:
+        saved = mem.read(scratch, SIGACTION.size)
+        try:
+            for sig in range(1, 65):
+                res = rs.call(SYS_RT_SIGACTION, sig, 0, scratch, 8)
+                if res < 0:
+                    if sig in (signal.SIGKILL, signal.SIGSTOP) or res == -22:  # EINVAL: 32/33 are glibc's
+                        out.append([0, 0, 0, 0])
+                        continue
+                    raise RemoteError(f"process {pid}: rt_sigaction({sig}) failed: {os.strerror(-res)}")
+                out.append(list(SIGACTION.unpack(mem.read(scratch, SIGACTION.size))))
+        finally:
+            mem.write(scratch, saved)
+    return out
+
+
+def remote_tid_address(rs, pid, rsp):
+    """The thread's clear_child_tid pointer (prctl PR_GET_TID_ADDRESS writes it to scratch)."""
+    scratch = (rsp - 128 - 256) & ~15
+    with ProcessMemory(pid, write=True) as mem:
+        saved = mem.read(scratch, 8)
+        try:
+            res = rs.call(SYS_PRCTL, PR_GET_TID_ADDRESS, scratch, 0, 0, 0)
+            if res < 0:
+                raise RemoteError(f"process {pid}: prctl(PR_GET_TID_ADDRESS) failed: {os.strerror(-res)}")
+            return struct.unpack("<Q", mem.read(scratch, 8))[0]
+        finally:
+            mem.write(scratch, saved)

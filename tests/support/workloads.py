@@ -1,0 +1,216 @@
+"""Build and launch the C workloads of tests/workloads (see cowload.c for the protocol).
+
+    wl = start_workload("same", 4, tmp_path)      # waits for OUTDIR/ready
+    wl.root, wl.pids                               # root pid, every pid of the tree
+    wl.check()                                     # SIGUSR1 each process: {pid: "ok <sum>" | "bad <sum>"}
+    wl.kill_tree()                                 # SIGKILL everything, reap what we can
+
+The ``workload`` pytest fixture (import it into a test module) starts workloads
+and ALWAYS kills every process of every tree it started, pass or fail.
+"""
+
+import ctypes
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = os.path.join(os.path.dirname(HERE), "workloads")
+PATTERNS = ("same", "moved", "rewrote", "chain", "split", "orphans")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def build(name="cowload"):
+    """Compile tests/workloads/NAME.c into a cache dir keyed by its source hash; return the binary."""
+    src = os.path.join(SOURCES, name + ".c")
+    with open(src, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    cache = os.path.join(tempfile.gettempdir(), f"cowtree-workloads-{digest}")
+    binary = os.path.join(cache, name)
+    if not os.path.exists(binary):
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{binary}.{os.getpid()}.tmp"
+        subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", tmp, src], check=True)
+        os.replace(tmp, binary)  # atomic: parallel builders agree
+    return binary
+
+
+def become_subreaper():
+    """Orphans of a killed tree are re-parented to us (not to a pid 1 that may never reap them)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def children_of(pid):
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
+def tree_pids(root):
+    """Pids of the live tree below (and including) root, parents first."""
+    order, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        if pid in order or not os.path.exists(f"/proc/{pid}"):
+            continue
+        order.append(pid)
+        todo.extend(children_of(pid))
+    return order
+
+
+def proc_state(pid):
+    """The one-letter state of /proc/PID/stat, or None when the pid is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def reap(pid):
+    """Reap pid if it is our child (or was re-parented to us); True when it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        done = pid
+    return done == pid or proc_state(pid) is None
+
+
+class Workload:
+    def __init__(self, pattern, mib, outdir, popen):
+        self.pattern, self.mib, self.outdir, self.popen = pattern, mib, outdir, popen
+        self.root = popen.pid
+        self.pids = []
+        self.known = {self.root}  # every pid ever seen, for teardown
+
+    def wait_ready(self, timeout=30):
+        ready = os.path.join(self.outdir, "ready")
+        error = os.path.join(self.outdir, "error")
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(ready):
+            if os.path.exists(error):
+                raise RuntimeError(f"workload {self.pattern} failed: {open(error).read().strip()}")
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"workload {self.pattern} exited with {self.popen.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workload {self.pattern} not ready after {timeout}s")
+            time.sleep(0.005)
+        with open(ready) as f:
+            self.pids = sorted(int(x) for x in f.read().split())
+        self.known.update(self.pids)
+        return self
+
+    def sums(self):
+        out = {}
+        for pid in self.pids:
+            with open(os.path.join(self.outdir, f"{pid}.sum")) as f:
+                out[pid] = f.read().strip()
+        return out
+
+    def check(self, timeout=10):
+        """Ask every process to verify its memory; {pid: 'ok <sum>' | 'bad <sum>'}."""
+        for pid in self.pids:
+            path = os.path.join(self.outdir, f"{pid}.check")
+            if os.path.exists(path):
+                os.unlink(path)
+            os.kill(pid, signal.SIGUSR1)
+        out = {}
+        deadline = time.monotonic() + timeout
+        for pid in self.pids:
+            path = os.path.join(self.outdir, f"{pid}.check")
+            while not os.path.exists(path):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"process {pid} wrote no .check (state {proc_state(pid)})")
+                time.sleep(0.005)
+            with open(path) as f:
+                out[pid] = f.read().strip()
+        return out
+
+    def states(self):
+        return {pid: proc_state(pid) for pid in self.pids}
+
+    def wait_gone(self, timeout=10):
+        """Reap what is ours and wait until no pid of the tree is in /proc; True on success."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [pid for pid in sorted(self.known) if not reap(pid)]
+            if not left:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+    def kill_tree(self):
+        """SIGKILL every process of the tree (live walk plus every pid seen), then reap."""
+        for _ in range(3):
+            live = tree_pids(self.root) if proc_state(self.root) not in (None, "Z") else []
+            self.known.update(live)
+            for pid in sorted(self.known):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.wait_gone(timeout=10)
+
+
+def start_workload(pattern, mib, tmpdir, no_aslr=False, env=None, timeout=30):
+    """Start cowload PATTERN MIB OUTDIR with stdio on /dev/null; wait until it is ready.
+
+    ``tmpdir``: a directory for OUTDIR (a fresh subdirectory is made in it).
+    ``no_aslr``: run under personality(ADDR_NO_RANDOMIZE) (setarch -R), for golden files.
+    The tree runs in a session of its own, in cwd /, with a fixed small environment.
+    """
+    binary = build()
+    outdir = tempfile.mkdtemp(prefix="cowload-", dir=str(tmpdir))
+    argv = [binary, pattern, str(mib), outdir]
+    if no_aslr:
+        argv = ["setarch", os.uname().machine, "-R"] + argv
+    become_subreaper()
+    popen = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        close_fds=True, cwd="/", start_new_session=True,  # its own session: pgid = sid = root env=env if env is not None else {"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+    )
+    wl = Workload(pattern, mib, outdir, popen)
+    try:
+        return wl.wait_ready(timeout)
+    except BaseException:
+        wl.kill_tree()
+        raise
+
+
+@pytest.fixture
+def workload(tmp_path):
+    """A factory: workload(pattern, mib=4, no_aslr=False, fixed_path=False) -> a ready Workload;
+    every process of every tree it started is killed at teardown."""
+    started = []
+
+    def start(pattern, mib=4, no_aslr=False, fixed_path=False, **kw):
+        # fixed_path: OUTDIR of a fixed length (/tmp/cowload-XXXXXXXX), so argv and with it the
+        # stack layout do not depend on the test's name: for golden files
+        parent = tempfile.gettempdir() if fixed_path else tmp_path
+        wl = start_workload(pattern, mib, parent, no_aslr=no_aslr, **kw)
+        wl.remove_outdir = fixed_path
+        started.append(wl)
+        return wl
+
+    yield start
+    for wl in started:
+        wl.kill_tree()
+        if wl.remove_outdir:
+            shutil.rmtree(wl.outdir, ignore_errors=True)

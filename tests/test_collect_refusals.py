@@ -1,0 +1,160 @@
+"""What cow-collect refuses: by name, exit code 2, nothing written, the tree running on."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.workloads import become_subreaper, proc_state, reap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLLECT = [sys.executable, "-m", "stages.collect.cli"]
+
+
+@pytest.fixture
+def spawn():
+    """Start a python3 program (stdio /dev/null unless told); killed at teardown."""
+    procs = []
+
+    def start(code, **kw):
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        p = subprocess.Popen([sys.executable, "-c", code], close_fds=True, **kw)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait(timeout=10)
+
+
+def wait_for(path, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def refused(pid, out):
+    res = subprocess.run(COLLECT + ["--tree", str(pid), "-o", str(out)], capture_output=True, timeout=60, cwd=ROOT)
+    return res.returncode, res.stderr.decode()
+
+
+def still_running(pid):
+    with open(f"/proc/{pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f)
+    return status["TracerPid"].strip() == "0" and proc_state(pid) in ("S", "R")
+
+
+def test_tcp_socket_is_refused(spawn, tmp_path):
+    ready = tmp_path / "ready"
+    p = spawn(
+        "import socket, time\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        f"open({str(ready)!r}, 'w').write(str(s.fileno()))\n"
+        "time.sleep(600)\n"
+    )
+    wait_for(ready)
+    time.sleep(0.05)
+    fd = int(ready.read_text())
+    out = tmp_path / "x.cow"
+    code, err = refused(p.pid, out)
+    assert code == 2
+    assert f"cow-collect: process {p.pid}: fd {fd} is a TCP socket: not supported" in err.splitlines()
+    assert not out.exists()
+    assert still_running(p.pid)
+
+
+def test_pipe_in_a_child_is_refused(spawn, tmp_path):
+    # the parent is fine; its child's stdout is a pipe
+    become_subreaper()  # so that we can reap the child once its parent is gone
+    ready = tmp_path / "ready"
+    p = spawn(
+        "import subprocess, time\n"
+        "c = subprocess.Popen(['sleep', '600'], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)\n"
+        "import os; os.close(c.stdout.fileno())\n"
+        f"open({str(ready)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(600)\n"
+    )
+    wait_for(ready)
+    time.sleep(0.05)
+    child = int(ready.read_text())
+    try:
+        code, err = refused(p.pid, tmp_path / "x.cow")
+        assert code == 2
+        assert f"cow-collect: process {child}: fd 1 is a pipe: not supported" in err.splitlines()
+        assert still_running(p.pid) and still_running(child)
+    finally:
+        os.kill(child, 9)
+        p.kill()
+        p.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not reap(child):  # re-parented to us when p died
+            assert time.monotonic() < deadline, f"child {child} not reaped"
+            time.sleep(0.01)
+
+
+def test_threads_and_unix_socket_are_refused(spawn, tmp_path):
+    ready = tmp_path / "ready"
+    p = spawn(
+        "import socket, threading, time\n"
+        "a, b = socket.socketpair()\n"
+        "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+        f"open({str(ready)!r}, 'w').write(str(a.fileno()))\n"
+        "time.sleep(600)\n"
+    )
+    wait_for(ready)
+    time.sleep(0.05)
+    fd = int(ready.read_text())
+    code, err = refused(p.pid, tmp_path / "x.cow")
+    lines = err.splitlines()
+    assert code == 2
+    assert f"cow-collect: process {p.pid}: has 2 threads: not supported" in lines
+    assert f"cow-collect: process {p.pid}: fd {fd} is a UNIX socket: not supported" in lines
+    assert still_running(p.pid)
+
+
+def test_shared_anonymous_mapping_is_refused(spawn, tmp_path):
+    ready = tmp_path / "ready"
+    p = spawn(
+        "import mmap, time\n"
+        "m = mmap.mmap(-1, 8192, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS); m[0] = 1\n"
+        f"open({str(ready)!r}, 'w').write('x')\n"
+        "time.sleep(600)\n"
+    )
+    wait_for(ready)
+    time.sleep(0.05)
+    code, err = refused(p.pid, tmp_path / "x.cow")
+    assert code == 2
+    assert f"cow-collect: process {p.pid}: shared anonymous mapping at 0x" in err
+    assert still_running(p.pid)
+
+
+def test_epoll_eventfd_and_sysv_shm_are_refused(spawn, tmp_path):
+    ready = tmp_path / "ready"
+    p = spawn(
+        "import ctypes, os, select, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "libc.shmat.restype = ctypes.c_void_p\n"
+        "shmid = libc.shmget(0, 8192, 0o1600)\n"  # IPC_PRIVATE, IPC_CREAT | 0600
+        "assert shmid >= 0\n"
+        "assert libc.shmat(shmid, None, 0) not in (None, ctypes.c_void_p(-1).value)\n"
+        "libc.shmctl(shmid, 0, None)\n"  # IPC_RMID: gone once detached
+        "ep = select.epoll(); ev = os.eventfd(0)\n"
+        f"open({str(ready)!r}, 'w').write(f'{{ep.fileno()}} {{ev}}')\n"
+        "time.sleep(600)\n"
+    )
+    wait_for(ready)
+    time.sleep(0.05)
+    ep, ev = map(int, ready.read_text().split())
+    code, err = refused(p.pid, tmp_path / "x.cow")
+    lines = err.splitlines()
+    assert code == 2
+    assert f"cow-collect: process {p.pid}: fd {ep} is an epoll instance: not supported" in lines
+    assert f"cow-collect: process {p.pid}: fd {ev} is an eventfd: not supported" in lines
+    assert any(line.startswith(f"cow-collect: process {p.pid}: SysV shared memory attachment at 0x") for line in lines), lines
+    assert still_running(p.pid)

@@ -1,0 +1,189 @@
+"""Freezing, remote system calls and the zero page, on real processes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from stages.linux import freeze, pagemap, procfs, ptrace, remote
+from tests.support.workloads import proc_state, workload  # noqa: F401
+
+
+def status_of(pid, key):
+    return procfs.read_status(pid)[key]
+
+
+def test_zero_page_pfn_is_what_a_read_fault_maps():
+    # a fresh anonymous mapping read in a child shows the same PFN
+    code = (
+        "import mmap, ctypes, os, struct\n"
+        "m = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+        "v = ctypes.c_char.from_buffer(m); a = ctypes.addressof(v); del v\n"
+        "_ = m[4096 * 3]\n"
+        "fd = os.open('/proc/self/pagemap', os.O_RDONLY)\n"
+        "print(struct.unpack('<Q', os.pread(fd, 8, (a // 4096 + 3) * 8))[0] & ((1 << 55) - 1))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == pagemap.zero_pfn() != 0
+
+
+def test_freeze_then_resume_restarts_the_interrupted_syscall(workload):
+    wl = workload("chain", mib=1)
+    tree = freeze.freeze_tree(wl.root)
+    try:
+        assert tree.order[0] == wl.root and sorted(tree.order) == sorted(wl.pids)
+        for pid in tree.order:
+            assert status_of(pid, "TracerPid") == str(os.getpid())
+            regs = ptrace.get_regs(pid)
+            assert regs["orig_rax"] == 130  # rt_sigsuspend, interrupted
+    finally:
+        assert tree.resume() == []
+    time.sleep(0.05)
+    for pid in wl.pids:
+        assert status_of(pid, "TracerPid") == "0"
+        with open(f"/proc/{pid}/syscall") as f:
+            assert f.read().split()[0] == "130"  # back in sigsuspend, not returned with -ERESTARTNOHAND
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
+def test_remote_brk_and_sigactions(workload):
+    wl = workload("same", mib=1)
+    # give the root an ignored signal and a non-default flag set to find
+    tree = freeze.freeze_tree(wl.root)
+    try:
+        for pid in tree.order:
+            vmas = procfs.read_smaps(pid)
+            before = ptrace.get_regs_raw(pid)
+            mask = ptrace.get_sigmask(pid)
+            addr = remote.find_syscall_insn(pid, vmas)
+            with remote.RemoteSyscalls(pid, addr) as rs:
+                brk = remote.remote_brk(rs)
+                acts = remote.remote_sigactions(rs, pid, ptrace.get_regs(pid)["rsp"])
+                getpid = rs.call(39)
+            assert getpid == pid
+            heap = [v for v in vmas if v["kind"] == "heap"]
+            stat = procfs.read_stat(pid)
+            if heap:
+                assert heap[0]["end"] == (brk + 4095) & ~4095
+            else:
+                assert brk == stat["start_brk"]
+            assert len(acts) == 64
+            # cowload handles SIGUSR1 and SIGTERM; SigCgt in status says the same
+            caught = int(status_of(pid, "SigCgt"), 16)
+            for n in range(1, 65):
+                assert bool(acts[n - 1][0] > 1) == bool(caught >> (n - 1) & 1), n
+            assert acts[signal.SIGUSR1 - 1][0] > 1
+            # registers and mask are exactly as before
+            assert ptrace.get_regs_raw(pid) == before
+            assert ptrace.get_sigmask(pid) == mask
+    finally:
+        tree.resume()
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
+def test_ignored_signals_are_read_as_ignored(tmp_path):
+    ready = tmp_path / "ready"
+    p = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, time\n"
+         "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+         f"open({str(ready)!r}, 'w').close()\n"
+         "time.sleep(600)\n"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not ready.exists():
+            time.sleep(0.01)
+        tree = freeze.freeze_tree(p.pid)
+        try:
+            vmas = procfs.read_smaps(p.pid)
+            with remote.RemoteSyscalls(p.pid, remote.find_syscall_insn(p.pid, vmas)) as rs:
+                acts = remote.remote_sigactions(rs, p.pid, ptrace.get_regs(p.pid)["rsp"])
+        finally:
+            tree.resume()
+        ignored = int(status_of(p.pid, "SigIgn"), 16)
+        for n in range(1, 65):
+            assert (acts[n - 1][0] == 1) == bool(ignored >> (n - 1) & 1), n
+        assert acts[signal.SIGHUP - 1][0] == 1 and acts[signal.SIGPIPE - 1][0] == 1  # python ignores SIGPIPE
+        deadline = time.monotonic() + 5
+        while proc_state(p.pid) != "S":  # back asleep in its (restarted) sleep
+            assert time.monotonic() < deadline and status_of(p.pid, "TracerPid") == "0"
+            time.sleep(0.01)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_stopped_tree_stays_stopped(workload):
+    wl = workload("same", mib=1)
+    for pid in wl.pids:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(0.05)
+    assert set(wl.states().values()) == {"T"}
+    tree = freeze.freeze_tree(wl.root)
+    for pid in tree.order:
+        with remote.RemoteSyscalls(pid, remote.find_syscall_insn(pid, procfs.read_smaps(pid))) as rs:
+            assert rs.call(39) == pid
+    tree.resume()
+    time.sleep(0.05)
+    assert set(wl.states().values()) == {"T"}
+    for pid in wl.pids:
+        os.kill(pid, signal.SIGCONT)
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
+def test_freeze_a_tree_that_forks_all_the_time(tmp_path):
+    """Processes appear and exit while the tree is being frozen: never stuck, never lost."""
+    code = (
+        "import os, time\n"
+        "end = time.time() + 60\n"
+        "while time.time() < end:\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        os._exit(0)\n"
+        "    os.waitpid(pid, 0)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        for _ in range(20):
+            tree = freeze.freeze_tree(p.pid)
+            try:
+                assert tree.order[0] == p.pid
+                for pid in tree.order:
+                    assert status_of(pid, "TracerPid") == str(os.getpid())
+                    assert proc_state(pid) == "t"
+                # the frozen tree does not change
+                assert [x for x in procfs.walk_tree(p.pid) if x not in tree.zombies] == tree.order
+            finally:
+                tree.resume()
+        assert status_of(p.pid, "TracerPid") == "0" and p.poll() is None
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_rseq_robust_list_and_tid_address(workload):
+    """glibc registers rseq and a robust list in struct pthread; the tid address points there too."""
+    wl = workload("same", mib=1)
+    tree = freeze.freeze_tree(wl.root)
+    try:
+        for pid in tree.order:
+            vmas = procfs.read_maps(pid)
+            rseq_addr, rseq_len, rseq_sig = ptrace.get_rseq_configuration(pid)
+            head, length = ptrace.get_robust_list(pid)
+            with remote.RemoteSyscalls(pid, remote.find_syscall_insn(pid, vmas)) as rs:
+                tid_addr = remote.remote_tid_address(rs, pid, ptrace.get_regs(pid)["rsp"])
+            tls = [v for v in vmas if v["start"] <= head < v["end"]]
+            assert tls and tls[0]["kind"] == "anon" and tls[0]["prot"] == 3
+            assert tls[0]["start"] <= rseq_addr < tls[0]["end"] and rseq_len >= 32 and rseq_sig
+            assert tls[0]["start"] <= tid_addr < tls[0]["end"]
+            assert length == 24  # sizeof(struct robust_list_head)
+            # clear_child_tid is glibc's pthread tid field: it holds the thread's tid
+            with open(f"/proc/{pid}/mem", "rb") as mem:
+                mem.seek(tid_addr)
+                assert int.from_bytes(mem.read(4), "little") == pid
+    finally:
+        tree.resume()
+    assert all(v.startswith("ok ") for v in wl.check().values())

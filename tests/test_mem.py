@@ -1,0 +1,55 @@
+"""cow-mem and its measurement function, on real trees."""
+
+import json
+import os
+import subprocess
+import sys
+
+from stages.linux.memstat import tree_frames
+from tests.support.workloads import workload  # noqa: F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES_PER_MIB = 256
+
+
+def cow_mem(*args):
+    return subprocess.run([sys.executable, "-m", "stages.tools.mem", *map(str, args)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_shared_pages_count_once(workload):
+    wl = workload("same", mib=8)
+    m = tree_frames(wl.root)
+    assert sorted(p["pid"] for p in m["processes"]) == sorted(wl.pids)
+    region = 8 * PAGES_PER_MIB
+    # four processes map the region; each child rewrote 3 pages
+    assert m["anon_pages"] >= 4 * region
+    assert region + 9 <= m["distinct_frames"] < region + 9 + 4 * 64  # plus a little libc/stack per process
+    # Pss splits shared pages between their holders: its sum is close to the distinct frames
+    assert abs(m["pss_anon_kb"] / 4 - m["distinct_frames"]) < 0.05 * m["distinct_frames"]
+
+
+def test_rewrote_doubles_the_frames(workload):
+    wl = workload("rewrote", mib=8)
+    m = tree_frames(wl.root)
+    region = 8 * PAGES_PER_MIB
+    assert 2 * region <= m["distinct_frames"] < 2 * region + 3 * 64
+
+
+def test_cli_table_and_json(workload):
+    wl = workload("chain", mib=4)
+    res = cow_mem(wl.root, "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["root"] == wl.root and len(doc["processes"]) == 4
+    assert doc["distinct_frames"] == tree_frames(wl.root)["distinct_frames"]
+    table = cow_mem(wl.root)
+    assert table.returncode == 0
+    assert f"4 processes: {doc['distinct_frames']} distinct frames" in table.stdout
+    for pid in wl.pids:
+        assert f" {pid} " in table.stdout
+
+
+def test_cli_no_such_process():
+    res = cow_mem(4194303)
+    assert res.returncode == 1 and "process 4194303" in res.stderr

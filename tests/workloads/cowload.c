@@ -1,0 +1,337 @@
+/*
+ * cowload PATTERN MIB OUTDIR: a process tree that shares memory copy-on-write
+ * in one of several patterns, for collect/apply tests and benchmarks.
+ *
+ * Protocol (tests/support/workloads.py relies on it):
+ *   - every process, once its memory is final, writes OUTDIR/<pid>.sum
+ *     (checksum of its workload memory) and closes it;
+ *   - the root waits until all expected .sum files exist, then writes
+ *     OUTDIR/ready (the pids, one per line; written to a temp name, renamed);
+ *   - then every process waits in sigsuspend;
+ *   - SIGUSR1: recompute the checksum, write OUTDIR/<pid>.check "ok <sum>" or "bad <sum>";
+ *   - SIGTERM: exit.
+ * No file descriptor stays open besides 0, 1, 2 (the launcher makes them /dev/null).
+ * On a setup error, OUTDIR/error holds the reason.
+ *
+ * Patterns:
+ *   same     parent fills the region, forks 3 children that rewrite a few pages each
+ *   moved    2 children; one mremaps the region to another address, one rewrites a few pages
+ *   rewrote  parent rewrites the whole region after forking 2 children
+ *   chain    grandparent -> child -> 2 grandchildren; the child rewrites half
+ *            (a quarter before forking, a quarter after), grandchildren a few pages
+ *   split    3 children mprotect/munmap parts, so VMA boundaries differ
+ *   orphans  root is a child subreaper; a middle process forks 2 children, then exits
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+#define MAX_REGIONS 4
+
+static const char *outdir;
+static struct { unsigned char *addr; size_t len; } regions[MAX_REGIONS];
+static int nregions;
+static uint64_t expected_sum;
+static volatile sig_atomic_t got_usr1, got_term;
+
+static void die(const char *what)
+{
+	char path[4096], msg[512];
+	int n = snprintf(msg, sizeof msg, "%d: %s: %s\n", (int)getpid(), what, strerror(errno));
+	snprintf(path, sizeof path, "%s/error", outdir);
+	int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+	if (fd >= 0) {
+		if (write(fd, msg, n) < 0) { /* nothing left to report to */ }
+		close(fd);
+	}
+	_exit(1);
+}
+
+/* Page-distinct contents: every word depends on (seed, page index, word index). */
+static void fill_pages(unsigned char *base, size_t first, size_t count, uint64_t seed)
+{
+	for (size_t p = first; p < first + count; p++) {
+		uint64_t *w = (uint64_t *)(base + p * PAGE);
+		uint64_t x = seed * 0x9E3779B97F4A7C15ULL ^ (p + 1) * 0xC2B2AE3D27D4EB4FULL;
+		for (size_t i = 0; i < PAGE / 8; i++) {
+			x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+			w[i] = x;
+		}
+	}
+}
+
+static uint64_t checksum(void)
+{
+	uint64_t h = 1469598103934665603ULL;
+	for (int r = 0; r < nregions; r++) {
+		const uint64_t *w = (const uint64_t *)regions[r].addr;
+		for (size_t i = 0; i < regions[r].len / 8; i++)
+			h = (h ^ w[i]) * 1099511628211ULL;
+	}
+	return h;
+}
+
+static void write_file(const char *name, const char *text)
+{
+	char path[4096], tmp[4096];
+	snprintf(path, sizeof path, "%s/%s", outdir, name);
+	snprintf(tmp, sizeof tmp, "%s/.%s.tmp", outdir, name);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		die("open");
+	size_t len = strlen(text);
+	if (write(fd, text, len) != (ssize_t)len)
+		die("write");
+	close(fd);
+	if (rename(tmp, path) < 0)
+		die("rename");
+}
+
+static void set_regions1(unsigned char *addr, size_t len)
+{
+	regions[0].addr = addr;
+	regions[0].len = len;
+	nregions = 1;
+}
+
+static void add_region(unsigned char *addr, size_t len)
+{
+	regions[nregions].addr = addr;
+	regions[nregions].len = len;
+	nregions++;
+}
+
+static void publish_sum(void)
+{
+	char name[64], text[64];
+	expected_sum = checksum();
+	snprintf(name, sizeof name, "%d.sum", (int)getpid());
+	snprintf(text, sizeof text, "%016llx\n", (unsigned long long)expected_sum);
+	write_file(name, text);
+}
+
+static int count_sums(char *pids, size_t size)
+{
+	DIR *d = opendir(outdir);
+	struct dirent *e;
+	int n = 0;
+	size_t used = 0;
+	if (!d)
+		die("opendir");
+	pids[0] = 0;
+	while ((e = readdir(d))) {
+		size_t len = strlen(e->d_name);
+		if (len > 4 && e->d_name[0] != '.' && strcmp(e->d_name + len - 4, ".sum") == 0) {
+			n++;
+			used += snprintf(pids + used, size - used, "%.*s\n", (int)(len - 4), e->d_name);
+		}
+	}
+	closedir(d);
+	return n;
+}
+
+static void on_usr1(int sig) { (void)sig; got_usr1 = 1; }
+static void on_term(int sig) { (void)sig; got_term = 1; }
+
+/* Wait for signals forever; never returns. */
+static void serve(void)
+{
+	sigset_t block, wait_mask;
+	sigemptyset(&block);
+	sigaddset(&block, SIGUSR1);
+	sigaddset(&block, SIGTERM);
+	sigprocmask(SIG_BLOCK, &block, &wait_mask);
+	sigdelset(&wait_mask, SIGUSR1);
+	sigdelset(&wait_mask, SIGTERM);
+	for (;;) {
+		sigsuspend(&wait_mask);
+		if (got_term)
+			_exit(0);
+		if (got_usr1) {
+			char name[64], text[64];
+			uint64_t sum = checksum();
+			got_usr1 = 0;
+			snprintf(name, sizeof name, "%d.check", (int)getpid());
+			snprintf(text, sizeof text, "%s %016llx\n", sum == expected_sum ? "ok" : "bad",
+				 (unsigned long long)sum);
+			write_file(name, text);
+		}
+	}
+}
+
+/* Final memory reached in a non-root process: publish and serve. */
+static void settle(void)
+{
+	publish_sum();
+	serve();
+}
+
+/* The root: publish, wait for everyone's .sum, write ready, serve. */
+static void root_settle(int expected)
+{
+	char pids[8192];
+	publish_sum();
+	for (int tries = 0; count_sums(pids, sizeof pids) < expected; tries++) {
+		if (tries > 60000) {
+			errno = ETIMEDOUT;
+			die("waiting for the .sum files");
+		}
+		usleep(1000);
+	}
+	write_file("ready", pids);
+	serve();
+}
+
+static pid_t fork_or_die(void)
+{
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork");
+	return pid;
+}
+
+static void *map_region(size_t len)
+{
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		die("mmap");
+	return p;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 4) {
+		static const char usage[] = "usage: cowload same|moved|rewrote|chain|split|orphans MIB OUTDIR\n";
+		if (write(2, usage, sizeof usage - 1) < 0) { /* stderr may be closed */ }
+		return 2;
+	}
+	const char *pattern = argv[1];
+	size_t len = (size_t)atol(argv[2]) << 20;
+	size_t npages = len / PAGE;
+	outdir = argv[3];
+	if (npages < 64) {
+		errno = EINVAL;
+		die("MIB must be at least 1");
+	}
+
+	struct sigaction sa;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_usr1;
+	sigaction(SIGUSR1, &sa, NULL);
+	sa.sa_handler = on_term;
+	sigaction(SIGTERM, &sa, NULL);
+
+	unsigned char *region = map_region(len);
+	fill_pages(region, 0, npages, 1);
+	set_regions1(region, len);
+
+	if (strcmp(pattern, "same") == 0) {
+		for (int c = 0; c < 3; c++) {
+			if (fork_or_die() == 0) {
+				fill_pages(region, 5 + c * 7, 3, 100 + c);
+				settle();
+			}
+		}
+		root_settle(4);
+	} else if (strcmp(pattern, "moved") == 0) {
+		if (fork_or_die() == 0) {
+			/* reserve a spot, then move the region there */
+			void *dest = mmap(NULL, len + PAGE * 16, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (dest == MAP_FAILED)
+				die("mmap");
+			unsigned char *moved = mremap(region, len, len, MREMAP_MAYMOVE | MREMAP_FIXED,
+						      (unsigned char *)dest + PAGE * 8);
+			if (moved == MAP_FAILED)
+				die("mremap");
+			set_regions1(moved, len);
+			fill_pages(moved, 1, 2, 200);
+			settle();
+		}
+		if (fork_or_die() == 0) {
+			fill_pages(region, 10, 4, 201);
+			settle();
+		}
+		root_settle(3);
+	} else if (strcmp(pattern, "rewrote") == 0) {
+		for (int c = 0; c < 2; c++) {
+			if (fork_or_die() == 0) {
+				fill_pages(region, 3 + c, 1, 300 + c);
+				settle();
+			}
+		}
+		fill_pages(region, 0, npages, 2);
+		root_settle(3);
+	} else if (strcmp(pattern, "chain") == 0) {
+		if (fork_or_die() == 0) {
+			fill_pages(region, 0, npages / 4, 400);
+			for (int c = 0; c < 2; c++) {
+				if (fork_or_die() == 0) {
+					fill_pages(region, npages / 2 + 1 + c * 5, 2, 410 + c);
+					settle();
+				}
+			}
+			fill_pages(region, npages / 4, npages / 4, 401);
+			settle();
+		}
+		root_settle(4);
+	} else if (strcmp(pattern, "split") == 0) {
+		if (fork_or_die() == 0) {
+			/* a read-only hole in the middle: three VMAs */
+			if (mprotect(region + npages / 4 * PAGE, npages / 4 * PAGE, PROT_READ) < 0)
+				die("mprotect");
+			settle();
+		}
+		if (fork_or_die() == 0) {
+			/* unmap the second quarter: two VMAs */
+			if (munmap(region + npages / 4 * PAGE, npages / 4 * PAGE) < 0)
+				die("munmap");
+			set_regions1(region, npages / 4 * PAGE);
+			add_region(region + npages / 2 * PAGE, len - npages / 2 * PAGE);
+			fill_pages(region, npages / 2 + 2, 2, 500);
+			settle();
+		}
+		if (fork_or_die() == 0) {
+			/* unmap the head, read-only tail */
+			if (munmap(region, 8 * PAGE) < 0)
+				die("munmap");
+			if (mprotect(region + (npages - 8) * PAGE, 8 * PAGE, PROT_READ) < 0)
+				die("mprotect");
+			set_regions1(region + 8 * PAGE, len - 8 * PAGE);
+			fill_pages(region, 9, 1, 501);
+			settle();
+		}
+		root_settle(4);
+	} else if (strcmp(pattern, "orphans") == 0) {
+		if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+			die("PR_SET_CHILD_SUBREAPER");
+		pid_t middle = fork_or_die();
+		if (middle == 0) {
+			fill_pages(region, 0, 4, 600);
+			for (int c = 0; c < 2; c++) {
+				if (fork_or_die() == 0) {
+					fill_pages(region, 8 + c * 3, 2, 610 + c);
+					settle();
+				}
+			}
+			_exit(0);
+		}
+		if (waitpid(middle, NULL, 0) < 0)
+			die("waitpid");
+		root_settle(3);
+	} else {
+		errno = EINVAL;
+		die("unknown pattern");
+	}
+	return 0;
+}
