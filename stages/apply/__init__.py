@@ -1,0 +1,39 @@
+"""cow-apply: a plan stream in, a running process tree out.
+
+Modules, in the order they act:
+  spool      read the whole plan (every record checked, trailer required), page
+             bytes into an unlinked temp file, frames indexed by id (``same`` resolved)
+  check      everything verified before a process exists: arch, page size, vDSO
+             (layout, sha256, symbols), the plan validator (stages.plan.validate),
+             supported VMAs/fds/threads, files present with the dumped dev/inode,
+             pids free (waits 3 s for an upstream ``cow-collect --kill``)
+  program    per process, the restorer's program (what to unmap, move, map, open, set)
+  addresses  staging window and restorer region: free in cow-apply, disjoint from targets
+  agent      the native agents (native/helpers/agent.c) every restored process runs
+             until it jumps into the restorer: commands over a pipe
+  restorer   loading the freestanding blob (pyelftools, no relocations) and program images
+  restore    the orchestration: create, fill, handover, resume; kill all on failure
+  cli        the ``cow-apply`` command
+
+Choices worth knowing:
+  * One orchestrator writes every page from outside (process_vm_writev from the
+    mmap'd spool), while each process waits in its agent; a write into a page
+    a child shares copy-on-write gives the written process a private copy only.
+  * --pidns: pid 1 is a fork of cow-apply that forks the root with set_tid and
+    then runs the restorer blob with a program that drops every mapping, fd and
+    handler and reaps ("cow-init", ~72 kB RSS); it exits with the root's status.
+  * The inherited rseq registration is removed by the agent (glibc's
+    __rseq_offset / __rseq_size give the area of the thread, which is cow-apply's
+    main thread in every fork); the dumped one (PTRACE_GET_RSEQ_CONFIGURATION at
+    collect) is registered by the restorer at the end, as are the dumped
+    set_tid_address and set_robust_list values.
+  * Syscall restart: for -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND and also
+    -ERESTART_RESTARTBLOCK the original syscall is re-executed (rax = orig_rax,
+    rip -= 2; orig_rax = -1 so the kernel adds nothing): a new process has no
+    restart block, so a relative nanosleep starts over with its full length.
+  * exe_file is left alone when the dumped executable is cow-apply's own
+    interpreter (the kernel refuses to replace exe_file while the old one is mapped).
+Not restored yet: threads (refused), pipes/sockets/other fds (refused), rlimits,
+credentials, itimers, the child-subreaper flag and other prctl state, MAP_GROWSDOWN
+of a stack that was moved from staging.
+"""

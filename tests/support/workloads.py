@@ -184,7 +184,9 @@ def start_workload(pattern, mib, tmpdir, no_aslr=False, env=None, timeout=30):
     become_subreaper()
     popen = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        close_fds=True, cwd="/", start_new_session=True,  # its own session: pgid = sid = root env=env if env is not None else {"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+        close_fds=True, cwd="/",
+        start_new_session=True,  # its own session: pgid = sid = root
+        env=env if env is not None else {"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
     )
     wl = Workload(pattern, mib, outdir, popen)
     try:

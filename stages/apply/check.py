@@ -1,0 +1,137 @@
+"""Everything cow-apply checks before it creates a process.
+
+Each check raises Refusal with a message for ``cow-apply: <reason>``.
+"""
+
+import importlib
+import os
+import time
+
+from stages.linux import vdso as vdso_mod
+
+SUPPORTED_FD_KINDS = {"file", "chr", "dir"}
+SUPPORTED_VMA_KINDS = {"anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vsyscall"}
+
+
+class Refusal(Exception):
+    pass
+
+
+def check_plan(plan, pidns=False, pid_wait=3.0):
+    check_header(plan.header)
+    check_vdso(plan.header["vdso"])
+    check_semantics(plan)
+    for proc in plan.processes:
+        check_process(proc)
+    check_files(plan)
+    if pidns:
+        if 1 in plan.by_pid:
+            raise Refusal("the plan has a pid 1: --pidns needs pid 1 for its own init")
+    else:
+        check_pids_free([p["pid"] for p in plan.processes], pid_wait)
+
+
+def check_header(header):
+    machine = os.uname().machine
+    if header["arch"] != machine:
+        raise Refusal(f"the plan is for {header['arch']}, this machine is {machine}")
+    if header["page_size"] != os.sysconf("SC_PAGE_SIZE"):
+        raise Refusal(f"the plan's page size {header['page_size']} is not this machine's")
+
+
+def check_vdso(want):
+    have = vdso_mod.own_identity()
+    sizes = lambda layout: [(name, end - start) for name, start, end in layout]  # noqa: E731
+    if sizes(want["layout"]) != sizes(have["layout"]):
+        raise Refusal(f"vDSO layout differs: plan {sizes(want['layout'])}, this kernel {sizes(have['layout'])}")
+    for layout in (want["layout"], have["layout"]):
+        for (_, _, end), (_, start, _) in zip(layout, layout[1:]):
+            if end != start:
+                raise Refusal("vDSO areas are not adjacent: cannot move them as one block")
+    if want["sha256"] != have["sha256"]:
+        raise Refusal("the vDSO of this kernel differs from the dumped one (sha256): restore on the same kernel")
+    if want.get("symbols") and sorted(map(tuple, want["symbols"])) != sorted(map(tuple, have["symbols"])):
+        raise Refusal("the vDSO symbols of this kernel differ from the dumped ones")
+
+
+def check_semantics(plan):
+    """The plan stage's semantic validator (tree, window, ranges, steps, layouts)."""
+    try:
+        validate = importlib.import_module("stages.plan.validate")
+    except ImportError as exc:
+        raise Refusal(f"the plan validator (stages.plan.validate) is not available: {exc}")
+    try:
+        validate.validate_plan(plan.header, plan.processes, range(1, plan.frames + 1))
+    except validate.PlanInvalid as exc:
+        raise Refusal(f"invalid plan: {exc}")
+
+
+def check_process(proc):
+    image = proc["image"]
+    pid = proc["pid"]
+    if len(image["threads"]) != 1:
+        raise Refusal(f"process {pid}: {len(image['threads'])} threads: multi-threaded processes are not supported yet")
+    for fd in image["fds"]:
+        if fd["kind"] not in SUPPORTED_FD_KINDS or not fd.get("path", "").startswith("/"):
+            raise Refusal(f"process {pid}: fd {fd['fd']} ({fd['kind']} {fd.get('path')}) cannot be restored yet")
+    for vma in proc["layout"]:
+        where = f"process {pid}: VMA {vma['start']:#x}-{vma['end']:#x}"
+        if vma["kind"] not in SUPPORTED_VMA_KINDS:
+            raise Refusal(f"{where} ({vma['kind']} {vma.get('path')}) cannot be restored")
+        if vma["shared"] and vma["kind"] != "file":
+            raise Refusal(f"{where}: shared anonymous memory cannot be restored yet")
+
+
+def check_pids_free(pids, wait):
+    """Every pid must be free; upstream `cow-collect --kill` may still be releasing them."""
+    deadline = time.monotonic() + wait
+    while True:
+        taken = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+        if not taken:
+            return
+        if time.monotonic() > deadline:
+            listed = ", ".join(map(str, taken[:10])) + (" ..." if len(taken) > 10 else "")
+            raise Refusal(f"pid(s) {listed} in use: stop those processes or restore with --pidns")
+        time.sleep(0.05)
+
+
+def _dev_of(st):
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+
+
+def _check_file(what, path, dev=None, ino=None, size=None):
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise Refusal(f"{what}: {path}: {exc.strerror}")
+    if ino and st.st_ino != ino:
+        raise Refusal(f"{what}: {path} is a different file now (inode {st.st_ino}, dumped {ino})")
+    if dev and _dev_of(st) != dev:
+        raise Refusal(f"{what}: {path} is on another device now ({_dev_of(st)}, dumped {dev})")
+    if size is not None and st.st_size != size:
+        raise Refusal(f"{what}: {path} changed size ({st.st_size}, dumped {size})")
+
+
+def check_files(plan):
+    seen = set()
+    for proc in plan.processes:
+        pid = proc["pid"]
+        for vma in proc["layout"]:
+            if vma["kind"] == "file":
+                key = (vma["path"], vma.get("dev"), vma.get("ino"))
+                if key not in seen:
+                    seen.add(key)
+                    _check_file(f"process {pid}: mapping {vma['start']:#x}", vma["path"], vma.get("dev"),
+                                vma.get("ino"), vma.get("size"))
+        for rng in proc["ranges"]:
+            if rng["backing"] == "file":
+                _check_file(f"process {pid}: staging range {rng['id']}", rng.get("path") or "",
+                            rng.get("dev"), rng.get("ino"))
+        for fd in proc["image"]["fds"]:
+            if fd["kind"] == "file":
+                _check_file(f"process {pid}: fd {fd['fd']}", fd["path"], fd.get("dev"), fd.get("ino"))
+            elif not os.path.exists(fd["path"]):
+                raise Refusal(f"process {pid}: fd {fd['fd']}: {fd['path']} does not exist")
+        exe = proc["image"]["mm"].get("exe_file")
+        if exe and not os.path.exists(exe):
+            raise Refusal(f"process {pid}: executable {exe} does not exist")

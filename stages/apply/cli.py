@@ -1,0 +1,107 @@
+"""cow-apply: bring a planned process tree back to life.
+
+    cow-apply [-i FILE] [--pidns] [--wait] [--report FILE]
+
+Reads a plan (pipe or saved file) to its end and checks it before any process
+exists; then creates the tree with the original pids, fills its memory and
+hands each process to the native restorer.  Default: print the root pid and
+exit, the tree keeps running.  --wait: stay as the reaper and exit with the
+root's status.  Exit 1 (with `cow-apply: <reason>`) on any failure; a tree
+that failed half-way is killed.
+"""
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+import time
+
+from stages.stream import StreamError, open_input
+
+from .check import Refusal, check_plan
+from .restore import ApplyError, Restore
+from .spool import spool_plan
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 64
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def fail(reason):
+    print(f"cow-apply: {reason}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+class Terminated(Exception):
+    pass
+
+
+def _on_signal(signum, frame):
+    # SIGTERM/SIGHUP become an exception, so a half-restored tree is killed on the way out
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def main(argv=None):
+    ap = Parser(prog="cow-apply", description="Restore the process tree described by a plan (cow-plan's output).")
+    ap.add_argument("-i", "--input", default="-", metavar="FILE", help="plan file; default stdin")
+    ap.add_argument("--pidns", action="store_true", help="restore into a fresh pid namespace (same pid numbers inside)")
+    ap.add_argument("--wait", action="store_true", help="stay until the root exits; exit with its status")
+    ap.add_argument("--report", metavar="FILE", help="write a JSON report (pids, times, bytes) to FILE")
+    args = ap.parse_args(argv)
+    if args.input in (None, "-") and sys.stdin.isatty():
+        ap.error("refusing to read a plan from a terminal: use -i FILE or a pipe")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two pipes per process
+
+    t0 = time.monotonic()
+    try:
+        with open_input(args.input) as f:
+            plan = spool_plan(f)
+    except StreamError as exc:
+        return fail(f"bad plan stream: {exc}")
+    except OSError as exc:
+        return fail(f"cannot read the plan: {exc}")
+    except Terminated as exc:
+        return fail(f"{exc} while reading the plan: nothing was created")
+    t_read = time.monotonic() - t0
+    try:
+        t1 = time.monotonic()
+        try:
+            check_plan(plan, pidns=args.pidns)
+        except Refusal as exc:
+            return fail(str(exc))
+        except Terminated as exc:
+            return fail(f"{exc} while checking the plan: nothing was created")
+        t_check = time.monotonic() - t1
+        restore = Restore(plan, pidns=args.pidns, log=lambda m: print(f"cow-apply: {m}", file=sys.stderr))
+        try:
+            restore.run()
+        except (ApplyError, OSError, MemoryError, Terminated) as exc:
+            return fail(f"restore failed, every created process was killed: {exc}")
+        report = restore.report()
+        report["phases"] = dict(read=round(t_read, 6), check=round(t_check, 6), **report["phases"])
+        report["wall"] = round(time.monotonic() - t0, 6)
+        if args.report:
+            with open(args.report, "w") as out:
+                json.dump(report, out, indent=1, sort_keys=True)
+                out.write("\n")
+        print(restore.root_outer_pid, flush=True)
+        if args.wait:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)  # the tree is complete: nothing to undo now
+            return restore.wait_root()
+        return EXIT_OK
+    finally:
+        plan.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

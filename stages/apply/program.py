@@ -1,0 +1,185 @@
+"""The restorer program of one process: from its plan record to blob operations.
+
+Order (each step depends on the previous ones):
+  1. block every signal; tid address and robust list to 0 (they point into the
+     TLS of cow-apply's copy, which goes away);
+  2. the 64 dispositions as dumped;
+  3. close every fd (cow-apply's: the plan stream first), open the dumped ones;
+  4. unmap everything except the window, the blob region and the vDSO block;
+  5. move the vDSO block ([vvar], [vvar_vclock], [vdso]) to the dumped address;
+  6. every target VMA: pieces moved out of the window, or mapped fresh; then
+     prot and madvise flags;
+  7. the rest of the window goes; mm fields and exe (PR_SET_MM_MAP); comm, cwd, umask;
+  8. tid address, robust list and rseq registration as dumped (they point into
+     restored memory, so only now).
+The inherited rseq registration (glibc's, in cow-apply's TLS) is unregistered
+by the agent just before it jumps here.
+The registers, xstate and signal mask are set by cow-apply afterwards.
+"""
+
+import os
+import struct
+
+from . import restorer as R
+from .addresses import TASK_SIZE
+
+PAGE = 4096
+PROT_READ, PROT_WRITE = 1, 2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0x10, 0x20, 0x100
+SYS_RT_SIGPROCMASK = 14
+SYS_PRCTL, PR_SET_NAME = 157, 15
+SYS_RSEQ = 334
+SIGKILL, SIGSTOP = 9, 19
+MADVISE_FLAGS = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}  # smaps VmFlags -> MADV_*
+NO_OPEN = os.O_CREAT | os.O_TRUNC | os.O_EXCL
+MM_FIELDS = ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+             "start_stack", "arg_start", "arg_end", "env_start", "env_end")
+VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
+
+
+def complement(keep, low=0, high=TASK_SIZE):
+    """Intervals of [low, high) not covered by keep."""
+    out, at = [], low
+    for a, b in sorted(keep):
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < high:
+        out.append((at, high))
+    return out
+
+
+def build(proc, ranges, window, blob_region, own_vdso, scratch):
+    """Program for one plan process.  ranges: {id: range record} of the whole tree;
+    window: (base, size); blob_region: (base, size); own_vdso: cow-apply's vDSO layout;
+    scratch: an address range (start, size) free in the target layout for a two-step vDSO move."""
+    prog = R.Program()
+    image = proc["image"]
+    base = window[0]
+
+    prog.add(R.OP_SYSCALL, SYS_RT_SIGPROCMASK, 2, prog.struct(struct.pack("<Q", (1 << 64) - 1)), 0, 8)
+    prog.add(R.OP_TID_ADDRESS, 0)
+    prog.add(R.OP_ROBUST_LIST, 0, 24)
+
+    for signo, (handler, flags, restorer, mask) in enumerate(image["sigactions"], start=1):
+        if signo in (SIGKILL, SIGSTOP):
+            continue
+        prog.add(R.OP_SIGACTION, signo, handler, flags, restorer, mask)
+
+    prog.add(R.OP_CLOSE_RANGE, 0, 0xFFFFFFFF)
+    for fd in sorted(image["fds"], key=lambda f: f["fd"]):
+        prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(fd["path"]), fd["flags"] & ~NO_OPEN,
+                 fd.get("pos", 0) if fd["kind"] == "file" else 0, 0)
+
+    vdso_now = [(start, end) for _, start, end in own_vdso]
+    keep = [(base, base + window[1]), (blob_region[0], blob_region[0] + blob_region[1])] + vdso_now
+    for a, b in complement(keep):
+        prog.add(R.OP_UNMAP, a, b - a)
+
+    _move_vdso(prog, proc["layout"], own_vdso, scratch)
+
+    for vma in proc["layout"]:
+        _target_vma(prog, vma, ranges, base)
+
+    prog.add(R.OP_UNMAP, base, window[1])
+
+    mm = image["mm"]
+    auxv = image["auxv"]
+    aux_ref = prog.struct(auxv)
+    mm_ref = prog.struct(struct.pack("<11Q", *(mm[name] for name in MM_FIELDS)) + b"\0" * 8 + struct.pack("<II", len(auxv), 0xFFFFFFFF))
+    prog.patch(mm_ref, 11 * 8, aux_ref)  # struct prctl_mm_map.auxv
+    exe = mm.get("exe_file") or image.get("exe")
+    if exe and _same_file(exe, "/proc/self/exe"):
+        # the kernel refuses to replace exe_file while the old one is mapped, and a
+        # process restored from a fork of cow-apply (a python3) maps it: it is already right
+        exe = None
+    prog.add(R.OP_MM_MAP, mm_ref, 11 * 8 + 8 + 8, prog.string(exe) if exe else 0)
+    prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NAME, prog.string(image["comm"][:15]))
+    if image.get("cwd"):
+        prog.add(R.OP_CHDIR, prog.string(image["cwd"]))
+    if "umask" in image:
+        prog.add(R.OP_UMASK, image["umask"])
+
+    # per-thread kernel pointers into restored memory, now that it is in place
+    thread = image["threads"][0]
+    if thread.get("tid_address"):
+        prog.add(R.OP_TID_ADDRESS, thread["tid_address"])
+    head, length = thread.get("robust_list") or (0, 0)
+    if head:
+        prog.add(R.OP_ROBUST_LIST, head, length)
+    rseq = thread.get("rseq")
+    if rseq and rseq["addr"]:
+        prog.add(R.OP_SYSCALL, SYS_RSEQ, rseq["addr"], rseq["len"], 0, rseq["sig"])
+    return prog
+
+
+def _same_file(a, b):
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _move_vdso(prog, layout, own_vdso, scratch):
+    want = {v["kind"]: (v["start"], v["end"]) for v in layout if v["kind"] in VDSO_KINDS}
+    have = {name.strip("[]"): (start, end) for name, start, end in own_vdso}
+    moves = [(have[k], want[k]) for k in VDSO_KINDS if k in want and k in have and have[k] != want[k]]
+    if not moves:
+        return
+    lo_have, hi_have = min(h[0] for h, _ in moves), max(h[1] for h, _ in moves)
+    lo_want, hi_want = min(w[0] for _, w in moves), max(w[1] for _, w in moves)
+    if lo_want < hi_have and lo_have < hi_want:
+        # overlapping block: park it in the scratch hole first
+        parked = []
+        at = scratch[0]
+        for (hs, he), w in moves:
+            prog.add(R.OP_MREMAP, hs, he - hs, at)
+            parked.append(((at, at + he - hs), w))
+            at += he - hs
+        moves = parked
+    for (hs, he), (ws, _) in moves:
+        prog.add(R.OP_MREMAP, hs, he - hs, ws)
+
+
+def _target_vma(prog, vma, ranges, base):
+    start, end, kind = vma["start"], vma["end"], vma["kind"]
+    if kind in VDSO_KINDS or kind == "vsyscall":
+        return
+    if vma["pieces"]:
+        for range_id, range_page, npages, vma_page in vma["pieces"]:
+            src = base + ranges[range_id]["offset"] + range_page * PAGE
+            prog.add(R.OP_MREMAP, src, npages * PAGE, start + vma_page * PAGE)
+        prog.add(R.OP_MPROTECT, start, end - start, vma["prot"])
+    elif kind == "file":
+        flags = (MAP_SHARED if vma["shared"] else MAP_PRIVATE) | MAP_FIXED
+        writable_shared = vma["shared"] and vma["prot"] & PROT_WRITE
+        prog.add(R.OP_MMAP, start, end - start, vma["prot"], flags, prog.string(vma["path"]), vma["pgoff"],
+                 os.O_RDWR if writable_shared else os.O_RDONLY)
+    else:
+        flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED
+        if "gd" in vma["vmflags"]:
+            flags |= MAP_GROWSDOWN
+        prog.add(R.OP_MMAP, start, end - start, vma["prot"], flags, 0, 0, 0)
+    for flag in vma["vmflags"]:
+        if flag in MADVISE_FLAGS:
+            prog.add(R.OP_MADVISE, start, end - start, MADVISE_FLAGS[flag])
+
+
+def build_init(root_ns_pid, blob_region):
+    """Program for the pid namespace's init: drop everything cow-apply's copy holds
+    (memory, fds, handlers) and reap until the root exits."""
+    prog = R.Program()
+    prog.add(R.OP_SYSCALL, SYS_RT_SIGPROCMASK, 2, prog.struct(struct.pack("<Q", (1 << 64) - 1)), 0, 8)
+    prog.add(R.OP_TID_ADDRESS, 0)
+    prog.add(R.OP_ROBUST_LIST, 0, 24)
+    for signo in range(1, 65):
+        if signo not in (SIGKILL, SIGSTOP):
+            prog.add(R.OP_SIGACTION, signo, 0, 0, 0, 0)  # SIG_DFL: pid 1 ignores what it does not handle
+    prog.add(R.OP_CLOSE_RANGE, 0, 0xFFFFFFFF)
+    for a, b in complement([(blob_region[0], blob_region[0] + blob_region[1])]):
+        prog.add(R.OP_UNMAP, a, b - a)
+    prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NAME, prog.string("cow-init"))
+    prog.add(R.OP_SYSCALL, SYS_RT_SIGPROCMASK, 2, prog.struct(b"\0" * 8), 0, 8)
+    prog.add(R.OP_REAP, root_ns_pid)
+    return prog

@@ -1,0 +1,85 @@
+"""Reading a whole plan before anything runs: every record checked, page bytes spooled.
+
+The page data goes to an unlinked temp file (one copy, mmap'd afterwards);
+frames are indexed by id, with ``same`` resolved to the frame whose bytes are
+stored.  Nothing is trusted until the trailer has been read and checked.
+"""
+
+import array
+import mmap
+import os
+import tempfile
+
+from stages.stream import StreamReader, plans, unpack_u32
+
+PAGE = 4096
+
+
+class Plan:
+    def __init__(self, header, processes, frame_offsets, spool_fd, spool_size):
+        self.header = header
+        self.processes = processes  # plan process records, creation order
+        self.by_pid = {p["pid"]: p for p in processes}
+        self.frame_offsets = frame_offsets  # frame id -> byte offset in the spool
+        self.spool_fd = spool_fd
+        self.spool_size = spool_size
+        self.map = mmap.mmap(spool_fd, spool_size, prot=mmap.PROT_READ) if spool_size else None
+
+    @property
+    def frames(self):
+        return len(self.frame_offsets) - 1
+
+    def close(self):
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        if self.spool_fd is not None:
+            os.close(self.spool_fd)
+            self.spool_fd = None
+
+
+def spool_plan(fileobj, tmpdir=None):
+    """Read the plan stream from fileobj to its trailer; returns a Plan (StreamError if bad)."""
+    reader = StreamReader(fileobj, expect=plans.FORMAT)
+    fd, path = tempfile.mkstemp(prefix="cow-apply-spool-", dir=tmpdir)
+    os.unlink(path)  # private and gone when we are
+    try:
+        processes = []
+        offsets = array.array("Q", [0])
+        written = 0
+        out = os.fdopen(os.dup(fd), "wb", buffering=1 << 20)
+        with out:
+            for rec in reader:
+                if rec.kind == "process":
+                    processes.append(rec.body)
+                elif rec.kind == "pages":
+                    written = _spool_pages(rec, offsets, out, written)
+        return Plan(reader.header, processes, offsets, fd, written)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _spool_pages(rec, offsets, out, written):
+    from stages.stream import StreamError
+
+    body, data = rec.body, rec.data
+    first, count = body["first"], body["count"]
+    same = unpack_u32(body["same"])
+    if first != len(offsets) or len(same) != count:
+        raise StreamError(f"record {rec.seq} (pages): frames {first}.. do not continue the previous run "
+                          f"(expected {len(offsets)}) or same[] has the wrong length")
+    stored = sum(1 for s in same if s == 0)
+    if len(data) != stored * PAGE:
+        raise StreamError(f"record {rec.seq} (pages): {len(data)} data bytes for {stored} stored pages")
+    out.write(data)
+    at = written
+    for i, s in enumerate(same):
+        if s == 0:
+            offsets.append(at)
+            at += PAGE
+        else:
+            if s >= first + i:
+                raise StreamError(f"record {rec.seq} (pages): frame {first + i} is 'same' as a later frame {s}")
+            offsets.append(offsets[s])
+    return at
