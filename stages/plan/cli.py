@@ -1,0 +1,106 @@
+"""cow-plan: read an image stream, write a plan stream.
+
+    cow-plan [-i FILE] [-o FILE] [--strategy exact|address|none] [--check] [--stats FILE] [--explain]
+
+Exit codes: 0 done, 1 bad input or an image the plan cannot handle, 3 --check failed.
+"""
+
+import argparse
+import json
+import sys
+
+from stages.stream import OutputFile, StreamError, StreamWriter, is_broken_pipe, open_input
+
+from .exact import plan_exact
+from .explain import explain
+from .layout import build
+from .model import PlanError, read_images
+from .simple import plan_address, plan_none
+from .simulate import simulate
+from .validate import PlanInvalid, validate_plan
+
+STRATEGIES = {"exact": plan_exact, "address": plan_address, "none": plan_none}
+
+
+def make_plan(images, strategy="exact"):
+    """(plan header, process records) for images read with model.read_images."""
+    draft = STRATEGIES[strategy](images)
+    header, records = build(draft, strategy)
+    validate_plan(header, records, range(1, images.nframes + 1))
+    return header, records
+
+
+def pages_bodies(images):
+    """What the simulator needs of the pages records: ids, ``same`` and hashes."""
+    return images.pages_bodies
+
+
+def write_plan(out, images, header, records):
+    writer = StreamWriter(out, "cowtree-plan", header)
+    for rec in records:
+        writer.write("process", rec)
+    for meta, data in images.pages_records():
+        writer.write_encoded("pages", meta, data)
+    writer.close({"processes": len(records), "frames_planned": header["stats"]["frames_planned"]})
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="cow-plan", description="Plan the restore of an image stream.")
+    ap.add_argument("-i", "--input", help="image stream (default stdin)")
+    ap.add_argument("-o", "--output", help="plan stream (default stdout)")
+    ap.add_argument("--strategy", choices=sorted(STRATEGIES), default="exact")
+    ap.add_argument("--check", action="store_true", help="simulate the plan; exit 3 if it is wrong")
+    ap.add_argument("--stats", metavar="FILE", help="write the plan statistics as JSON")
+    ap.add_argument("--explain", action="store_true",
+                    help="per-process table (stderr, or stdout with -o)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    images = None
+    try:
+        with open_input(args.input) as f:
+            images = read_images(f)
+        header, records = make_plan(images, args.strategy)
+        if args.check:
+            res = simulate(header, records, pages_bodies(images))
+            if not res.ok:
+                print("cow-plan: --check: the plan does not reproduce the images:", file=sys.stderr)
+                for e in res.errors:
+                    print(f"  {e}", file=sys.stderr)
+                return 3
+        out = OutputFile(args.output)
+        try:
+            write_plan(out.file, images, header, records)
+        except BaseException:
+            out.abandon()
+            raise
+        out.commit()
+        if args.stats:
+            with open(args.stats, "w") as f:
+                json.dump(header["stats"], f, indent=1, sort_keys=True)
+                f.write("\n")
+        if args.explain:
+            stream = sys.stdout if args.output not in (None, "-") else sys.stderr
+            stream.write(explain(header, records))
+            stream.flush()
+        if args.check:
+            print(f"cow-plan: --check: ok ({header['stats']['frames_planned']} frames planned, "
+                  f"{header['stats']['frames_duplicated']} duplicated)", file=sys.stderr)
+        return 0
+    except (StreamError, PlanError, PlanInvalid, ValueError) as exc:
+        print(f"cow-plan: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if is_broken_pipe(exc):
+            return 1
+        print(f"cow-plan: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if images is not None:
+            images.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

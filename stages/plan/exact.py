@@ -1,0 +1,438 @@
+"""The exact strategy: every frame is created once, by the LCA of its holders.
+
+1. Alignment.  VMAs that hold the same frames are put in one *group* with a
+   consistent page offset (weighted union-find), whatever their addresses: a
+   moved, split or partly unmapped VMA lines up with its ancestor's.  A group is
+   one staging range, created by the LCA of the processes holding its VMAs; every
+   frame of the group has a *slot* (its page in that range).
+2. Equal content.  A frame with the same bytes as the frame the nearest ancestor
+   holds at the same slot (or the parent at the same address, in a VMA of the same
+   bounds) is merged into it: the child does not write it.
+3. Units.  Each resulting frame is a unit: written once, at its slot, by the LCA
+   of its holders.  A frame that cannot keep one slot (two positions across the
+   group, or a fork-order conflict below) gets a slot of its own in an extra range
+   of its creator ("relocated"): still one physical page, only more pieces.
+4. Order.  In each process, the units it creates are written just before the
+   first child that needs them is forked, its own frames after its last fork; the
+   children are ordered to avoid overwriting a version a later child needs.
+"""
+
+from array import array
+
+from .layout import Draft
+from .model import PAGE
+
+
+class _Groups:
+    """Weighted union-find over VMAs: pos(node) = pos(up[node]) + off[node]."""
+
+    def __init__(self, nodes):
+        self.up = list(range(len(nodes)))
+        self.off = [0] * len(nodes)
+        self.key = []
+        for i, v in enumerate(nodes):
+            tag = None if v.inheritable else i
+            if v.is_file:
+                self.key.append(("file", v.body["path"], v.body["pgoff"] // PAGE, tag))
+            else:
+                self.key.append(("anon", None, 0, tag))
+
+    def find(self, i):
+        up, off = self.up, self.off
+        path = []
+        while up[i] != i:
+            path.append(i)
+            i = up[i]
+        root = i
+        for j in reversed(path):
+            parent = up[j]
+            if parent != root:
+                off[j] += off[parent]
+                up[j] = root
+        return root, (off[path[0]] if path else 0)
+
+    def union(self, a, ia, b, ib):
+        """Align page ia of node a with page ib of node b; False if that contradicts."""
+        ra, pa = self.find(a)
+        rb, pb = self.find(b)
+        d = pa + ia - pb - ib  # pos(rb) relative to ra
+        if ra == rb:
+            return d == 0
+        ka, kb = self.key[ra], self.key[rb]
+        if ka[0] != kb[0] or ka[1] != kb[1] or ka[3] != kb[3] or ka[3] is not None:
+            return False
+        if ka[0] == "file" and kb[2] - d != ka[2]:
+            return False
+        self.up[rb] = ra
+        self.off[rb] = d
+        return True
+
+
+def plan_exact(images):
+    cls = images.content_class()
+    parent = images.parent
+    nodes = [v for pid in images.pids for v in images.vmas[pid] if v.plannable]
+    groups = _Groups(nodes)
+    misaligned = set()
+
+    # 1. alignment by shared frames, then same-address parent/child VMAs
+    nframes = images.nframes
+    first_node = array("i", [-1]) * (nframes + 1)
+    first_page = array("i", [0]) * (nframes + 1)
+    for n, v in enumerate(nodes):
+        if v.ids is None:
+            continue
+        last = None  # (node, delta) of the previous page's link: the same link needs no union
+        for i, f in enumerate(v.ids):
+            if not f:
+                continue
+            m = first_node[f]
+            if m < 0:
+                first_node[f] = n
+                first_page[f] = i
+                continue
+            link = (m, first_page[f] - i)
+            if link == last:
+                continue
+            if groups.union(m, first_page[f], n, i):
+                last = link
+            else:
+                misaligned.add(f)
+    node_of = {(v.pid, v.index): n for n, v in enumerate(nodes)}
+    for n, v in enumerate(nodes):
+        pp = parent[v.pid]
+        if not pp:
+            continue
+        for pv in images.vmas[pp]:
+            if pv.start == v.start and pv.end == v.end and pv.plannable:
+                m = node_of[(pp, pv.index)]
+                if groups.find(m)[0] != groups.find(n)[0]:
+                    groups.union(m, 0, n, 0)
+                break
+
+    place = [groups.find(n) for n in range(len(nodes))]  # (group, pos of page 0)
+    # a process whose two VMAs land on the same slots cannot keep them there
+    for pid in images.pids:
+        spans = sorted((place[node_of[(pid, v.index)]], v.npages, v.index) for v in images.vmas[pid] if v.plannable)
+        for (pa, na, ia), (pb, nb, ib) in zip(spans, spans[1:]):
+            if pa[0] == pb[0] and pb[1] < pa[1] + na:
+                lo, hi = pb[1], min(pa[1] + na, pb[1] + nb)
+                for v, p in ((images.vmas[pid][ia], pa[1]), (images.vmas[pid][ib], pb[1])):
+                    if v.ids is not None:
+                        misaligned.update(f for f in v.ids[lo - p:hi - p] if f)
+
+    # 2. equal content at the slot the nearest ancestor holds (only classes of 2+ frames matter)
+    canon = _merge_equal(images, nodes, place, node_of, cls, misaligned)
+
+    # 3. holders of every canonical frame
+    holders = [None] * (nframes + 1)
+    for v in nodes:
+        if v.ids is None:
+            continue
+        pid = v.pid
+        for f in v.ids:
+            if f:
+                c = canon[f]
+                h = holders[c]
+                if h is None:
+                    holders[c] = [pid]
+                else:
+                    h.append(pid)
+    slot_of = {}
+    for c in range(1, nframes + 1):
+        if holders[c] is not None:
+            g, p = place[first_node[c]]
+            slot_of[c] = (g, p + first_page[c])
+
+    relocated = {canon[f] for f in misaligned}
+    while True:
+        units = _units(images, nodes, canon, holders, slot_of, relocated)
+        conflicts, schedule = _schedule(images, units)
+        if not conflicts:
+            break
+        relocated.update(units.frame[u] for u in conflicts)
+    return _draft(images, nodes, place, units, schedule, canon, relocated)
+
+
+def _merge_equal(images, nodes, place, node_of, cls, misaligned):
+    """canon[f]: the frame whose physical page f's holders will share (f itself unless merged).
+
+    A frame is merged into the frame with equal bytes that its process would inherit:
+    the one the nearest ancestor holds at the same slot, or the one the parent holds at
+    the same address in a VMA with the same bounds (what the reference tool shares).
+    A merge across slots relocates the surviving frame (more pieces, same pages); it
+    adds to ``misaligned``.  No process may end up holding one frame at two places.
+    """
+    nframes = images.nframes
+    canon = array("I", range(nframes + 1))
+    size = {}
+    for f in range(1, nframes + 1):
+        size[cls[f]] = size.get(cls[f], 0) + 1
+    multi = bytearray(nframes + 1)
+    for f in range(1, nframes + 1):
+        if size[cls[f]] > 1:
+            multi[f] = 1
+    if not any(multi):
+        return canon
+
+    def resolve(f):
+        while canon[f] != f:
+            f = canon[f]
+        return f
+
+    holders = {}  # frame of a class of 2+ -> set of pids
+    for v in nodes:
+        if v.ids is not None:
+            for f in v.ids:
+                if multi[f]:
+                    holders.setdefault(f, set()).add(v.pid)
+
+    def merge(g, a, same_slot):
+        if a == g or cls[a] != cls[g] or holders[a] & holders[g]:
+            return g
+        canon[g] = a
+        holders[a] |= holders.pop(g)
+        if not same_slot or g in misaligned or a in misaligned:
+            misaligned.add(a)
+        return a
+
+    parent = images.parent
+    view = {0: {}}
+    for pid in images.pids:
+        inherited = view[parent[pid]]
+        mine = dict(inherited)
+        pp = parent[pid]
+        parent_vmas = {(w.start, w.end): w for w in images.vmas[pp]} if pp else {}
+        for v in images.vmas[pid]:
+            if not v.plannable or v.ids is None:
+                continue
+            g0, p0 = place[node_of[(pid, v.index)]]
+            w = parent_vmas.get((v.start, v.end))
+            same_bounds = (w is not None and w.ids is not None and w.inheritable and v.inheritable
+                           and w.body["kind"] == v.body["kind"] and w.body["path"] == v.body["path"]
+                           and w.body["pgoff"] == v.body["pgoff"])
+            for i, f in enumerate(v.ids):
+                if not multi[f]:
+                    continue
+                s = (g0, p0 + i)
+                g = resolve(f)
+                a = inherited.get(s)
+                if a is not None:
+                    g = merge(g, resolve(a), True)
+                if same_bounds and multi[w.ids[i]]:
+                    g = merge(g, resolve(w.ids[i]), False)
+                mine[s] = g
+        view[pid] = mine
+    for f in range(1, nframes + 1):
+        canon[f] = resolve(f)
+    return canon
+
+
+class _Units:
+    def __init__(self):
+        self.frame, self.slot, self.creator, self.holders = [], [], [], []
+        self.of_relocated = {}  # (pid, canonical frame) -> unit
+
+    def add(self, frame, slot, holders, creator):
+        self.frame.append(frame)
+        self.slot.append(slot)
+        self.holders.append(holders)
+        self.creator.append(creator)
+        return len(self.frame) - 1
+
+
+def _relocation_keys(nodes, canon, relocated):
+    """canonical relocated frame -> {key: [pids]}: one slot per backing (anon, or file page)."""
+    keys = {}
+    for v in nodes:
+        if v.ids is None:
+            continue
+        for i, f in enumerate(v.ids):
+            if f and canon[f] in relocated:
+                key = ("file", v.body["path"], v.body["pgoff"] // PAGE + i) if v.is_file else ("anon",)
+                keys.setdefault(canon[f], {}).setdefault(key, []).append(v.pid)
+    return keys
+
+
+def _units(images, nodes, canon, holders, slot_of, relocated):
+    units = _Units()
+    keys = _relocation_keys(nodes, canon, relocated) if relocated else {}
+    lca_of = images.lca_of
+    for c in range(1, images.nframes + 1):
+        h = holders[c]
+        if h is None:
+            continue
+        if c not in relocated:
+            units.add(c, slot_of[c], h, h[0] if len(h) == 1 else lca_of(h))
+            continue
+        for key, pids in keys[c].items():
+            u = units.add(c, None, pids, lca_of(pids))
+            units.slot[u] = ("x", u, key)
+            for pid in pids:
+                units.of_relocated[(pid, c)] = u
+    return units
+
+
+def _schedule(images, units):
+    """Per process: the order of writes and forks; the units that conflict."""
+    parent = images.parent
+    final = {pid: {} for pid in images.pids}
+    need = {pid: {} for pid in images.pids}
+    conflicts = set()
+    edges_of = {}  # holders -> the fork edges (parent, child) from their LCA down to each
+    for u in range(len(units.frame)):
+        s, top, holders = units.slot[u], units.creator[u], units.holders[u]
+        for h in holders:
+            e = final[h].get(s)
+            if e is not None and e != u:
+                conflicts.add(u)
+            else:
+                final[h][s] = u
+        if len(holders) == 1 and holders[0] == top:
+            continue
+        key = (top, tuple(holders))
+        edges = edges_of.get(key)
+        if edges is None:
+            edges, seen = [], set()
+            for h in holders:
+                c = h
+                while c != top and c not in seen:
+                    seen.add(c)
+                    edges.append(need[parent[c]].setdefault(c, {}))
+                    c = parent[c]
+            edges_of[key] = edges
+        for d in edges:
+            e = d.get(s)
+            if e is None:
+                d[s] = u
+            elif e != u:
+                conflicts.add(u)
+    schedule = {}
+    creator = units.creator
+    for pid in images.pids:
+        kids = images.children[pid]
+        best = _greedy(pid, kids, need[pid], final[pid], creator)  # the dumped (fork) order first
+        if best[0] and len(kids) > 1:
+            for order in _other_orders(pid, kids, need[pid], final[pid], creator):
+                got = _greedy(pid, order, need[pid], final[pid], creator)
+                if len(got[0]) < len(best[0]):
+                    best = got
+                if not got[0]:
+                    break
+        conflicts.update(best[0])
+        schedule[pid] = best[1]
+    return conflicts, schedule
+
+
+def _other_orders(pid, kids, need, final, creator):
+    """Fork orders to try when the dumped one conflicts."""
+    # children that need an inherited version at a slot this process writes go first
+    writes_here = {s for reqs in list(need.values()) + [final] for s, u in reqs.items() if creator[u] == pid}
+    early = {c: -sum(1 for s, u in need.get(c, {}).items() if creator[u] != pid and s in writes_here)
+             for c in kids}
+    return [sorted(kids, key=lambda c: early[c]), kids[::-1]]
+
+
+def _greedy(pid, order, need, final, creator):
+    cur, done, conflicts, seq = {}, set(), [], []
+
+    def provide(reqs):
+        for s, u in reqs.items():
+            if creator[u] == pid:
+                if cur.get(s) == u:
+                    continue
+                if u in done:
+                    conflicts.append(u)
+                    continue
+                cur[s] = u
+                done.add(u)
+                seq.append(("w", u))
+            elif s in cur:
+                conflicts.append(u)
+
+    for c in order:
+        provide(need.get(c, {}))
+        seq.append(("f", c))
+    provide(final)
+    return conflicts, seq
+
+
+def _draft(images, nodes, place, units, schedule, canon, relocated):
+    draft = Draft(images)
+    # group ranges, created by the LCA of the processes holding the group's VMAs
+    extent = {}
+    for n, v in enumerate(nodes):
+        g, p = place[n]
+        e = extent.get(g)
+        if e is None:
+            extent[g] = [p, p + v.npages, [v.pid], n]
+        else:
+            e[0] = min(e[0], p)
+            e[1] = max(e[1], p + v.npages)
+            e[2].append(v.pid)
+    # ranges are numbered in creator order so the plan reads top-down
+    order = images.order
+    group_rid = {}
+    extra_rid = {}
+    todo = []
+    for g, (lo, hi, pids, n) in extent.items():
+        todo.append((order[images.lca_of(pids)], 0, g))
+    for u in range(len(units.frame)):
+        if units.slot[u][0] == "x":
+            todo.append((order[units.creator[u]], 1, u))
+    slot_page = {}
+    for _, kind, x in sorted(todo):
+        if kind == 0:
+            lo, hi, pids, n = extent[x]
+            v, p0 = nodes[n], place[n][1]
+            pgoff = v.body["pgoff"] + (lo - p0) * PAGE if v.is_file else 0
+            group_rid[x] = (draft.new_range(images.lca_of(pids), hi - lo, v, pgoff), lo)
+        else:
+            u = x
+            creator = units.creator[u]
+            key = units.slot[u][2]
+            if key[0] == "file":
+                rid = draft.new_range(creator, 1, _FileLike(key[1]), key[2] * PAGE)
+                slot_page[u] = (rid, 0)
+            else:
+                r = extra_rid.get(creator)
+                if r is None:
+                    r = extra_rid[creator] = draft.new_range(creator, 0)
+                slot_page[u] = (r, draft.ranges[r]["npages"])
+                draft.ranges[r]["npages"] += 1
+
+    def where(slot):
+        if slot[0] == "x":
+            return slot_page[slot[1]]
+        rid, lo = group_rid[slot[0]]
+        return rid, slot[1] - lo
+
+    for pid in images.pids:
+        ev = draft.events[pid]
+        for op, x in schedule[pid]:
+            if op == "f":
+                ev.append(("f", x))
+            else:
+                rid, page = where(units.slot[x])
+                ev.append(("w", rid, page, units.frame[x]))
+    for n, v in enumerate(nodes):
+        g, p = place[n]
+        rid, lo = group_rid[g]
+        # an aligned frame's slot is its own page's slot: only relocated frames move elsewhere
+        src = [(rid, p - lo + i) for i in range(v.npages)]
+        if relocated and v.ids is not None:
+            for i, f in enumerate(v.ids):
+                if f and canon[f] in relocated:
+                    u = units.of_relocated[(v.pid, canon[f])]
+                    src[i] = where(units.slot[u])
+        draft.sources[v.pid][v.index] = src
+    return draft
+
+
+class _FileLike:
+    """Stands in for a file VMA when a relocated frame gets a one-page file range."""
+
+    is_file = True
+
+    def __init__(self, path):
+        self.body = {"path": path, "dev": None, "ino": 0}

@@ -1,0 +1,225 @@
+"""Reading an image stream into the planner's model: tree, VMAs, frame maps, content classes.
+
+Page bytes are never kept in memory: ``pages`` records are spooled (raw meta + data)
+to a temporary file and copied through to the plan afterwards.
+"""
+
+import struct
+import tempfile
+
+from stages.stream import StreamReader, unpack_u32
+
+PAGE = 4096
+# VMA kinds whose private pages the plan restores; the others apply handles by kind.
+PLANNABLE_KINDS = {"anon", "file", "heap", "stack"}
+# smaps VmFlags of VMAs a child does not inherit (MADV_DONTFORK, MADV_WIPEONFORK).
+NOT_INHERITED_FLAGS = {"dc", "wf"}
+
+
+class PlanError(Exception):
+    """The images are valid but the plan cannot handle them."""
+
+
+class Vma:
+    __slots__ = ("pid", "index", "body", "start", "end", "npages", "ids", "plannable", "inheritable")
+
+    def __init__(self, pid, index, body):
+        self.pid, self.index, self.body = pid, index, body
+        self.start, self.end = body["start"], body["end"]
+        self.npages = (self.end - self.start) // PAGE
+        frames = body["frames"]
+        self.ids = unpack_u32(frames, f"process {pid} vma {index} frames") if frames is not None else None
+        self.plannable = not body["shared"] and body["kind"] in PLANNABLE_KINDS
+        self.inheritable = self.plannable and not (NOT_INHERITED_FLAGS & set(body["vmflags"]))
+
+    @property
+    def is_file(self):
+        return self.body["kind"] == "file" and self.body["path"] is not None
+
+    def backing_key(self):
+        """Pages of VMAs with equal keys may live in one staging range (file offsets must match)."""
+        if self.is_file:
+            return ("file", self.body["path"])
+        return ("anon",)
+
+
+class Images:
+    """Everything the planner needs from an image stream, minus page bytes."""
+
+    def __init__(self):
+        self.header = None
+        self.processes = []  # process bodies in stream order
+        self.vmas = {}  # pid -> [Vma]
+        self.same = {}  # frame id -> earlier frame with equal bytes
+        self.hashes = {}  # frame id -> 16-byte hash
+        self.nframes = 0
+        self.spool = None  # temporary file of (meta, data) pages records
+        self.pages_bodies = []  # the pages records' bodies (first, count, same, hashes): no bytes
+        self.spooled = 0
+
+    # -- tree -------------------------------------------------------------
+    def finish_tree(self):
+        self.pids = [p["pid"] for p in self.processes]
+        self.order = {pid: i for i, pid in enumerate(self.pids)}
+        self.process_body = {p["pid"]: p for p in self.processes}
+        self._lca_cache = {}
+        self.parent = {}
+        self.children = {pid: [] for pid in self.pids}
+        self.depth = {}
+        for p in self.processes:
+            pid, ppid = p["pid"], p["ppid"]
+            if pid in self.parent:
+                raise PlanError(f"process {pid} appears twice")
+            if ppid in self.order and self.order[ppid] < self.order[pid]:
+                self.parent[pid] = ppid
+                self.children[ppid].append(pid)
+                self.depth[pid] = self.depth[ppid] + 1
+            else:
+                self.parent[pid] = 0
+                self.depth[pid] = 0
+        roots = [pid for pid in self.pids if self.parent[pid] == 0]
+        if len(roots) != 1:
+            raise PlanError(f"the images hold {len(roots)} trees (roots {roots}); a plan restores one tree")
+        self.root = roots[0]
+
+    def lca(self, a, b):
+        depth, parent = self.depth, self.parent
+        while depth[a] > depth[b]:
+            a = parent[a]
+        while depth[b] > depth[a]:
+            b = parent[b]
+        while a != b:
+            a, b = parent[a], parent[b]
+        return a
+
+    def lca_of(self, pids):
+        if len(pids) > 2:
+            # many frames have the same holders: remember their LCA
+            key = tuple(pids)
+            got = self._lca_cache.get(key)
+            if got is None:
+                got = self._lca_cache[key] = self._lca_of(pids)
+            return got
+        return self._lca_of(pids)
+
+    def _lca_of(self, pids):
+        it = iter(pids)
+        acc = next(it)
+        for pid in it:
+            if acc != pid:
+                acc = self.lca(acc, pid)
+        return acc
+
+    # -- content ----------------------------------------------------------
+    def content_class(self):
+        """frame id -> smallest frame id with equal bytes (via ``same`` and equal hashes)."""
+        cls = [0] * (self.nframes + 1)
+        by_hash = {}
+        for f in range(1, self.nframes + 1):
+            s = self.same.get(f, 0)
+            c = cls[s] if s else f
+            h = self.hashes.get(f)
+            if h is not None:
+                c = by_hash.setdefault(h, c)
+            cls[f] = c
+        return cls
+
+    def pages_records(self):
+        """(meta, data) of every spooled pages record, in stream order."""
+        if self.spool is None:
+            return
+        self.spool.seek(0)
+        for _ in range(self.spooled):
+            mlen, dlen = struct.unpack("<QQ", self.spool.read(16))
+            meta = self.spool.read(mlen)
+            data = self.spool.read(dlen)
+            yield meta, data
+
+    def close(self):
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+
+def read_images(fileobj):
+    """Read and check a whole image stream; raise StreamError / PlanError with a message."""
+    images = Images()
+    reader = StreamReader(fileobj, expect="cowtree-images")
+    images.header = reader.header
+    images.spool = tempfile.TemporaryFile(prefix="cow-plan-pages-")
+    next_first = 1
+    for rec in reader:
+        if rec.kind == "process":
+            images.processes.append(rec.body)
+        elif rec.kind == "vmas":
+            pid = rec.body["pid"]
+            if pid in images.vmas:
+                raise PlanError(f"process {pid}: two vmas records")
+            images.vmas[pid] = [Vma(pid, i, v) for i, v in enumerate(rec.body["vmas"])]
+        elif rec.kind == "pages":
+            body = rec.body
+            first, count = body["first"], body["count"]
+            if first != next_first:
+                raise PlanError(f"pages record {rec.seq}: starts at frame {first}, expected {next_first}")
+            same = unpack_u32(body["same"], f"pages record {rec.seq} same")
+            if len(same) != count or len(body["hashes"]) != 16 * count:
+                raise PlanError(f"pages record {rec.seq}: same/hashes do not have {count} entries")
+            stored = 0
+            for i, s in enumerate(same):
+                fid = first + i
+                if s:
+                    if s >= fid:
+                        raise PlanError(f"pages record {rec.seq}: frame {fid} is 'same' as later frame {s}")
+                    images.same[fid] = s
+                else:
+                    stored += 1
+                images.hashes[fid] = bytes(body["hashes"][16 * i:16 * i + 16])
+            if len(rec.data) != stored * PAGE:
+                raise PlanError(f"pages record {rec.seq}: {len(rec.data)} data bytes for {stored} stored pages")
+            images.pages_bodies.append(body)
+            images.spool.write(struct.pack("<QQ", len(rec.meta), len(rec.data)))
+            images.spool.write(rec.meta)
+            images.spool.write(rec.data)
+            images.spooled += 1
+            next_first = first + count
+    images.nframes = next_first - 1
+    images.trailer = reader.trailer
+    images.finish_tree()
+    check_images(images)
+    return images
+
+
+def check_images(images):
+    """Refuse images the plan cannot handle, naming process and VMA."""
+    n = images.nframes
+    for pid in images.pids:
+        if pid not in images.vmas:
+            raise PlanError(f"process {pid}: no vmas record")
+    for pid in images.vmas:
+        if pid not in images.order:
+            raise PlanError(f"vmas record for pid {pid}, which has no process record")
+    for pid in images.pids:
+        seen = {}
+        prev_end = 0
+        for v in images.vmas[pid]:
+            where = f"process {pid}: vma {v.index} [{v.start:#x}-{v.end:#x})"
+            if v.start % PAGE or v.end % PAGE or v.end <= v.start:
+                raise PlanError(f"{where}: not page aligned or empty")
+            if v.start < prev_end:
+                raise PlanError(f"{where}: overlaps the previous VMA")
+            prev_end = v.end
+            if v.ids is None:
+                continue
+            if len(v.ids) != v.npages:
+                raise PlanError(f"{where}: {len(v.ids)} frame ids for {v.npages} pages")
+            if not v.plannable:
+                if any(v.ids):
+                    raise PlanError(f"{where}: a {v.body['kind']} {'shared ' if v.body['shared'] else ''}VMA has frames")
+                continue
+            for i, f in enumerate(v.ids):
+                if f:
+                    if f > n:
+                        raise PlanError(f"{where}: frame {f} is not in the images' pages (they hold 1..{n})")
+                    if f in seen:
+                        raise PlanError(f"{where}: frame {f} is mapped twice in one process (also at {seen[f]:#x})")
+                    seen[f] = v.start + i * PAGE
