@@ -122,9 +122,10 @@ def demo(args, workdir):
                 stats[strategy] = json.load(f)
 
         res, t_apply = run([tool("cow-apply"), "-i", plans["exact"]], "cow-apply")
-        print(f"restored with cow-apply in {t_apply:.2f} s: {res.stdout.strip()}")
+        print(f"restored with cow-apply in {t_apply:.2f} s: root pid {res.stdout.strip()}")
         for w in workers:
             wait_for(f"/proc/{w}", 10, f"worker {w} to exist")
+        mem_restored = tree_memory(root)
         after = {}
         for w, q in questions.items():
             after[w] = ask(workdir, w, q)
@@ -134,21 +135,26 @@ def demo(args, workdir):
                 raise DemoError(f"worker {w}: dataset checksum differs after restore")
             if after[w].split()[1:] != before[w].split()[1:]:
                 raise DemoError(f"worker {w}: answer differs after restore")
-        mem_after = tree_memory(root)
+        mem_served = tree_memory(root)
 
-        size = os.path.getsize(images)
+        def row(label, frames):
+            print(f"{label:40}{frames:>10}{mib(frames):>10.1f}")
+
         print()
-        print(f"{'':34}{'frames':>10}{'MiB':>10}")
-        print(f"{'before dump (kernel, cow-mem)':34}{mem_before['distinct_frames']:>10}{mib(mem_before['distinct_frames']):>10.1f}")
-        print(f"{'after restore, exact (cow-mem)':34}{mem_after['distinct_frames']:>10}{mib(mem_after['distinct_frames']):>10.1f}")
+        print(f"{'distinct frames (4 KiB pages)':40}{'frames':>10}{'MiB':>10}")
+        row("before the dump (kernel: cow-mem)", mem_before["distinct_frames"])
+        row("in the images", stats["exact"]["frames_in_images"])
         for strategy in ("exact", "address", "none"):
-            planned = stats[strategy]["frames_planned"]
-            print(f"{'plan ' + strategy + ' would create':34}{planned:>10}{mib(planned):>10.1f}")
-        print(f"{'image file':34}{'':>10}{size / (1 << 20):>10.1f}")
+            row(f"plan --strategy {strategy} creates", stats[strategy]["frames_planned"])
+        row("after restore, exact (kernel: cow-mem)", mem_restored["distinct_frames"])
+        row("  ... once the workers served again", mem_served["distinct_frames"])
+        print(f"{'image file':40}{'':>10}{os.path.getsize(images) / (1 << 20):>10.1f}")
         print()
         print(f"time: collect {t_collect:.2f} s, plan {t_plan['exact']:.2f} s, apply {t_apply:.2f} s")
-        ratio = mem_after["distinct_frames"] / max(1, mem_before["distinct_frames"])
-        print(f"frames after / before: {ratio:.3f}")
+        ratio = mem_restored["distinct_frames"] / max(1, mem_before["distinct_frames"])
+        print(f"frames after restore / before the dump: {ratio:.3f}")
+        print("(pages with equal bytes are shared again after the restore; python's reference")
+        print(" counting copies some of them again as soon as the workers touch their objects)")
         return 0
     finally:
         kill_pids(started)
