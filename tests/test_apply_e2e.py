@@ -15,8 +15,6 @@ from tests.support.workloads import PATTERNS, proc_state, workload  # noqa: F401
 
 BIN = os.path.dirname(sys.executable)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_PLAN = all(os.path.exists(os.path.join(ROOT, "stages", "plan", f)) for f in ("cli.py", "validate.py"))
-needs_plan = pytest.mark.skipif(not HAVE_PLAN, reason="the plan stage (stages/plan/cli.py, validate.py) is not there yet")
 TIMEOUT = 60
 
 
@@ -98,7 +96,6 @@ def outer(rep, pid):
     return int(rep["pids"][str(pid)])
 
 
-@needs_plan
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_workload_restored_exact_keeps_sharing(pattern, workload, restored, tmp_path):
     wl = workload(pattern, 4)
@@ -113,7 +110,6 @@ def test_workload_restored_exact_keeps_sharing(pattern, workload, restored, tmp_
     assert after <= before, f"{pattern}: {after} frames after restore, {before} before"
 
 
-@needs_plan
 @pytest.mark.parametrize("pattern", ["same", "chain"])
 def test_strategy_none_costs_more_frames(pattern, workload, restored, tmp_path):
     wl = workload(pattern, 4)
@@ -140,7 +136,6 @@ def originals():
         p.wait(timeout=10)
 
 
-@needs_plan
 def test_sleep_restored_in_pidns_keeps_sleeping(restored, originals, tmp_path):
     orig = start(["sleep", "1000"])
     originals.append(orig)
@@ -183,7 +178,6 @@ while True:
 """
 
 
-@needs_plan
 def test_python3_script_restored_in_pidns_keeps_running(restored, originals, tmp_path):
     script = tmp_path / "counter.py"
     script.write_text(PY_SCRIPT)
@@ -201,7 +195,6 @@ def test_python3_script_restored_in_pidns_keeps_running(restored, originals, tmp
     assert proc_state(outer(rep, orig.pid)) in ("S", "R")
 
 
-@needs_plan
 def test_bash_loop_with_child_restored_in_pidns(restored, originals, tmp_path):
     out = tmp_path / "bash.out"
     orig = start(["bash", "-c", f"n=0; while true; do n=$((n+1)); echo $n > {out}; sleep 0.2; done"])
@@ -214,7 +207,6 @@ def test_bash_loop_with_child_restored_in_pidns(restored, originals, tmp_path):
     assert later > first
 
 
-@needs_plan
 def test_saved_plan_replayed_later_with_pidns(restored, originals, tmp_path):
     orig = start(["sleep", "1000"])
     originals.append(orig)
@@ -230,7 +222,6 @@ def test_saved_plan_replayed_later_with_pidns(restored, originals, tmp_path):
         assert proc_state(outer(rep, orig.pid)) == "S"
 
 
-@needs_plan
 def test_wait_returns_the_root_exit_status(restored, originals, tmp_path):
     orig = start(["sh", "-c", "sleep 1; exit 7"])
     originals.append(orig)
@@ -257,7 +248,6 @@ def test_truncated_or_corrupted_plan_creates_nothing(tmp_path):
         assert proc.stderr.decode().startswith("cow-apply: bad plan stream")
 
 
-@needs_plan
 def test_truncated_real_plan_is_refused_and_no_process_appears(originals, tmp_path):
     orig = start(["sleep", "1000"])
     originals.append(orig)
@@ -295,7 +285,6 @@ def rewrite_plan(plan_bytes, change, change_header=None):
     return out.getvalue()
 
 
-@needs_plan
 def test_failure_in_the_restorer_kills_the_partial_tree(workload, tmp_path):
     wl = workload("chain", 1)
     images = collect(wl.root)
@@ -315,7 +304,6 @@ def test_failure_in_the_restorer_kills_the_partial_tree(workload, tmp_path):
     assert all(proc_state(p) in (None, "Z") for p in wl.pids), {p: proc_state(p) for p in wl.pids}
 
 
-@needs_plan
 def test_restored_process_has_its_dumped_rseq_and_robust_list(restored, originals, tmp_path):
     from stages.linux import ptrace
 
@@ -343,7 +331,6 @@ def test_restored_process_has_its_dumped_rseq_and_robust_list(restored, original
     assert proc_state(pid) == "S"
 
 
-@needs_plan
 def test_pids_in_use_are_refused_with_a_hint_for_pidns(originals):
     orig = start(["sleep", "1000"])
     originals.append(orig)
@@ -371,7 +358,6 @@ int main(int c, char **v) {
 """
 
 
-@needs_plan
 def test_restored_stack_still_grows(restored, originals, tmp_path):
     src, binary = tmp_path / "deep.c", tmp_path / "deep"
     src.write_text(DEEP_C)
@@ -406,7 +392,6 @@ while True:
 """
 
 
-@needs_plan
 def test_python3_prefork_tree_restored_exact_with_no_more_frames(restored, originals, tmp_path):
     from tests.support.workloads import become_subreaper, tree_pids
 
@@ -438,7 +423,6 @@ def test_python3_prefork_tree_restored_exact_with_no_more_frames(restored, origi
     assert rep["pages_written"] < before  # shared pages were written once, not per process
 
 
-@needs_plan
 def test_incompatible_vdso_or_changed_file_is_refused_before_anything_runs(originals):
     orig = start(["sleep", "1000"])
     originals.append(orig)
