@@ -222,3 +222,14 @@ def test_a_tree_holding_cow_collect_is_refused(tmp_path):
     assert "rc=1" in res.stdout
     assert "contains this process" in res.stderr
     assert not out.exists()
+
+
+def test_frame_runs_split_at_record_boundaries():
+    from stages.collect.frames import FrameTable
+    table = FrameTable(zero_pfn=0)
+    table.runs = [[1, 0, 0x1000, 300], [301, 1, 0x900000, 5], [306, 0, 0x200000, 1]]
+    table.count = 306
+    assert table.runs_between(1, 256) == [(0, 0x1000, 256)]
+    assert table.runs_between(257, 50) == [(0, 0x1000 + 256 * PAGE, 44), (1, 0x900000, 5), (0, 0x200000, 1)]
+    assert table.runs_between(303, 2) == [(1, 0x900000 + 2 * PAGE, 2)]
+    assert table.runs_between(306, 1) == [(0, 0x200000, 1)]

@@ -116,7 +116,8 @@ def test_newer_version_is_named():
     w = StreamWriter(out, "cowtree-images", tiny_header(), validate=False)
     # forge a header claiming version 2 with a valid checksum
     body = dict(tiny_header(), format="cowtree-images", version=2)
-    blob, _ = envelope.encode_record("header", 0, envelope.pack_meta(body), None)
+    parts, _ = envelope.encode_record("header", 0, envelope.pack_meta(body), None)
+    blob = b"".join(parts)
     with pytest.raises(StreamError, match="newer than this cowtree"):
         StreamReader(io.BytesIO(blob))
     del w
@@ -159,3 +160,16 @@ def test_not_a_stream():
         read_all(b"hello world, this is not msgpack at all\n" * 4)
     with pytest.raises(StreamError):
         read_all(b"")
+
+
+def test_payload_lengths_at_every_bin_width_round_trip():
+    # bin8, bin16 and bin32 headers are written by hand (the payload is not copied)
+    for n in (1, 255, 256, 65535, 65536, 3 * 65536 + 7):
+        raw = [0] * n
+        out = io.BytesIO()
+        w = StreamWriter(out, "cowtree-images", tiny_header())
+        w.write("pages", {"first": 1, "count": 1, "same": pack_u32([0]), "hashes": bytes(16)}, bytes(n))
+        w.close()
+        r, recs = read_all(out.getvalue())
+        assert len(recs[0].data) == n
+        del raw

@@ -9,7 +9,7 @@ import time
 
 from stages.linux import vdso as vdso_mod
 
-SUPPORTED_FD_KINDS = {"file", "chr", "dir"}
+SUPPORTED_FD_KINDS = {"file", "chr", "dir", "pipe"}
 SUPPORTED_VMA_KINDS = {"anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vsyscall"}
 
 
@@ -23,6 +23,7 @@ def check_plan(plan, pidns=False, pid_wait=3.0):
     check_semantics(plan)
     for proc in plan.processes:
         check_process(proc)
+    check_pipes(plan)
     check_files(plan)
     if pidns:
         if 1 in plan.by_pid:
@@ -72,6 +73,10 @@ def check_process(proc):
     if len(image["threads"]) != 1:
         raise Refusal(f"process {pid}: {len(image['threads'])} threads: multi-threaded processes are not supported yet")
     for fd in image["fds"]:
+        if fd["kind"] == "pipe":
+            if "pipe" not in fd or "desc" not in fd:
+                raise Refusal(f"process {pid}: fd {fd['fd']} is a pipe without pipe/desc ids")
+            continue
         if fd["kind"] not in SUPPORTED_FD_KINDS or not fd.get("path", "").startswith("/"):
             raise Refusal(f"process {pid}: fd {fd['fd']} ({fd['kind']} {fd.get('path')}) cannot be restored yet")
     for vma in proc["layout"]:
@@ -80,6 +85,30 @@ def check_process(proc):
             raise Refusal(f"{where} ({vma['kind']} {vma.get('path')}) cannot be restored")
         if vma["shared"] and vma["kind"] != "file":
             raise Refusal(f"{where}: shared anonymous memory cannot be restored yet")
+
+
+def check_pipes(plan):
+    """Every pipe an fd refers to has exactly one record (capacity, unread bytes), and every
+    description is of one pipe, opened for reading or for writing."""
+    records, descs = {}, {}
+    for proc in plan.processes:
+        for rec in proc["image"].get("pipes", ()):
+            if rec["id"] in records:
+                raise Refusal(f"process {proc['pid']}: pipe {rec['id']} is recorded twice")
+            if len(rec["data"]) > rec["size"]:
+                raise Refusal(f"process {proc['pid']}: pipe {rec['id']} holds more bytes than its capacity")
+            records[rec["id"]] = rec
+    for proc in plan.processes:
+        for fd in proc["image"]["fds"]:
+            if fd["kind"] != "pipe":
+                continue
+            where = f"process {proc['pid']}: fd {fd['fd']}"
+            if fd["pipe"] not in records:
+                raise Refusal(f"{where}: pipe {fd['pipe']} has no record (capacity, unread bytes)")
+            if fd["flags"] & 3 not in (os.O_RDONLY, os.O_WRONLY):
+                raise Refusal(f"{where}: a pipe end opened neither for reading nor for writing")
+            if descs.setdefault(fd["desc"], (fd["pipe"], fd["flags"] & 3)) != (fd["pipe"], fd["flags"] & 3):
+                raise Refusal(f"{where}: description {fd['desc']} is of two pipes or two ends")
 
 
 def check_pids_free(pids, wait):
@@ -130,7 +159,7 @@ def check_files(plan):
         for fd in proc["image"]["fds"]:
             if fd["kind"] == "file":
                 _check_file(f"process {pid}: fd {fd['fd']}", fd["path"], fd.get("dev"), fd.get("ino"))
-            elif not os.path.exists(fd["path"]):
+            elif fd["kind"] != "pipe" and not os.path.exists(fd["path"]):
                 raise Refusal(f"process {pid}: fd {fd['fd']}: {fd['path']} does not exist")
         exe = proc["image"]["mm"].get("exe_file")
         if exe and not os.path.exists(exe):

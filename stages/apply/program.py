@@ -4,7 +4,8 @@ Order (each step depends on the previous ones):
   1. block every signal; tid address and robust list to 0 (they point into the
      TLS of cow-apply's copy, which goes away);
   2. the 64 dispositions as dumped;
-  3. close every fd (cow-apply's: the plan stream first), open the dumped ones;
+  3. pipes: the inherited descriptions dup3'd to the dumped fd numbers; close every
+     other fd (cow-apply's: the plan stream first), open the dumped files;
   4. unmap everything except the window, the blob region and the vDSO block;
   5. move the vDSO block ([vvar], [vvar_vclock], [vdso]) to the dumped address;
   6. every target VMA: pieces moved out of the window, or mapped fresh; then
@@ -29,12 +30,26 @@ MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x01, 0x02, 0
 SYS_RT_SIGPROCMASK = 14
 SYS_PRCTL, PR_SET_NAME = 157, 15
 SYS_RSEQ = 334
+SYS_DUP3 = 292
+O_CLOEXEC = 0o2000000
 SIGKILL, SIGSTOP = 9, 19
 MADVISE_FLAGS = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}  # smaps VmFlags -> MADV_*
 NO_OPEN = os.O_CREAT | os.O_TRUNC | os.O_EXCL
 MM_FIELDS = ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
              "start_stack", "arg_start", "arg_end", "env_start", "env_end")
 VDSO_KINDS = ("vvar", "vvar_vclock", "vdso")
+
+
+def fd_gaps(keep, last=0xFFFFFFFF):
+    """Inclusive [first, last] ranges of fd numbers not in keep, for close_range."""
+    out, at = [], 0
+    for fd in sorted(set(keep)):
+        if fd > at:
+            out.append((at, fd - 1))
+        at = fd + 1
+    if at <= last:
+        out.append((at, last))
+    return out
 
 
 def complement(keep, low=0, high=TASK_SIZE):
@@ -49,10 +64,12 @@ def complement(keep, low=0, high=TASK_SIZE):
     return out
 
 
-def build(proc, ranges, window, blob_region, own_vdso, scratch):
+def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None):
     """Program for one plan process.  ranges: {id: range record} of the whole tree;
     window: (base, size); blob_region: (base, size); own_vdso: cow-apply's vDSO layout;
-    scratch: an address range (start, size) free in the target layout for a two-step vDSO move."""
+    scratch: an address range (start, size) free in the target layout for a two-step vDSO move;
+    pipe_fds: {desc: fd} of the pipe descriptions cow-apply holds (stages.apply.pipes), all above
+    every dumped fd number, inherited by every process."""
     prog = R.Program()
     image = proc["image"]
     base = window[0]
@@ -66,8 +83,17 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch):
             continue
         prog.add(R.OP_SIGACTION, signo, handler, flags, restorer, mask)
 
-    prog.add(R.OP_CLOSE_RANGE, 0, 0xFFFFFFFF)
+    # pipes first: dup3 the inherited descriptions to the dumped numbers (sources lie above
+    # every target), then close everything else (cow-apply's fds, the other descriptions)
+    pipes = [fd for fd in image["fds"] if fd["kind"] == "pipe"]
+    for fd in pipes:
+        prog.add(R.OP_SYSCALL, SYS_DUP3, (pipe_fds or {}).get(fd["desc"], -1), fd["fd"],
+                 O_CLOEXEC if fd.get("cloexec") else 0)
+    for first, last in fd_gaps(fd["fd"] for fd in pipes):
+        prog.add(R.OP_CLOSE_RANGE, first, last)
     for fd in sorted(image["fds"], key=lambda f: f["fd"]):
+        if fd["kind"] == "pipe":
+            continue
         prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(fd["path"]), fd["flags"] & ~NO_OPEN,
                  fd.get("pos", 0) if fd["kind"] == "file" else 0, 0)
 

@@ -20,7 +20,7 @@ from stages._native import ffi, lib
 from stages.linux import ptrace
 from stages.stream import unpack_u32
 
-from . import addresses, agent as agent_mod, program as program_mod, restorer
+from . import addresses, agent as agent_mod, pipes as pipes_mod, program as program_mod, restorer
 from .agent import Agent, Channel
 
 PAGE = 4096
@@ -91,6 +91,7 @@ class Restore:
         self.pages_written = 0
         self.window = self.blob_region = None
         self.spool_ptr = None
+        self.pipe_fds = {}  # pipe description -> fd in cow-apply (inherited by the whole tree)
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -124,9 +125,10 @@ class Restore:
         plan = self.plan
         self.own_vdso = program_mod_own_vdso()
         size = max(plan.header["window"]["size"], PAGE)
+        self.pipe_fds = pipes_mod.create(plan.processes)
         # the programs' size depends on the addresses only through values, not lengths:
         # build once with provisional addresses to size the region
-        provisional = [program_mod.build(p, self.ranges, (0, size), (0, PAGE), self.own_vdso, (0, 0))
+        provisional = [program_mod.build(p, self.ranges, (0, size), (0, PAGE), self.own_vdso, (0, 0), self.pipe_fds)
                        for p in plan.processes]
         blob_size = max(p.size_estimate() for p in provisional) + 2 * PAGE + 8 * PAGE  # slack, vDSO parking
         base, blob = addresses.choose(plan, blob_size)
@@ -135,7 +137,7 @@ class Restore:
         scratch = (blob + blob_size - 8 * PAGE, 8 * PAGE)
         for proc in plan.processes:
             self.programs[proc["pid"]] = program_mod.build(
-                proc, self.ranges, self.window, self.blob_region, self.own_vdso, scratch)
+                proc, self.ranges, self.window, self.blob_region, self.own_vdso, scratch, self.pipe_fds)
         self.spool_ptr = int(ffi.cast("unsigned long", ffi.from_buffer(plan.map))) if plan.map is not None else 0
         for proc in plan.processes:
             self.channels[proc["pid"]] = Channel()
@@ -243,6 +245,7 @@ class Restore:
             entered.append((pid, prog_addr))
         for pid, prog_addr in entered:
             self._wait_restorer(pid, prog_addr)
+        pipes_mod.close_all(self.pipe_fds)  # every process holds its own now: EOF works as dumped
         if self.init is not None:
             self._init_to_reaper()
 
@@ -360,6 +363,7 @@ class Restore:
                 left.discard(pid)
 
     def close_channels(self):
+        pipes_mod.close_all(self.pipe_fds)
         for channel in self.channels.values():
             channel.close()
         if self.window:

@@ -17,7 +17,7 @@ import sys
 from stages.linux.freeze import FreezeError
 from stages.stream import OutputFile, StreamError, is_broken_pipe
 
-from .collector import KILL, LEAVE_STOPPED, RESUME, CollectError, run_collect
+from .collector import KILL, LEAVE_STOPPED, RESUME, CollectError, OutputError, run_collect
 from .refusals import Refused
 
 EXIT_OK, EXIT_FAILURE, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2, 64
@@ -80,6 +80,10 @@ def main(argv=None):
         for line in exc.lines():
             print(f"cow-collect: {line}", file=sys.stderr)
         code = EXIT_REFUSED
+    except OutputError as exc:
+        removed = "; the partial file was removed" if output.path else ""
+        print(f"cow-collect: {exc}; the tree was resumed{removed}", file=sys.stderr)
+        code = EXIT_FAILURE
     except (FreezeError, CollectError, StreamError) as exc:
         print(f"cow-collect: {exc}", file=sys.stderr)
         code = EXIT_FAILURE

@@ -11,23 +11,70 @@ Whatever fails, the tree is resumed (see run_collect's finally).
 """
 
 import datetime
+import errno
 import os
+import time
 
-from stages.linux import freeze, pagemap
+from stages.linux import freeze, pagemap, procfs
 from stages.linux.memory import ProcessMemory
-from stages.stream import StreamWriter, images
+from stages.stream import StreamWriter, images, is_broken_pipe
 
 from . import pages as pages_mod
 from . import state
 from .frames import FrameTable
-from .refusals import Refused, process_reasons
+from .refusals import Refused, pipe_reasons, process_reasons
 from .vdso import vdso_identity
 
 RESUME, KILL, LEAVE_STOPPED = "resume", "kill", "leave-stopped"
+DEATH_GRACE = 0.5  # seconds to wait for a process that failed a read to show it is dying
+SIGKILL_BIT = 1 << 8  # SIGKILL (9) in the SigPnd/ShdPnd masks
+
+
+def _dying(pid):
+    try:
+        stat = procfs.read_stat(pid)
+        status = procfs.read_status(pid)
+    except OSError:
+        return True
+    pending = int(status.get("SigPnd", "0"), 16) | int(status.get("ShdPnd", "0"), 16)
+    return stat["state"] in ("Z", "X") or bool(stat["flags"] & procfs.PF_EXITING) or bool(pending & SIGKILL_BIT)
 
 
 class CollectError(Exception):
     pass
+
+
+class OutputError(CollectError):
+    """The image could not be written (disk full, I/O error, ...); a closed pipe stays an
+    OSError(EPIPE), which the command reports as such."""
+
+
+def _output_error(exc, where):
+    name = errno.errorcode.get(exc.errno, str(exc.errno))
+    return OutputError(f"cannot write {where}: {exc.strerror or exc} ({name})")
+
+
+class _Sink:
+    """The output file object, with write errors that say which file and which errno."""
+
+    def __init__(self, fileobj, where):
+        self.fileobj, self.where = fileobj, where
+
+    def write(self, blob):
+        try:
+            return self.fileobj.write(blob)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE or exc.errno is None:
+                raise
+            raise _output_error(exc, self.where) from exc
+
+    def flush(self):
+        try:
+            self.fileobj.flush()
+        except OSError as exc:
+            if exc.errno == errno.EPIPE or exc.errno is None:
+                raise
+            raise _output_error(exc, self.where) from exc
 
 
 class Collection:
@@ -51,6 +98,8 @@ class Collection:
                 raise CollectError(f"process {pid}: vanished while frozen")
             self.views.append(view)
             reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
+        holders = state.pipe_holders(self.views)
+        reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), holders)))
         if reasons:
             raise Refused(reasons)
 
@@ -58,6 +107,10 @@ class Collection:
         """Step 3: registers, brk, sigactions and frame maps of every process."""
         self.vdso = vdso_identity(self.tree.root, self.views[0].vmas)
         self.table = FrameTable(pagemap.zero_pfn())
+        try:
+            pipes = state.PipeTable(self.views)
+        except OSError as exc:
+            raise CollectError(f"reading pipes: {exc}")
         for index, view in enumerate(self.views):
             pid = view.pid
             try:
@@ -65,14 +118,32 @@ class Collection:
                 brk, sigactions, tid_address = state.remote_state(view)
                 threads[0]["tid_address"] = tid_address  # the injected calls ran in the main thread
             except OSError as exc:
+                self.check_alive()
                 raise CollectError(f"process {pid}: {exc}")
-            self.records.append(state.process_record(view, threads, brk, sigactions))
-            fd = pagemap.open_pagemap(pid)
+            self.records.append(state.process_record(view, threads, brk, sigactions, pipes))
             try:
-                vmas = [state.vma_record(v, self.table.vma_frames(fd, index, v)) for v in view.vmas]
-            finally:
-                os.close(fd)
+                fd = pagemap.open_pagemap(pid)
+                try:
+                    vmas = [state.vma_record(v, self.table.vma_frames(fd, index, v)) for v in view.vmas]
+                finally:
+                    os.close(fd)
+            except OSError:
+                self.check_alive()
+                raise
             self.vma_records.append({"pid": pid, "vmas": vmas})
+
+    def check_alive(self):
+        """Raise CollectError naming a process of the tree that has died since it was frozen
+        (only a SIGKILL from someone else does that to a stopped process).  A killed task
+        leaves its ptrace stop before it is marked exiting, so look for a short while."""
+        deadline = time.monotonic() + DEATH_GRACE
+        while True:
+            for view in self.views:
+                if _dying(view.pid):
+                    raise CollectError(f"process {view.pid}: exited while the tree was frozen (killed?)")
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
     def header(self):
         uname = os.uname()
@@ -93,6 +164,10 @@ class Collection:
         try:
             progress = pages_mod.Progress(progress_stream, len(self.table)) if progress_stream else None
             frames, stored, page_bytes = pages_mod.write_pages(writer, self.table, memories, progress)
+        except OSError as exc:
+            if not is_broken_pipe(exc):
+                self.check_alive()  # a read failed: most likely its process died
+            raise
         finally:
             for mem in memories:
                 mem.close()
@@ -119,8 +194,14 @@ def run_collect(root, output, mode=RESUME, progress_stream=None, notes=None):
         coll = Collection(tree)
         coll.inspect()
         coll.read()
-        summary = coll.write(output.file, progress_stream)
-        output.commit()
+        where = output.path or "the standard output"
+        summary = coll.write(_Sink(output.file, where), progress_stream)
+        try:
+            output.commit()  # the last buffered bytes: the disk may fill here too
+        except OSError as exc:
+            if exc.errno == errno.EPIPE or exc.errno is None:
+                raise
+            raise _output_error(exc, where) from exc
     except BaseException:
         output.abandon()
         errors = tree.resume()

@@ -1,18 +1,26 @@
 """The pages records: every frame's bytes once, in ascending id order, read in runs.
 
 A frame's bytes come from the process where it was first seen.  Consecutive ids
-at consecutive addresses of one process are read with one pread of
-/proc/PID/mem.  Frames with equal bytes are stored once (``same``).
+at consecutive addresses of one process are read with one preadv of
+/proc/PID/mem straight into the record's buffer.  Frames with equal bytes are
+stored once (``same``).
+
+Reader threads read and hash the next records while the caller's thread finds
+equal pages (in id order) and encodes and writes the current one.  preadv,
+BLAKE2b of a page, crc32 and write release the GIL, so they use every core.
 """
 
+import collections
 import hashlib
 import time
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 
 from stages.stream import pack_u32
 
 PAGE = 4096
 FRAMES_PER_RECORD = 256  # 1 MiB of data at most per record
+READERS = 2  # threads reading and hashing records ahead of the writer
 
 
 class Progress:
@@ -38,16 +46,50 @@ class Progress:
         self.stream.flush()
 
 
-def _runs(table, first, count):
-    """Split ids first..first+count-1 into (proc_index, addr, n) runs of adjacent pages."""
-    runs = []
-    for fid in range(first, first + count):
-        proc, addr = table.first_proc[fid - 1], table.first_addr[fid - 1]
-        if runs and runs[-1][0] == proc and runs[-1][1] + runs[-1][2] * PAGE == addr:
-            runs[-1][2] += 1
-        else:
-            runs.append([proc, addr, 1])
-    return runs
+class _Reader:
+    """Reads and hashes the pages of one record; records are independent, so two
+    threads can each do one (the GIL is released while reading and hashing)."""
+
+    def __init__(self, table, memories):
+        self.table, self.memories = table, memories
+
+    def read(self, first, count):
+        """(buf, hashes): the bytes of ids first..first+count-1 and their BLAKE2b-128 digests."""
+        buf = bytearray(count * PAGE)
+        with memoryview(buf) as view:
+            offset = 0
+            for proc, addr, n in self.table.runs_between(first, count):
+                self.memories[proc].read_into(addr, view[offset:offset + n * PAGE])
+                offset += n * PAGE
+            blake2b = hashlib.blake2b
+            hashes = [blake2b(view[i:i + PAGE], digest_size=16).digest() for i in range(0, len(buf), PAGE)]
+        return buf, hashes
+
+
+def _record(first, buf, hashes, seen):
+    """(body, data, stored) of one pages record; ``seen`` (content hash -> first frame id
+    with those bytes) is updated, so records must come here in id order."""
+    count = len(hashes)
+    same = array("I", bytes(4 * count))
+    dups = []  # indexes of pages whose bytes an earlier frame already has
+    for i, digest in enumerate(hashes):
+        earlier = seen.setdefault(digest, first + i)
+        if earlier != first + i:
+            same[i] = earlier
+            dups.append(i)
+    if dups:
+        # rare: copy out only the pages to keep (the common case sends buf as read)
+        with memoryview(buf) as view:
+            keep, start = [], 0
+            for i in dups:
+                keep.append(view[start * PAGE:i * PAGE])
+                start = i + 1
+            keep.append(view[start * PAGE:])
+            data = b"".join(keep)
+    else:
+        data = buf
+    body = {"first": first, "count": count, "same": pack_u32(same), "hashes": b"".join(hashes)}
+    return body, data, count - len(dups)
 
 
 def write_pages(writer, table, memories, progress=None):
@@ -55,33 +97,27 @@ def write_pages(writer, table, memories, progress=None):
 
     Returns (frames, stored_pages, page_bytes)."""
     total = len(table)
-    seen = {}  # content hash -> first frame id with those bytes
+    reader = _Reader(table, memories)
+    seen = {}
     stored = 0
-    for first in range(1, total + 1, FRAMES_PER_RECORD):
-        count = min(FRAMES_PER_RECORD, total + 1 - first)
-        same = array("I")
-        hashes = bytearray()
-        data = bytearray()
-        fid = first
-        for proc, addr, n in _runs(table, first, count):
-            blob = memories[proc].read(addr, n * PAGE)
-            for i in range(n):
-                page = blob[i * PAGE:(i + 1) * PAGE]
-                digest = hashlib.blake2b(page, digest_size=16).digest()
-                hashes += digest
-                earlier = seen.get(digest)
-                if earlier is None:
-                    seen[digest] = fid
-                    same.append(0)
-                    data += page
-                    stored += 1
-                else:
-                    same.append(earlier)
-                fid += 1
-        body = {"first": first, "count": count, "same": pack_u32(same), "hashes": bytes(hashes)}
-        writer.write("pages", body, bytes(data))
-        if progress:
-            progress.update(first + count - 1, writer.bytes_written)
+    pending = collections.deque()
+    with ThreadPoolExecutor(READERS, thread_name_prefix="cow-pages") as pool:
+        for first in range(1, total + 1, FRAMES_PER_RECORD):
+            pending.append((first, pool.submit(reader.read, first, min(FRAMES_PER_RECORD, total + 1 - first))))
+            # a few records in flight ahead of the writer: memory stays bounded
+            if len(pending) > READERS:
+                stored += _write(writer, pending.popleft(), seen, progress)
+        while pending:
+            stored += _write(writer, pending.popleft(), seen, progress)
     if progress:
         progress.update(total, writer.bytes_written, final=True)
     return total, stored, stored * PAGE
+
+
+def _write(writer, pending, seen, progress):
+    first, job = pending
+    body, data, stored = _record(first, *job.result(), seen)
+    writer.write("pages", body, data)
+    if progress:
+        progress.update(body["first"] + body["count"] - 1, writer.bytes_written)
+    return stored

@@ -7,6 +7,8 @@ and exits with EXIT_REFUSED.
 
 from stages.linux import procfs
 
+O_DIRECT = 0o40000
+
 
 class Refused(Exception):
     """One or more processes hold something cowtree cannot restore; ``reasons`` = [(pid, text)]."""
@@ -35,8 +37,13 @@ def fd_reason(pid, fd):
         return None
     if kind == "socket":
         return f"fd {fd['fd']} is {_a(procfs.socket_kind(pid, fd['ino']))}"
+    if kind == "fifo" and path.startswith("pipe:"):
+        # pipes inside the tree are dumped; pipe_reasons refuses those shared with the outside
+        if fd["flags"] & O_DIRECT:
+            return f"fd {fd['fd']} is a packet-mode pipe (O_DIRECT)"
+        return None
     if kind == "fifo":
-        return f"fd {fd['fd']} is a pipe" if path.startswith("pipe:") else f"fd {fd['fd']} is a FIFO ({path})"
+        return f"fd {fd['fd']} is a FIFO ({path})"
     if kind == "anon":
         return f"fd {fd['fd']} is {_a(procfs.anon_inode_kind(path))}"
     if kind == "dir":
@@ -74,3 +81,9 @@ def process_reasons(pid, status, vmas, fds):
         if text:
             reasons.append(text)
     return reasons
+
+
+def pipe_reasons(holders, outside):
+    """holders: {pipe inode: [(pid, fd), ...]} in the tree; outside: {inode: outside pid}."""
+    return [(pid, f"fd {fd} is a pipe shared with a process outside the tree (process {outside[ino]})")
+            for ino, where in holders.items() if ino in outside for pid, fd in where]

@@ -21,12 +21,15 @@ class ProcView:
         self.fds = [procfs.describe_fd(pid, n) for n in procfs.fd_numbers(pid)]
 
 
-def fd_record(fd):
-    rec = {"fd": fd["fd"], "kind": fd["kind"], "path": fd.get("path"), "flags": fd["flags"],
+def fd_record(fd, pipe_fields=None):
+    kind = "pipe" if is_pipe(fd) else fd["kind"]
+    rec = {"fd": fd["fd"], "kind": kind, "path": fd.get("path"), "flags": fd["flags"],
            "pos": fd.get("pos", 0), "cloexec": bool(fd["flags"] & O_CLOEXEC)}
     for key in ("mode", "dev", "ino", "size"):
         if key in fd:
             rec[key] = fd[key]
+    if pipe_fields:
+        rec.update(pipe_fields)
     return rec
 
 
@@ -63,7 +66,7 @@ def remote_state(view):
     return brk, sigactions, tid_address
 
 
-def process_record(view, threads, brk, sigactions):
+def process_record(view, threads, brk, sigactions, pipes=None):
     pid, st = view.pid, view.stat
     exe = procfs.readlink(f"/proc/{pid}/exe")
     mm = {name: st[name] for name in procfs.STAT_MM_FIELDS}
@@ -76,10 +79,12 @@ def process_record(view, threads, brk, sigactions):
         "mm": mm,
         "auxv": procfs.read_auxv(pid),
         "sigactions": sigactions,
-        "fds": [fd_record(fd) for fd in view.fds],
+        "fds": [fd_record(fd, pipes.fd_fields.get((pid, fd["fd"])) if pipes else None) for fd in view.fds],
         "cwd": procfs.readlink(f"/proc/{pid}/cwd") or "/",
         "root": procfs.readlink(f"/proc/{pid}/root") or "/",
     }
+    if pipes and pid in pipes.records:
+        rec["pipes"] = pipes.records[pid]
     umask = view.status.get("Umask")
     if umask is not None:
         rec["umask"] = int(umask, 8)
@@ -96,3 +101,117 @@ def vma_record(vma, frames):
     if vma["kind"] == "file":
         rec["dev"], rec["ino"] = vma["dev"], vma["ino"]
     return rec
+
+
+# -- pipes between processes of the tree ------------------------------------------------------
+
+PIPE_PREFIX = "pipe:["
+O_ACCMODE, O_NONBLOCK = 3, 0o4000
+SYS_TEE, SYS_KCMP, KCMP_FILE = 276, 312, 0
+SPLICE_F_NONBLOCK = 2
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
+FIONREAD = 0x541B
+
+
+def is_pipe(fd):
+    """An anonymous pipe (pipe:[N]); a FIFO has a path and is not one."""
+    return fd["kind"] == "fifo" and (fd.get("path") or "").startswith(PIPE_PREFIX)
+
+
+def pipe_holders(views):
+    """{pipe inode: [(pid, fd), ...]} over the tree, in tree order."""
+    out = {}
+    for view in views:
+        for fd in view.fds:
+            if is_pipe(fd):
+                out.setdefault(fd["ino"], []).append((view.pid, fd["fd"]))
+    return out
+
+
+def pipes_held_outside(tree_pids, inodes):
+    """{pipe inode: a pid outside the tree that holds it}, for the inodes given.
+
+    A pipe is the tree's only if no other process has an fd on it: every fd link
+    of every other process is read (cheap next to reading the tree's memory)."""
+    want = {f"{PIPE_PREFIX}{ino}]": ino for ino in inodes}
+    found = {}
+    if not want:
+        return found
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in tree_pids:
+            continue
+        pid = int(name)
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or a zombie
+            continue
+        for n in fds:
+            ino = want.get(procfs.readlink(f"/proc/{pid}/fd/{n}") or "")
+            if ino is not None and ino not in found and pid != me:
+                found[ino] = pid
+    return found
+
+
+def _kcmp_file(pid1, fd1, pid2, fd2):
+    from stages._native import lib
+
+    r = lib.cow_syscall6(SYS_KCMP, pid1, pid2, KCMP_FILE, fd1, fd2, 0)
+    if r < 0:
+        raise OSError(-r, f"kcmp of process {pid1} fd {fd1} and process {pid2} fd {fd2}: {os.strerror(-r)}")
+    return r
+
+
+def pipe_contents(pid, fd):
+    """(capacity, unread bytes) of the pipe at fd of pid, read without consuming them:
+    tee() duplicates the pipe's buffers into a pipe of ours of the same capacity."""
+    import fcntl
+    import struct
+
+    from stages._native import lib
+
+    src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = fcntl.fcntl(src, F_GETPIPE_SZ)
+        unread = struct.unpack("i", fcntl.ioctl(src, FIONREAD, b"\0\0\0\0"))[0]
+        if not unread:
+            return size, b""
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(w, F_SETPIPE_SZ, size)
+            n = lib.cow_syscall6(SYS_TEE, src, w, unread, SPLICE_F_NONBLOCK, 0, 0)
+            if n < 0:
+                raise OSError(-n, f"process {pid}: tee of the pipe at fd {fd}: {os.strerror(-n)}")
+            if n != unread:  # tee always starts at the head: a second call would not continue
+                raise OSError(f"process {pid}: tee copied {n} of {unread} unread bytes of the pipe at fd {fd}")
+            data = b""
+            while len(data) < n:
+                data += os.read(r, n - len(data))
+            return size, data
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        os.close(src)
+
+
+class PipeTable:
+    """Pipes of the frozen tree: a dense id per pipe, a dense id per open file description
+    (kcmp: fds that share one, after fork or dup, share O_NONBLOCK), and the unread bytes,
+    recorded once, in the first process (stream order) that holds the pipe."""
+
+    def __init__(self, views):
+        self.fd_fields = {}  # (pid, fd) -> {"pipe": id, "desc": id}
+        self.records = {}  # pid -> [{"id", "size", "data"}]
+        desc_ids = 0
+        for pipe_id, (ino, holders) in enumerate(pipe_holders(views).items(), start=1):
+            reps = []  # (pid, fd, desc id): one per open file description of this pipe
+            for pid, fd in holders:
+                desc = next((d for p, f, d in reps if _kcmp_file(p, f, pid, fd) == 0), None)
+                if desc is None:
+                    desc_ids += 1
+                    desc = desc_ids
+                    reps.append((pid, fd, desc))
+                self.fd_fields[(pid, fd)] = {"pipe": pipe_id, "desc": desc}
+            size, data = pipe_contents(*holders[0])
+            self.records.setdefault(holders[0][0], []).append({"id": pipe_id, "size": size, "data": data})

@@ -47,6 +47,28 @@ def _exiting(tid):
         return True
 
 
+def _tracer_of(tid):
+    try:
+        return int(procfs.read_status(tid).get("TracerPid", "0").split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _comm(pid):
+    try:
+        return procfs.read_stat(pid)["comm"]
+    except OSError:
+        return "?"
+
+
+def _thread_group(pid):
+    """The process (thread group) pid belongs to, or None when /proc does not know pid."""
+    try:
+        return int(procfs.read_status(pid)["Tgid"].split()[0])
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 class FrozenTree:
     def __init__(self, root):
         self.root = root
@@ -69,6 +91,12 @@ class FrozenTree:
                 return False
             if exc.errno == errno.EPERM and _exiting(tid):
                 return False  # it is exiting: the kernel refuses to attach to a dying task
+            if exc.errno == errno.EPERM:
+                other = _tracer_of(tid)
+                if other:
+                    # a task has one tracer: we cannot freeze it while someone else holds it
+                    raise FreezeError(f"process {tid}: already traced by process {other} "
+                                      f"({_comm(other)}): cannot freeze it")
             raise FreezeError(f"process {tid}: cannot attach: {os.strerror(exc.errno)}")
         try:
             ptrace.interrupt(tid)
@@ -116,6 +144,13 @@ class FrozenTree:
         return True
 
     def freeze(self):
+        tgid = _thread_group(self.root)
+        if tgid is None:
+            raise FreezeError(f"process {self.root}: no such process")
+        if tgid != self.root:
+            # /proc/TID answers for a non-main thread too; the tree is rooted at a process
+            raise FreezeError(f"process {self.root}: is a thread of process {tgid}, not a process: "
+                              f"use --tree {tgid}")
         seen = set()
         while True:
             walk = procfs.walk_tree(self.root)

@@ -22,6 +22,15 @@ class ProcessMemory:
             out += chunk
         return bytes(out)
 
+    def read_into(self, addr, view):
+        """Fill view (a writable memoryview) with the bytes at addr: no intermediate copy."""
+        done, length = 0, len(view)
+        while done < length:
+            n = os.preadv(self.fd, [view[done:]], addr + done)
+            if n <= 0:
+                raise OSError(f"process {self.pid}: cannot read memory at {addr + done:#x}")
+            done += n
+
     def write(self, addr, data):
         done = 0
         while done < len(data):

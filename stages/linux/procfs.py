@@ -32,7 +32,7 @@ def parse_stat(text):
     def field(n):
         return int(fields[n - 3])
     out = {"pid": int(pid_text), "comm": comm, "state": fields[0], "ppid": field(4),
-           "pgrp": field(5), "session": field(6), "num_threads": field(20)}
+           "pgrp": field(5), "session": field(6), "num_threads": field(20), "flags": field(9)}
     for name, n in STAT_MM_FIELDS.items():
         out[name] = field(n) if len(fields) > n - 3 else 0
     return out
@@ -157,6 +157,9 @@ def parse_net_inodes(text):
         if len(parts) > idx and parts[idx].isdigit():
             out.add(int(parts[idx]))
     return out
+
+
+PF_EXITING = 0x4  # stat field 9: the task is on its way out (set before it is a zombie)
 
 
 def read_text(path):

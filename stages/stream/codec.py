@@ -81,9 +81,10 @@ class StreamWriter:
         if (data is not None) != (kind in self.module.DATA_KINDS):
             raise StreamError(f"record {kind!r}: data payload present/absent wrongly")
         self.phase = phase
-        blob, crc = envelope.encode_record(kind, self.seq, meta, data)
-        self.out.write(blob)
-        self.bytes_written += len(blob)
+        parts, crc = envelope.encode_record(kind, self.seq, meta, data)
+        for part in parts:
+            self.out.write(part)
+            self.bytes_written += len(part)
         self.chain = envelope.chain_update(self.chain, crc)
         self.counts[kind] = self.counts.get(kind, 0) + 1
         self.seq += 1
@@ -93,9 +94,10 @@ class StreamWriter:
         if summary:
             body["summary"] = summary
         meta = envelope.pack_meta(body)
-        blob, _ = envelope.encode_record("trailer", self.seq, meta, None)
-        self.out.write(blob)
-        self.bytes_written += len(blob)
+        parts, _ = envelope.encode_record("trailer", self.seq, meta, None)
+        for part in parts:
+            self.out.write(part)
+            self.bytes_written += len(part)
         self.out.flush()
 
 

@@ -53,10 +53,33 @@ def unpack_meta(meta, kind, seq):
     return body
 
 
+def bin_header(length):
+    """The msgpack bin 8/16/32 header for a payload of ``length`` bytes."""
+    if length < 1 << 8:
+        return struct.pack(">BB", 0xC4, length)
+    if length < 1 << 16:
+        return struct.pack(">BH", 0xC5, length)
+    return struct.pack(">BI", 0xC6, length)
+
+
 def encode_record(kind, seq, meta, data):
-    """Frame one record; returns (bytes, crc)."""
+    """Frame one record; returns (list of byte strings to write in order, crc).
+
+    The page payload is not copied into a msgpack buffer: it is written as it
+    is, between the encoded prefix and suffix of the envelope.
+    """
     crc = record_crc(kind, seq, meta, data)
-    return msgpack.packb([kind, seq, meta, data, crc], use_bin_type=True), crc
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer.pack_array_header(5)
+    packer.pack(kind)
+    packer.pack(seq)
+    packer.pack(meta)
+    if data is None:
+        packer.pack(None)
+        packer.pack(crc)
+        return [packer.bytes()], crc
+    prefix = packer.bytes() + bin_header(len(data))
+    return [prefix, data, msgpack.packb(crc)], crc
 
 
 def chain_update(chain, crc):

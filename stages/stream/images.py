@@ -15,25 +15,30 @@ VMA_KINDS = {"anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vs
 PID = Int(1, (1 << 22))
 ADDR = UInt()
 
-HEADER = Map(
+VDSO = Map(
     {
-        "format": Str(choices={FORMAT}),
+        # [[name, start, end], ...] of [vvar], [vvar_vclock], [vdso] as mapped in the root
+        "layout": ListOf(Tuple(Str(), ADDR, ADDR), max_len=8),
+        "sha256": Str(max_len=64),
+    },
+    {"symbols": ListOf(Tuple(Str(), ADDR), max_len=256)},
+)
+
+
+def header_fields(fmt):
+    """The header fields every cowtree stream has (the plan adds its own)."""
+    return {
+        "format": Str(choices={fmt}),
         "version": Int(1),
         "kernel": Str(),
         "arch": Str(),
         "page_size": Int(4096, 4096),
         "root_pid": PID,
-        "vdso": Map(
-            {
-                # [[name, start, end], ...] of [vvar], [vvar_vclock], [vdso] as mapped in the root
-                "layout": ListOf(Tuple(Str(), ADDR, ADDR), max_len=8),
-                "sha256": Str(max_len=64),
-            },
-            {"symbols": ListOf(Tuple(Str(), ADDR), max_len=256)},
-        ),
-    },
-    {"tool": Str(), "created": Str()},
-)
+        "vdso": VDSO,
+    }
+
+
+HEADER = Map(header_fields(FORMAT), {"tool": Str(), "created": Str()})
 
 THREAD = Map(
     {
@@ -57,8 +62,15 @@ SIGACTION = Tuple(UInt(), UInt(), UInt(), UInt())  # handler, flags, restorer, m
 
 FD = Map(
     {"fd": Int(0, 1 << 20), "kind": Str(), "path": Nullable(Str()), "flags": UInt()},
-    {"pos": UInt(), "mode": UInt(), "dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "cloexec": Bool()},
+    {"pos": UInt(), "mode": UInt(), "dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "cloexec": Bool(),
+     # kind "pipe": the pipe's id in these images, and the id of the open file description
+     # (fds of any process with the same desc share one, and with it O_NONBLOCK)
+     "pipe": Int(1, (1 << 32) - 1), "desc": Int(1, (1 << 32) - 1)},
 )
+
+# A pipe of the tree, in the first process (stream order) holding it: capacity (F_GETPIPE_SZ)
+# and the bytes written to it and not read yet at the dump.
+PIPE = Map({"id": Int(1, (1 << 32) - 1), "size": Int(4096, 1 << 31), "data": Bin(max_len=1 << 31)})
 
 MM = Map(
     {
@@ -89,6 +101,7 @@ PROCESS = Map(
         "cwd": Str(),
         "root": Str(),
         "umask": UInt(),
+        "pipes": ListOf(PIPE, max_len=1 << 20),
         "state": Map({}, {}),  # reserved for the process-state issue
         "extra": Any(),
     },

@@ -16,13 +16,7 @@ STRATEGIES = {"exact", "address", "none"}
 
 HEADER = Map(
     {
-        "format": Str(choices={FORMAT}),
-        "version": Int(1),
-        "kernel": Str(),
-        "arch": Str(),
-        "page_size": Int(4096, 4096),
-        "root_pid": images.PID,
-        "vdso": images.HEADER.required["vdso"],
+        **images.header_fields(FORMAT),
         "strategy": Str(choices=STRATEGIES),
         # every staging range lies in [base, base + size); base_hint is the
         # plan's preferred base, disjoint from every target VMA

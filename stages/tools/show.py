@@ -149,7 +149,14 @@ class Printer:
         ]
         self.line(f"{indent}  sigactions {' '.join(changed) or 'all default'}")
         for fd in p["fds"]:
+            if fd["kind"] == "pipe":  # the inode differs between dumps: the ids say what is shared
+                self.line(f"{indent}  fd {fd['fd']} pipe {fd.get('pipe')} {'read' if fd['flags'] & 3 == 0 else 'write'} "
+                          f"end, description {fd.get('desc')} flags {fd['flags']:#o}")
+                continue
             self.line(f"{indent}  fd {fd['fd']} {fd['kind']} {n.path(fd.get('path'))} flags {fd['flags']:#o}")
+        for pipe in p.get("pipes", ()):
+            self.line(f"{indent}  pipe {pipe['id']}: capacity {pipe['size']}, {len(pipe['data'])} bytes unread"
+                      + (f" {pipe['data'][:16]!r}" if pipe["data"] else ""))
         for key in ("cwd", "root", "umask"):
             if key in p:
                 self.line(f"{indent}  {key} {n.path(p[key]) if key != 'umask' else oct(p[key])}")

@@ -1,0 +1,357 @@
+"""cow-collect when things go wrong: processes that exit or fork while frozen, a reader that
+goes away, a full disk, a tree someone else traces, bad pids.  Whatever happens, the tree
+runs on (not traced, not stopped) and no partial image file is left behind."""
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.images import Images
+from tests.support.workloads import become_subreaper, proc_state, reap, tree_pids, workload  # noqa: F401
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLLECT = [sys.executable, "-m", "stages.collect.cli"]
+
+
+def collect(root, *args, out=None, timeout=60):
+    argv = COLLECT + ["--tree", str(root)] + (["-o", str(out)] if out else []) + list(args)
+    return subprocess.run(argv, capture_output=True, timeout=timeout, cwd=ROOT)
+
+
+def status_field(pid, name):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+
+
+def tracer(pid):
+    value = status_field(pid, "TracerPid")
+    return None if value is None else int(value)
+
+
+def wait_until(cond, timeout=10, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def assert_running_untraced(pids):
+    for pid in pids:
+        assert tracer(pid) == 0, f"process {pid} is still traced"
+        assert proc_state(pid) in ("S", "R"), f"process {pid} is {proc_state(pid)}"
+
+
+@pytest.fixture
+def pytree():
+    """Start a python3 program in a session of its own; at teardown every process of its
+    tree (and its session) is killed and reaped, pass or fail."""
+    started = []
+    become_subreaper()  # orphans come to us, so we can reap them
+
+    def start(code):
+        p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             close_fds=True, start_new_session=True)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        known = {p.pid}
+        for _ in range(3):  # a forking tree may create children while we kill
+            known.update(tree_pids(p.pid))
+            for pid in known:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        p.wait(timeout=10)
+        # the killed children come to us (subreaper): reap until none of them is left
+        deadline = time.monotonic() + 10
+        while any(proc_state(pid) is not None for pid in known):
+            try:
+                os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            assert time.monotonic() < deadline, "processes of the tree not reaped"
+            time.sleep(0.001)
+
+
+# -- processes that exit or fork while the tree is frozen -----------------------------
+
+def test_child_killed_while_frozen(workload, tmp_path):
+    """A frozen child dies (SIGKILL works on a traced, stopped process): collect fails naming
+    it (or refuses the zombie it left), or finishes if it had read it already; the rest of
+    the tree runs on."""
+    wl = workload("same", mib=64)
+    victim = max(wl.pids)
+    out = tmp_path / "images.cow"
+    proc = subprocess.Popen(COLLECT + ["--tree", str(wl.root), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        wait_until(lambda: tracer(victim) == proc.pid, what="cow-collect to seize the victim")
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err.decode()
+    assert proc.returncode in (0, 1, 2), err
+    if proc.returncode == 1:  # it died after it was frozen
+        assert f"process {victim}: exited while the tree was frozen" in err, err
+    elif proc.returncode == 2:  # it died while being frozen: its parent has not reaped it
+        assert f"process {victim}: is a zombie" in err, err
+    if proc.returncode:
+        assert "Traceback" not in err and not out.exists()
+    else:
+        assert victim in Images(out).pids  # read completely before it died
+    survivors = [pid for pid in wl.pids if pid != victim]
+    assert_running_untraced(survivors)
+    wl.pids = survivors
+    assert all(v.startswith("ok ") for v in wl.check().values())
+    # its parent has not reaped it: a second collect refuses the zombie by name
+    res = collect(wl.root, out=tmp_path / "again.cow")
+    assert res.returncode == 2, res.stderr.decode()
+    assert f"process {victim}: is a zombie" in res.stderr.decode()
+    assert not (tmp_path / "again.cow").exists()
+    assert_running_untraced(survivors)
+
+
+def test_root_killed_while_its_pages_are_read(workload, tmp_path):
+    """The root dies while its pages stream out: the failed read is blamed on its death."""
+    wl = workload("same", mib=64)
+    out = tmp_path / "images.cow"
+    proc = subprocess.Popen(COLLECT + ["--tree", str(wl.root), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        wait_until(lambda: out.exists() and out.stat().st_size > (4 << 20), what="pages to be written")
+        os.kill(wl.root, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err.decode()
+    assert proc.returncode == 1, err
+    assert f"process {wl.root}: exited while the tree was frozen" in err and "Traceback" not in err, err
+    assert not out.exists()
+    survivors = [pid for pid in wl.pids if pid != wl.root]
+    assert_running_untraced(survivors)
+    wl.pids = survivors
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
+CHURN = (
+    # children that live a few ms and exit, forever: some exit while being frozen
+    "import os, time\n"
+    "while True:\n"
+    "    pid = os.fork()\n"
+    "    if pid == 0:\n"
+    "        time.sleep(0.002)\n"
+    "        os._exit(0)\n"
+    "    os.waitpid(pid, 0)\n"
+)
+
+
+def test_processes_exiting_while_frozen(pytree, tmp_path):
+    p = pytree(CHURN)
+    time.sleep(0.2)
+    results = []
+    for i in range(12):
+        out = tmp_path / f"{i}.cow"
+        res = collect(p.pid, out=out)
+        err = res.stderr.decode()
+        # done, or refused because a child had exited and was not reaped yet: never a crash
+        assert res.returncode in (0, 2), err
+        assert "Traceback" not in err
+        if res.returncode == 2:
+            assert "is a zombie" in err and not out.exists()
+        else:
+            assert Images(out).pids[0] == p.pid
+        results.append(res.returncode)
+        assert tracer(p.pid) == 0 and proc_state(p.pid) in ("S", "R")
+    assert 0 in results  # the churn does not make collect impossible
+    assert p.poll() is None
+
+
+FORKER = (
+    # keeps adding long-lived children (and grandchildren) while we freeze it
+    "import os, signal, time\n"
+    "for i in range(90):\n"
+    "    if os.fork() == 0:\n"
+    "        if i % 3 == 0 and os.fork() == 0:\n"
+    "            signal.pause()\n"
+    "        signal.pause()\n"
+    "    time.sleep(0.01)\n"
+    "signal.pause()\n"
+)
+
+
+def test_processes_forking_while_frozen(pytree, tmp_path):
+    p = pytree(FORKER)
+    time.sleep(0.1)
+    grew = False
+    for i in range(3):
+        out = tmp_path / f"{i}.cow"
+        res = collect(p.pid, out=out)
+        assert res.returncode == 0, res.stderr.decode()
+        img = Images(out)
+        # a consistent tree: every process's parent is in the image, parents first
+        seen = set()
+        for rec in img.processes:
+            assert rec["pid"] == p.pid or rec["ppid"] in seen, (rec["pid"], rec["ppid"])
+            seen.add(rec["pid"])
+        live = set(tree_pids(p.pid))
+        assert seen <= live  # nobody exits here: every dumped process still exists
+        assert len(seen) > 1
+        grew = grew or len(live) > len(seen)  # it went on forking right after the dump
+        assert_running_untraced(live)
+    assert grew, "the tree had stopped forking: this test froze a still tree"
+
+
+# -- the output goes away -------------------------------------------------------------
+
+def test_broken_pipe_mid_stream(workload):
+    wl = workload("same", mib=32)
+    proc = subprocess.Popen(COLLECT + ["--tree", str(wl.root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        got = proc.stdout.read(4 << 20)  # 4 MiB of the stream: the pages are being written
+        assert len(got) == 4 << 20
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert b"broken pipe" in err and b"Traceback" not in err
+    assert_running_untraced(wl.pids)
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 1 MiB tmpfs, unmounted at teardown."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_disk_full(workload, tiny_fs):
+    wl = workload("same", mib=4)
+    out = tiny_fs / "images.cow"
+    res = collect(wl.root, out=out)
+    err = res.stderr.decode()
+    assert res.returncode == 1, err
+    assert "ENOSPC" in err and str(out) in err and "Traceback" not in err, err
+    assert os.listdir(tiny_fs) == []  # the partial file is gone
+    assert_running_untraced(wl.pids)
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
+# -- trees we may not trace -----------------------------------------------------------
+
+TRACER = (
+    # PTRACE_SEIZE the pid in argv[1] (no stop), say so, and hold it until killed
+    "import ctypes, sys, signal\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.ptrace(0x4206, int(sys.argv[1]), 0, 0) != 0:\n"
+    "    sys.exit(ctypes.get_errno())\n"
+    "print('seized', flush=True)\n"
+    "signal.pause()\n"
+)
+
+
+def test_already_traced_process_is_refused(workload, tmp_path):
+    wl = workload("split", mib=1)
+    victim = max(wl.pids)
+    holder = subprocess.Popen([sys.executable, "-c", TRACER, str(victim)], stdout=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL)
+    try:
+        assert holder.stdout.readline() == b"seized\n"
+        assert tracer(victim) == holder.pid
+        out = tmp_path / "images.cow"
+        res = collect(wl.root, out=out)
+        err = res.stderr.decode()
+        assert res.returncode == 1, err
+        assert f"process {victim}" in err and f"already traced by process {holder.pid}" in err, err
+        assert "Traceback" not in err
+        assert not out.exists()
+        # the processes collect had frozen before it met the victim run on
+        assert_running_untraced([pid for pid in wl.pids if pid != victim])
+        assert tracer(victim) == holder.pid
+    finally:
+        holder.kill()  # its tracee is detached when it dies
+        holder.wait()
+    wait_until(lambda: tracer(victim) == 0, what="the victim's tracer to go")
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
+# -- bad pids ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pid", ["0", "-1", "-4711"])
+def test_pid_zero_or_negative_is_a_usage_error(pid, tmp_path):
+    out = tmp_path / "x.cow"
+    res = subprocess.run(COLLECT + ["--tree", pid, "-o", str(out)], capture_output=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 64, res.stderr.decode()
+    assert f"bad pid {pid}" in res.stderr.decode()
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("pid", ["4194303", "99999999", "12x"])
+def test_pid_that_does_not_exist(pid, tmp_path):
+    out = tmp_path / "x.cow"
+    res = subprocess.run(COLLECT + ["--tree", pid, "-o", str(out)], capture_output=True, timeout=60, cwd=ROOT)
+    err = res.stderr.decode()
+    if pid == "12x":
+        assert res.returncode == 64, err
+    else:
+        assert res.returncode == 1, err
+        assert f"process {pid}: no such process" in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_thread_id_is_not_a_process(tmp_path):
+    """/proc/TID exists for a non-main thread too; collect wants the process."""
+    p = subprocess.Popen([sys.executable, "-c",
+                          "import threading, signal, sys\n"
+                          "t = threading.Thread(target=signal.pause, daemon=True); t.start()\n"
+                          "print(t.native_id, flush=True)\n"
+                          "signal.pause()\n"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        tid = int(p.stdout.readline())
+        res = collect(tid, out=tmp_path / "x.cow")
+        err = res.stderr.decode()
+        assert res.returncode == 1, err
+        assert f"process {tid}" in err and "Traceback" not in err, err
+        assert tracer(p.pid) == 0 and not (tmp_path / "x.cow").exists()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_tiny_fs_fixture_really_is_small(tiny_fs):
+    # the disk-full test means nothing if the file system could hold the image
+    with pytest.raises(OSError) as exc:
+        with open(tiny_fs / "fill", "wb") as f:
+            f.write(b"\0" * (2 << 20))
+    assert exc.value.errno == 28
+    os.unlink(tiny_fs / "fill")
