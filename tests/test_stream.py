@@ -165,11 +165,9 @@ def test_not_a_stream():
 def test_payload_lengths_at_every_bin_width_round_trip():
     # bin8, bin16 and bin32 headers are written by hand (the payload is not copied)
     for n in (1, 255, 256, 65535, 65536, 3 * 65536 + 7):
-        raw = [0] * n
         out = io.BytesIO()
         w = StreamWriter(out, "cowtree-images", tiny_header())
         w.write("pages", {"first": 1, "count": 1, "same": pack_u32([0]), "hashes": bytes(16)}, bytes(n))
         w.close()
         r, recs = read_all(out.getvalue())
         assert len(recs[0].data) == n
-        del raw
