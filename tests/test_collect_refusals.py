@@ -70,15 +70,16 @@ def test_tcp_socket_is_refused(spawn, tmp_path):
 
 
 def test_pipe_in_a_child_is_refused(spawn, tmp_path):
-    # the parent is fine; its child's stdout is a pipe
+    # the child's stdout is a pipe whose read end the test holds: outside the tree
+    # (pipes between processes of the tree are dumped: tests/test_state_pipes.py)
     become_subreaper()  # so that we can reap the child once its parent is gone
     ready = tmp_path / "ready"
     p = spawn(
         "import subprocess, time\n"
-        "c = subprocess.Popen(['sleep', '600'], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)\n"
-        "import os; os.close(c.stdout.fileno())\n"
+        "c = subprocess.Popen(['sleep', '600'], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         f"open({str(ready)!r}, 'w').write(str(c.pid))\n"
-        "time.sleep(600)\n"
+        "time.sleep(600)\n",
+        stdout=subprocess.PIPE,
     )
     wait_for(ready)
     time.sleep(0.05)
@@ -86,12 +87,14 @@ def test_pipe_in_a_child_is_refused(spawn, tmp_path):
     try:
         code, err = refused(p.pid, tmp_path / "x.cow")
         assert code == 2
-        assert f"cow-collect: process {child}: fd 1 is a pipe: not supported" in err.splitlines()
+        outside = f"fd 1 is a pipe shared with a process outside the tree (process {os.getpid()}): not supported"
+        assert f"cow-collect: process {child}: {outside}" in err.splitlines(), err
         assert still_running(p.pid) and still_running(child)
     finally:
         os.kill(child, 9)
         p.kill()
         p.wait(timeout=10)
+        p.stdout.close()
         deadline = time.monotonic() + 10
         while not reap(child):  # re-parented to us when p died
             assert time.monotonic() < deadline, f"child {child} not reaped"

@@ -31,9 +31,21 @@ Choices worth knowing:
     -ERESTART_RESTARTBLOCK the original syscall is re-executed (rax = orig_rax,
     rip -= 2; orig_rax = -1 so the kernel adds nothing): a new process has no
     restart block, so a relative nanosleep starts over with its full length.
+  * Pipes (pipes.py): cow-apply creates each pipe once before the root, refills
+    its unread bytes and opens one description per dumped description at fd
+    numbers above every dumped fd; every process inherits them and its restorer
+    dup3s its own to the dumped numbers and closes the rest; cow-apply closes its
+    copies once every process has taken its own.
   * exe_file is left alone when the dumped executable is cow-apply's own
     interpreter (the kernel refuses to replace exe_file while the old one is mapped).
-Not restored yet: threads (refused), pipes/sockets/other fds (refused), rlimits,
-credentials, itimers, the child-subreaper flag and other prctl state, MAP_GROWSDOWN
-of a stack that was moved from staging.
+  * Process state (program.py, last in the restorer program): rlimits, nice,
+    personality, subreaper, then groups/gids/uids (root may restore any; check.py
+    refuses other credentials to a caller that is not root), then pdeathsig (not
+    the root's), dumpable, no_new_privs, sigaltstack, pending signals (queued to
+    itself with the dumped siginfo, all blocked until cow-apply sets the mask) and
+    the interval timers, which therefore lose the time between their setting and
+    the release, as ITIMER_REAL loses the time the tree was frozen and on disk.
+Not restored yet: threads (refused), sockets/FIFOs/other fds (refused),
+capabilities (a restored root process has cow-apply's; another uid has none),
+the root's pdeathsig, MAP_GROWSDOWN of a stack that was moved from staging.
 """

@@ -24,6 +24,7 @@ def check_plan(plan, pidns=False, pid_wait=3.0):
     for proc in plan.processes:
         check_process(proc)
     check_pipes(plan)
+    check_state(plan)
     check_files(plan)
     if pidns:
         if 1 in plan.by_pid:
@@ -85,6 +86,47 @@ def check_process(proc):
             raise Refusal(f"{where} ({vma['kind']} {vma.get('path')}) cannot be restored")
         if vma["shared"] and vma["kind"] != "file":
             raise Refusal(f"{where}: shared anonymous memory cannot be restored yet")
+
+
+CAP_SYS_RESOURCE = 24
+RLIMIT_NAMES = ("CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE", "MEMLOCK", "AS",
+                "LOCKS", "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO", "RTTIME")
+
+
+def _has_cap(bit):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+def check_state(plan):
+    """Credentials: root (euid 0) may restore processes of any user; any other caller only
+    processes whose every uid and gid is its own and whose groups are its own, since the
+    restorer's setresuid/setresgid/setgroups could not do more.  Limits: a hard limit above
+    cow-apply's own needs CAP_SYS_RESOURCE (which root may lack, in a container)."""
+    import resource
+
+    euid = os.geteuid()
+    mine_u, mine_g = set(os.getresuid()), set(os.getresgid())
+    mine_groups = set(os.getgroups()) | mine_g
+    can_raise = _has_cap(CAP_SYS_RESOURCE)
+    for proc in plan.processes:
+        state = proc["image"].get("state") or {}
+        pid = proc["pid"]
+        if euid != 0:
+            uids, gids = set(state.get("uids", ())), set(state.get("gids", ()))
+            if not uids <= mine_u or not gids <= mine_g or not set(state.get("groups", ())) <= mine_groups:
+                raise Refusal(f"process {pid}: uids {state.get('uids')} gids {state.get('gids')} groups "
+                              f"{state.get('groups')}: only root may restore credentials other than its own")
+        if not can_raise:
+            for res, (soft, hard) in enumerate(state.get("rlimits", ())):
+                have = resource.getrlimit(res)[1] & 0xFFFFFFFFFFFFFFFF
+                if hard > have:
+                    name = RLIMIT_NAMES[res] if res < len(RLIMIT_NAMES) else str(res)
+                    raise Refusal(f"process {pid}: hard limit RLIMIT_{name} {hard} is above cow-apply's {have} "
+                                  "(raising it needs CAP_SYS_RESOURCE)")
 
 
 def check_pipes(plan):

@@ -12,7 +12,10 @@ Order (each step depends on the previous ones):
      prot and madvise flags;
   7. the rest of the window goes; mm fields and exe (PR_SET_MM_MAP); comm, cwd, umask;
   8. tid address, robust list and rseq registration as dumped (they point into
-     restored memory, so only now).
+     restored memory, so only now);
+  9. rlimits, nice, personality, subreaper; groups, gids, uids (the process loses
+     root's capabilities here); then pdeathsig, dumpable, no_new_privs;
+ 10. sigaltstack, pending signals (queued to itself), interval timers.
 The inherited rseq registration (glibc's, in cow-apply's TLS) is unregistered
 by the agent just before it jumps here.
 The registers, xstate and signal mask are set by cow-apply afterwards.
@@ -31,6 +34,11 @@ SYS_RT_SIGPROCMASK = 14
 SYS_PRCTL, PR_SET_NAME = 157, 15
 SYS_RSEQ = 334
 SYS_DUP3 = 292
+SYS_SIGALTSTACK, SYS_SETITIMER, SYS_RT_SIGQUEUEINFO, SYS_RT_TGSIGQUEUEINFO = 131, 38, 129, 297
+SS_ONSTACK, SS_DISABLE = 1, 2
+SYS_PRLIMIT64, SYS_SETPRIORITY, SYS_PERSONALITY, PRIO_PROCESS = 302, 141, 135, 0
+SYS_SETGROUPS, SYS_SETRESGID, SYS_SETFSGID, SYS_SETRESUID, SYS_SETFSUID = 116, 119, 123, 117, 122
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 O_CLOEXEC = 0o2000000
 SIGKILL, SIGSTOP = 9, 19
 MADVISE_FLAGS = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}  # smaps VmFlags -> MADV_*
@@ -64,7 +72,7 @@ def complement(keep, low=0, high=TASK_SIZE):
     return out
 
 
-def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None):
+def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, is_root=False):
     """Program for one plan process.  ranges: {id: range record} of the whole tree;
     window: (base, size); blob_region: (base, size); own_vdso: cow-apply's vDSO layout;
     scratch: an address range (start, size) free in the target layout for a two-step vDSO move;
@@ -136,7 +144,67 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None):
     rseq = thread.get("rseq")
     if rseq and rseq["addr"]:
         prog.add(R.OP_SYSCALL, SYS_RSEQ, rseq["addr"], rseq["len"], 0, rseq["sig"])
+    _process_state(prog, image.get("state") or {}, is_root)
+    _signals_and_timers(prog, proc["pid"], thread, image.get("state") or {})
     return prog
+
+
+def _signals_and_timers(prog, pid, thread, state):
+    """The alternate signal stack, the pending signals (queued to itself with their dumped
+    siginfo: the kernel takes any si_code only from the process itself; every signal is
+    blocked here, the dumped mask is set by cow-apply at resume), then the interval
+    timers, last, so that they lose as little time as possible before the release.
+    pid is the process's pid in its own namespace: the dumped one."""
+    if thread.get("sigaltstack"):
+        sp, flags, size = thread["sigaltstack"]
+        flags &= ~SS_ONSTACK  # a state, not a setting
+        if not flags & SS_DISABLE:
+            prog.add(R.OP_SYSCALL, SYS_SIGALTSTACK, prog.struct(struct.pack("<QIiQ", sp, flags, 0, size)), 0)
+    for info in thread.get("pending", ()):
+        signo = struct.unpack_from("<i", info)[0]
+        if signo not in (SIGKILL, SIGSTOP):
+            prog.add(R.OP_SYSCALL, SYS_RT_TGSIGQUEUEINFO, pid, pid, signo, prog.struct(info))
+    for info in state.get("pending", ()):
+        signo = struct.unpack_from("<i", info)[0]
+        if signo not in (SIGKILL, SIGSTOP):
+            prog.add(R.OP_SYSCALL, SYS_RT_SIGQUEUEINFO, pid, signo, prog.struct(info))
+    for which, timer in enumerate(state.get("itimers", ())):
+        if timer[2] or timer[3]:  # armed
+            prog.add(R.OP_SYSCALL, SYS_SETITIMER, which, prog.struct(struct.pack("<4q", *timer)), 0)
+
+
+def _process_state(prog, state, is_root):
+    """Limits, priority, personality and prctl flags, then credentials, last: after
+    setresuid to another user the process has no capabilities left, and a change of
+    credentials resets pdeathsig and dumpable, so those two follow it."""
+    for resource, (soft, hard) in enumerate(state.get("rlimits", ())):
+        # raising a hard limit above cow-apply's needs CAP_SYS_RESOURCE: check.py refuses that first
+        prog.add(R.OP_SYSCALL, SYS_PRLIMIT64, 0, resource, prog.struct(struct.pack("<QQ", soft, hard)), 0)
+    if "nice" in state:
+        prog.add(R.OP_SYSCALL, SYS_SETPRIORITY, PRIO_PROCESS, 0, state["nice"])
+    if "personality" in state:
+        prog.add(R.OP_SYSCALL, SYS_PERSONALITY, state["personality"])
+    if "subreaper" in state:
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_CHILD_SUBREAPER, int(state["subreaper"]))
+    if "groups" in state:
+        groups = state["groups"]
+        prog.add(R.OP_SYSCALL, SYS_SETGROUPS, len(groups), prog.struct(struct.pack(f"<{len(groups)}I", *groups) or b"\0"))
+    if "gids" in state:
+        rgid, egid, sgid, fsgid = state["gids"]
+        prog.add(R.OP_SYSCALL, SYS_SETRESGID, rgid, egid, sgid)
+        prog.add(R.OP_SYSCALL, SYS_SETFSGID, fsgid)
+    if "uids" in state:
+        ruid, euid, suid, fsuid = state["uids"]
+        prog.add(R.OP_SYSCALL, SYS_SETRESUID, ruid, euid, suid)
+        prog.add(R.OP_SYSCALL, SYS_SETFSUID, fsuid)
+    # the root's parent (cow-apply, or the namespace's init) is not the dumped one: a
+    # pdeathsig would fire when cow-apply exits, so only processes below the root get theirs
+    if state.get("pdeathsig") and not is_root:
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_PDEATHSIG, state["pdeathsig"])
+    if state.get("dumpable") in (0, 1):  # 2 (suid_dumpable) cannot be set by prctl
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_DUMPABLE, state["dumpable"])
+    if state.get("no_new_privs"):
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
 def _same_file(a, b):

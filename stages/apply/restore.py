@@ -137,7 +137,8 @@ class Restore:
         scratch = (blob + blob_size - 8 * PAGE, 8 * PAGE)
         for proc in plan.processes:
             self.programs[proc["pid"]] = program_mod.build(
-                proc, self.ranges, self.window, self.blob_region, self.own_vdso, scratch, self.pipe_fds)
+                proc, self.ranges, self.window, self.blob_region, self.own_vdso, scratch, self.pipe_fds,
+                is_root=proc is plan.processes[0])
         self.spool_ptr = int(ffi.cast("unsigned long", ffi.from_buffer(plan.map))) if plan.map is not None else 0
         for proc in plan.processes:
             self.channels[proc["pid"]] = Channel()

@@ -61,6 +61,8 @@ def remote_state(view):
         brk = remote.remote_brk(rs)
         sigactions = remote.remote_sigactions(rs, pid, rsp)
         tid_address = remote.remote_tid_address(rs, pid, rsp)
+        view.prctl = remote.remote_prctl_state(rs, pid, rsp)  # read by process_record
+        view.itimers, view.sigaltstack = remote.remote_timers_and_altstack(rs, pid, rsp)
     if brk < 0:
         raise OSError(-brk, f"process {pid}: remote brk(0) failed: {os.strerror(-brk)}")
     return brk, sigactions, tid_address
@@ -85,10 +87,36 @@ def process_record(view, threads, brk, sigactions, pipes=None):
     }
     if pipes and pid in pipes.records:
         rec["pipes"] = pipes.records[pid]
+    rec["state"] = process_state(view)
+    if hasattr(view, "sigaltstack"):
+        threads[0]["sigaltstack"] = view.sigaltstack
+    for thread in threads:
+        thread["pending"] = remote.pending_siginfos(thread["tid"], shared=False)
     umask = view.status.get("Umask")
     if umask is not None:
         rec["umask"] = int(umask, 8)
     return rec
+
+
+RLIMIT_NLIMITS = 16
+
+
+def process_state(view):
+    """Credentials, rlimits, nice, personality and prctl flags of one frozen process."""
+    pid, status = view.pid, view.status
+    ids = lambda key: [int(x) for x in status[key].split()]  # noqa: E731 (real, effective, saved, fs)
+    state = {
+        "uids": ids("Uid"), "gids": ids("Gid"), "groups": ids("Groups") if status.get("Groups") else [],
+        "rlimits": procfs.read_limits(pid)[:RLIMIT_NLIMITS],
+        "nice": view.stat["nice"],
+        "no_new_privs": status.get("NoNewPrivs", "0") != "0",
+        "personality": int(procfs.read_text(f"/proc/{pid}/personality").strip(), 16),
+    }
+    state.update(getattr(view, "prctl", {}))
+    if hasattr(view, "itimers"):
+        state["itimers"] = view.itimers
+    state["pending"] = remote.pending_siginfos(pid, shared=True)
+    return state
 
 
 def vma_record(vma, frames):

@@ -32,7 +32,8 @@ def parse_stat(text):
     def field(n):
         return int(fields[n - 3])
     out = {"pid": int(pid_text), "comm": comm, "state": fields[0], "ppid": field(4),
-           "pgrp": field(5), "session": field(6), "num_threads": field(20), "flags": field(9)}
+           "pgrp": field(5), "session": field(6), "num_threads": field(20), "flags": field(9),
+           "nice": field(19)}
     for name, n in STAT_MM_FIELDS.items():
         out[name] = field(n) if len(fields) > n - 3 else 0
     return out
@@ -307,3 +308,22 @@ ANON_INODE_NAMES = {
 def anon_inode_kind(target):
     name = target[len("anon_inode:"):]
     return ANON_INODE_NAMES.get(name, f"anon inode {name}")
+
+
+RLIM_INFINITY = (1 << 64) - 1
+
+
+def parse_limits(text):
+    """/proc/PID/limits -> [[soft, hard], ...] in RLIMIT_* order (the file's row order);
+    'unlimited' is RLIM_INFINITY.  Reading it needs no CAP_SYS_RESOURCE, unlike prlimit."""
+    out = []
+    for line in text.splitlines()[1:]:
+        if len(line) < 47:
+            continue
+        soft, hard = line[26:47].strip(), line[47:68].strip()
+        out.append([RLIM_INFINITY if v == "unlimited" else int(v) for v in (soft, hard)])
+    return out
+
+
+def read_limits(pid):
+    return parse_limits(read_text(f"/proc/{pid}/limits"))

@@ -168,3 +168,80 @@ def remote_tid_address(rs, pid, rsp):
             return struct.unpack("<Q", mem.read(scratch, 8))[0]
         finally:
             mem.write(scratch, saved)
+
+
+PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER = 2, 3, 37
+
+
+def remote_prctl_state(rs, pid, rsp):
+    """{'subreaper', 'pdeathsig', 'dumpable'}: prctl values only the process itself can read
+    (the two PR_GET_* that store an int write it to scratch below the red zone, put back after)."""
+    scratch = (rsp - 128 - 256) & ~15
+    out = {}
+    with ProcessMemory(pid, write=True) as mem:
+        saved = mem.read(scratch, 8)
+        try:
+            for name, option in (("subreaper", PR_GET_CHILD_SUBREAPER), ("pdeathsig", PR_GET_PDEATHSIG)):
+                mem.write(scratch, b"\0" * 8)
+                res = rs.call(SYS_PRCTL, option, scratch, 0, 0, 0)
+                if res < 0:
+                    raise RemoteError(f"process {pid}: prctl({option}) failed: {os.strerror(-res)}")
+                out[name] = struct.unpack("<i", mem.read(scratch, 4))[0]
+        finally:
+            mem.write(scratch, saved)
+    res = rs.call(SYS_PRCTL, PR_GET_DUMPABLE, 0, 0, 0, 0)
+    if res < 0:
+        raise RemoteError(f"process {pid}: prctl(PR_GET_DUMPABLE) failed: {os.strerror(-res)}")
+    out["dumpable"] = res
+    out["subreaper"] = bool(out["subreaper"])
+    return out
+
+
+SYS_GETITIMER, SYS_SIGALTSTACK = 36, 131
+ITIMERVAL = struct.Struct("<4q")  # it_interval (sec, usec), it_value (sec, usec)
+STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, padding, ss_size
+
+
+def remote_timers_and_altstack(rs, pid, rsp):
+    """(itimers, sigaltstack): the three interval timers (REAL, VIRTUAL, PROF) as
+    [interval sec, interval usec, value sec, value usec], and the thread's
+    alternate signal stack as [sp, flags, size]; through scratch below the red zone."""
+    scratch = (rsp - 128 - 256) & ~15
+    with ProcessMemory(pid, write=True) as mem:
+        saved = mem.read(scratch, 32)
+        try:
+            timers = []
+            for which in range(3):
+                res = rs.call(SYS_GETITIMER, which, scratch)
+                if res < 0:
+                    raise RemoteError(f"process {pid}: getitimer({which}) failed: {os.strerror(-res)}")
+                timers.append(list(ITIMERVAL.unpack(mem.read(scratch, ITIMERVAL.size))))
+            res = rs.call(SYS_SIGALTSTACK, 0, scratch)
+            if res < 0:
+                raise RemoteError(f"process {pid}: sigaltstack failed: {os.strerror(-res)}")
+            sp, flags, _pad, size = STACK_T.unpack(mem.read(scratch, STACK_T.size))
+        finally:
+            mem.write(scratch, saved)
+    return timers, [sp, flags & 0xFFFFFFFF, size]
+
+
+PTRACE_PEEKSIGINFO_SHARED = 1
+SIGINFO_SIZE = 128
+
+
+def pending_siginfos(tid, shared):
+    """The queued siginfos of a stopped tracee: its own queue, or the process's shared one
+    (PTRACE_PEEKSIGINFO), in queue order; each 128 raw bytes."""
+    from stages._native import ffi
+
+    out = []
+    args = ffi.new("char[]", 16)
+    buf = ffi.new("char[]", SIGINFO_SIZE * 32)
+    while True:
+        ffi.memmove(args, struct.pack("<QIi", len(out), PTRACE_PEEKSIGINFO_SHARED if shared else 0, 32), 16)
+        n = ptrace.ptrace(ptrace.PTRACE_PEEKSIGINFO, tid, int(ffi.cast("unsigned long", args)),
+                          int(ffi.cast("unsigned long", buf)), "PTRACE_PEEKSIGINFO")
+        if n <= 0:
+            return out
+        raw = bytes(ffi.buffer(buf, n * SIGINFO_SIZE))
+        out.extend(raw[i * SIGINFO_SIZE:(i + 1) * SIGINFO_SIZE] for i in range(n))

@@ -18,6 +18,7 @@
 """
 
 from array import array
+from itertools import repeat
 
 from .layout import Draft
 from .model import PAGE
@@ -130,14 +131,12 @@ def plan_exact(images):
         if v.ids is None:
             continue
         pid = v.pid
-        for f in v.ids:
-            if f:
-                c = canon[f]
-                h = holders[c]
-                if h is None:
-                    holders[c] = [pid]
-                else:
-                    h.append(pid)
+        for c in map(canon.__getitem__, filter(None, v.ids)):
+            h = holders[c]
+            if h is None:
+                holders[c] = [pid]
+            else:
+                h.append(pid)
     slot_of = {}
     for c in range(1, nframes + 1):
         if holders[c] is not None:
@@ -280,33 +279,25 @@ def _schedule(images, units):
     need = {pid: {} for pid in images.pids}
     conflicts = set()
     edges_of = {}  # holders -> the fork edges (parent, child) from their LCA down to each
-    for u in range(len(units.frame)):
-        s, top, holders = units.slot[u], units.creator[u], units.holders[u]
-        for h in holders:
-            e = final[h].get(s)
-            if e is not None and e != u:
-                conflicts.add(u)
-            else:
-                final[h][s] = u
-        if len(holders) == 1 and holders[0] == top:
-            continue
+    setdefault = dict.setdefault
+    for u, s, top, holders in zip(range(len(units.frame)), units.slot, units.creator, units.holders):
         key = (top, tuple(holders))
-        edges = edges_of.get(key)
-        if edges is None:
-            edges, seen = [], set()
+        dicts = edges_of.get(key)
+        if dicts is None:
+            # many units share holders: remember the dicts they go into (each holder's
+            # final slots, and every fork edge from the creator down to a holder)
+            dicts, seen = [final[h] for h in holders], set()
             for h in holders:
                 c = h
                 while c != top and c not in seen:
                     seen.add(c)
-                    edges.append(need[parent[c]].setdefault(c, {}))
+                    dicts.append(need[parent[c]].setdefault(c, {}))
                     c = parent[c]
-            edges_of[key] = edges
-        for d in edges:
-            e = d.get(s)
-            if e is None:
-                d[s] = u
-            elif e != u:
-                conflicts.add(u)
+            edges_of[key] = dicts
+        # setdefault in C over all dicts: the first unit at a slot stays, a different one conflicts
+        got = list(map(setdefault, dicts, repeat(s), repeat(u)))
+        if got.count(u) != len(got):
+            conflicts.add(u)
     schedule = {}
     creator = units.creator
     for pid in images.pids:
@@ -337,7 +328,9 @@ def _greedy(pid, order, need, final, creator):
     cur, done, conflicts, seq = {}, set(), [], []
 
     def provide(reqs):
-        for s, u in reqs.items():
+        # a unit already in place needs nothing: skip those in one pass (cur only holds own units)
+        cur_get = cur.get
+        for s, u in [(s, u) for s, u in reqs.items() if cur_get(s) != u]:
             if creator[u] == pid:
                 if cur.get(s) == u:
                     continue
@@ -419,7 +412,7 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
         g, p = place[n]
         rid, lo = group_rid[g]
         # an aligned frame's slot is its own page's slot: only relocated frames move elsewhere
-        src = [(rid, p - lo + i) for i in range(v.npages)]
+        src = list(zip(repeat(rid), range(p - lo, p - lo + v.npages)))
         if relocated and v.ids is not None:
             for i, f in enumerate(v.ids):
                 if f and canon[f] in relocated:

@@ -75,6 +75,8 @@ def _add_holes(draft):
             if src is None:
                 continue
             ids = v.ids
+            if ids is not None and 0 not in ids:
+                continue  # every page has a frame: no hole to find
             hole = None
             for i in range(v.npages):
                 f = ids[i] if ids is not None else 0
@@ -171,9 +173,10 @@ def build(draft, strategy):
             for piece in body["pieces"]:
                 used.add(piece[0])
             if src is not None and v.ids is not None:
-                for i, f in enumerate(v.ids):
+                vget = values.get
+                for f, s in zip(v.ids, src):
                     if f:
-                        u = values.get(src[i], -1)
+                        u = vget(s, -1)
                         first = first_unit[f]
                         if first == 0:
                             first_unit[f] = u

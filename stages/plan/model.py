@@ -14,6 +14,12 @@ PAGE = 4096
 PLANNABLE_KINDS = {"anon", "file", "heap", "stack"}
 # smaps VmFlags of VMAs a child does not inherit (MADV_DONTFORK, MADV_WIPEONFORK).
 NOT_INHERITED_FLAGS = {"dc", "wf"}
+# x86-64 user addresses end here; only the kernel's fixed [vsyscall] page lies above.
+ADDRESS_LIMIT = 1 << 47
+# The planner keeps a per-page source list for every page of a private VMA (frame or
+# not), so its memory and time grow with the address space, not the frames: refuse
+# before that turns into minutes of work or an OOM (64 GiB of private VMAs in one tree).
+MAX_PLANNABLE_PAGES = 1 << 24
 
 
 class PlanError(Exception):
@@ -192,6 +198,7 @@ def read_images(fileobj):
 def check_images(images):
     """Refuse images the plan cannot handle, naming process and VMA."""
     n = images.nframes
+    plannable_pages = 0
     for pid in images.pids:
         if pid not in images.vmas:
             raise PlanError(f"process {pid}: no vmas record")
@@ -207,7 +214,17 @@ def check_images(images):
                 raise PlanError(f"{where}: not page aligned or empty")
             if v.start < prev_end:
                 raise PlanError(f"{where}: overlaps the previous VMA")
+            if v.end > ADDRESS_LIMIT and v.body["kind"] != "vsyscall":
+                raise PlanError(f"{where}: ends beyond the user address space ({ADDRESS_LIMIT:#x})")
+            if v.body["kind"] == "vsyscall" and v.npages > 1:
+                raise PlanError(f"{where}: a [vsyscall] area of {v.npages} pages (it is one page)")
             prev_end = v.end
+            if v.plannable:
+                plannable_pages += v.npages
+                if plannable_pages > MAX_PLANNABLE_PAGES:
+                    raise PlanError(f"{where}: the tree's private VMAs exceed {MAX_PLANNABLE_PAGES} pages "
+                                    f"({MAX_PLANNABLE_PAGES * PAGE >> 30} GiB of address space), "
+                                    "more than cow-plan handles")
             if v.ids is None:
                 continue
             if len(v.ids) != v.npages:

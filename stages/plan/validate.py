@@ -149,6 +149,9 @@ def _check_layout(pid, layout, mapped, ranges, base, wsize, bad):
         if start < prev_end:
             bad(f"{where}: not sorted or overlaps the previous VMA")
         prev_end = end
+        if end > ADDRESS_LIMIT and (v["kind"] != "vsyscall" or end - start > PAGE):
+            bad(f"{where}: beyond the user address space ({ADDRESS_LIMIT:#x})")
+            continue
         if start < base + wsize and base < end:
             bad(f"{where}: overlaps the staging window at base_hint {base:#x}")
         npages = (end - start) // PAGE

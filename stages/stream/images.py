@@ -55,6 +55,8 @@ THREAD = Map(
         # set_robust_list (head, len) and set_tid_address (clear_child_tid) values
         "robust_list": Tuple(ADDR, UInt()),
         "tid_address": ADDR,
+        "sigaltstack": Tuple(ADDR, UInt(), UInt()),  # ss_sp, ss_flags, ss_size
+        "pending": ListOf(Bin(max_len=128), max_len=1 << 16),  # the thread's own queue: raw siginfo
     },
 )
 
@@ -71,6 +73,26 @@ FD = Map(
 # A pipe of the tree, in the first process (stream order) holding it: capacity (F_GETPIPE_SZ)
 # and the bytes written to it and not read yet at the dump.
 PIPE = Map({"id": Int(1, (1 << 32) - 1), "size": Int(4096, 1 << 31), "data": Bin(max_len=1 << 31)})
+
+# Per-process state beyond memory (all optional: older images have none of it).
+STATE = Map(
+    {},
+    {
+        "uids": Tuple(UInt(), UInt(), UInt(), UInt()),  # real, effective, saved, fs
+        "gids": Tuple(UInt(), UInt(), UInt(), UInt()),
+        "groups": ListOf(UInt(), max_len=65536),  # supplementary
+        "rlimits": ListOf(Tuple(UInt(), UInt()), max_len=64),  # [soft, hard] by RLIMIT_* number
+        "nice": Int(-20, 19),
+        "personality": UInt(),
+        "no_new_privs": Bool(),
+        "subreaper": Bool(),  # PR_SET_CHILD_SUBREAPER
+        "pdeathsig": Int(0, 64),  # PR_SET_PDEATHSIG
+        "dumpable": Int(0, 2),  # PR_GET_DUMPABLE
+        # ITIMER_REAL, _VIRTUAL, _PROF: [interval sec, interval usec, value sec, value usec]
+        "itimers": ListOf(Tuple(Int(), Int(), Int(), Int()), max_len=3),
+        "pending": ListOf(Bin(max_len=128), max_len=1 << 16),  # shared queue: raw siginfo, queue order
+    },
+)
 
 MM = Map(
     {
@@ -102,7 +124,7 @@ PROCESS = Map(
         "root": Str(),
         "umask": UInt(),
         "pipes": ListOf(PIPE, max_len=1 << 20),
-        "state": Map({}, {}),  # reserved for the process-state issue
+        "state": STATE,
         "extra": Any(),
     },
 )

@@ -136,6 +136,11 @@ class Printer:
                 f"{indent}  thread {n.pid(t['tid'])} regs {n.value(summarize_bin(t['regs'])['blake2b'])} "
                 f"xstate {len(t['xstate'])} bytes sigmask {t['sigmask']:#x}"
             )
+            if not self.norm.enabled and ("sigaltstack" in t or t.get("pending")):
+                sp, flags, size = t.get("sigaltstack") or (0, 2, 0)
+                alt = "none" if flags & 2 else f"{sp:#x}+{size:#x} flags {flags:#x}"
+                self.line(f"{indent}    sigaltstack {alt}  pending "
+                          f"{' '.join(str(int.from_bytes(i[:4], 'little')) for i in t.get('pending', ())) or 'none'}")
         if not self.norm.enabled:
             mm = p["mm"]
             self.line(
@@ -157,6 +162,19 @@ class Printer:
         for pipe in p.get("pipes", ()):
             self.line(f"{indent}  pipe {pipe['id']}: capacity {pipe['size']}, {len(pipe['data'])} bytes unread"
                       + (f" {pipe['data'][:16]!r}" if pipe["data"] else ""))
+        st = p.get("state")
+        if st and not self.norm.enabled:  # not in the normal form: golden files predate it
+            self.line(f"{indent}  creds uids {st.get('uids')} gids {st.get('gids')} groups {st.get('groups')}")
+            self.line(f"{indent}  nice {st.get('nice')} personality {st.get('personality', 0):#x} "
+                      f"subreaper {int(st.get('subreaper', 0))} pdeathsig {st.get('pdeathsig')} "
+                      f"dumpable {st.get('dumpable')} no_new_privs {int(st.get('no_new_privs', 0))}")
+            inf = (1 << 64) - 1
+            lims = " ".join(f"{i}:{'inf' if a == inf else a}/{'inf' if b == inf else b}"
+                            for i, (a, b) in enumerate(st.get("rlimits", ())))
+            self.line(f"{indent}  rlimits {lims}")
+            armed = [f"{w}:{t[2]}.{t[3]:06d}s/{t[0]}.{t[1]:06d}s" for w, t in zip(("real", "virtual", "prof"), st.get("itimers", ())) if t[2] or t[3]]
+            self.line(f"{indent}  itimers {' '.join(armed) or 'none'}  pending (shared) "
+                      f"{' '.join(str(int.from_bytes(i[:4], 'little')) for i in st.get('pending', ())) or 'none'}")
         for key in ("cwd", "root", "umask"):
             if key in p:
                 self.line(f"{indent}  {key} {n.path(p[key]) if key != 'umask' else oct(p[key])}")

@@ -1,0 +1,169 @@
+"""Credentials and simple per-process state (rlimits, nice, umask, cwd, personality,
+subreaper, pdeathsig, dumpable, no_new_privs): collected, shown, restored, and read back
+from inside the restored processes (tests/workloads/statewl.c)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids
+
+BIN = os.path.dirname(sys.executable)
+TIMEOUT = 60
+
+
+def tool(name):
+    return os.path.join(BIN, name)
+
+
+def run(argv, data=None, check=True):
+    proc = subprocess.run(argv, input=data, capture_output=True, timeout=TIMEOUT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv[0]} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-2000:]}")
+    return proc
+
+
+def wait_file(path, pid=None, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared (state {proc_state(pid) if pid else '?'})"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def statewl():
+    """Start statewl in a fresh 0777 directory (its root drops to uid 1004); everything it
+    started, and every pid added to .pids, is killed and reaped at teardown."""
+    become_subreaper()
+    outdir = tempfile.mkdtemp(prefix="statewl-", dir="/tmp")
+    os.chmod(outdir, 0o777)
+    popen = subprocess.Popen([build("statewl"), outdir], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, close_fds=True, cwd="/", start_new_session=True)
+
+    class W:
+        pass
+
+    w = W()
+    w.outdir, w.popen, w.pids = outdir, popen, set()
+    try:
+        wait_file(os.path.join(outdir, "ready"), popen.pid)
+        with open(os.path.join(outdir, "ready")) as f:
+            w.order = [int(x) for x in f.read().split()]
+        w.pids.update(w.order)
+        yield w
+    finally:
+        w.pids.update(tree_pids(popen.pid))
+        for pid in sorted(w.pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        popen.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(reap(p) for p in w.pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        shutil.rmtree(outdir, ignore_errors=True)
+
+
+def inside(outdir, ns_pid, outer_pid):
+    """The state process ns_pid reports from inside (SIGUSR1 to outer_pid)."""
+    path = os.path.join(outdir, f"{ns_pid}.check")
+    if os.path.exists(path):
+        os.unlink(path)
+    os.kill(outer_pid, signal.SIGUSR1)
+    wait_file(path, outer_pid)
+    with open(path) as f:
+        return dict(line.split(" ", 1) for line in f.read().splitlines())
+
+
+def status(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_credentials_and_process_state_restored(statewl, tmp_path):
+    root, child = statewl.order
+    before = {pid: inside(statewl.outdir, pid, pid) for pid in (root, child)}
+    # the workload did set what it claims (so the comparison below is not vacuous)
+    assert before[root]["uids"] == "1004 1005 1006 1006" and before[root]["gids"] == "1001 1002 1003 1003"
+    assert before[root]["groups"] == "4 27 1234" and before[child]["groups"] == "5 6"
+    assert (before[root]["nice"], before[child]["nice"]) == ("5", "3")
+    assert (before[root]["umask"], before[child]["umask"]) == ("27", "77")
+    assert before[root]["subreaper"] == "1" and before[child]["pdeathsig"] == str(int(signal.SIGWINCH))
+    assert (before[root]["dumpable"], before[child]["dumpable"]) == ("1", "0")
+    assert before[child]["no_new_privs"] == "1" and before[root]["no_new_privs"] == "0"
+    assert before[root]["personality"] == "0x40000" and before[child]["personality"] == "0x20000"
+    assert before[root]["rlimit7"] == "250 300" and before[child]["rlimit7"] == "100 200"
+    assert before[root]["rlimit4"] == "0 1048576"
+    assert before[root]["cwd"] == statewl.outdir
+    status_before = {pid: status(pid) for pid in (root, child)}
+
+    images = run([tool("cow-collect"), "--tree", str(root), "--kill"]).stdout
+    shown = run([tool("cow-show")], images).stdout.decode()
+    assert "creds uids [1004, 1005, 1006, 1006] gids [1001, 1002, 1003, 1003] groups [4, 27, 1234]" in shown, shown
+    assert "nice 3 personality 0x20000 subreaper 0 pdeathsig 28 dumpable 0 no_new_privs 1" in shown, shown
+    statewl.popen.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not all(reap(p) for p in (root, child)):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    report = tmp_path / "apply.json"
+    run([tool("cow-apply"), "--report", str(report)], run([tool("cow-plan")], images).stdout)
+    rep = json.loads(report.read_text())
+    outer = {int(k): int(v) for k, v in rep["pids"].items()}
+    statewl.pids.update(outer.values())
+    assert outer == {root: root, child: child}
+    for pid in (root, child):
+        after = inside(statewl.outdir, pid, outer[pid])
+        assert after == before[pid], {k: (before[pid].get(k), after.get(k)) for k in after if after.get(k) != before[pid].get(k)}
+        st = status(pid)
+        for key in ("Uid", "Gid", "Groups", "NoNewPrivs", "Umask"):
+            assert st[key] == status_before[pid][key], key
+    assert all(proc_state(p) == "S" for p in (root, child))
+
+
+def test_non_root_caller_is_refused_other_credentials(statewl, tmp_path):
+    """A caller that is not root may only restore its own credentials: cow-apply's check,
+    run in a forked process of ours that became uid 1004 / gid 1001 (the root's real ids),
+    refuses the plan (the root has other effective ids, the child is uid 0); as root it passes."""
+    import io
+    import types
+
+    from stages.apply.check import Refusal, check_state
+    from stages.stream import StreamReader
+
+    root, child = statewl.order
+    plan_bytes = run([tool("cow-plan")], run([tool("cow-collect"), "--tree", str(root)]).stdout).stdout
+    plan = types.SimpleNamespace(processes=[r.body for r in StreamReader(io.BytesIO(plan_bytes)) if r.kind == "process"])
+    check_state(plan)  # root: any credentials
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(1001, 1001, 1001)
+            os.setresuid(1004, 1004, 1004)
+            try:
+                check_state(plan)
+                msg = "passed"
+            except Refusal as exc:
+                msg = f"refused: {exc}"
+            os.write(w, msg.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode()
+    os.waitpid(pid, 0)
+    assert msg.startswith(f"refused: process {root}: uids [1004, 1005, 1006, 1006]"), msg
+    assert "only root may restore credentials other than its own" in msg, msg
+    assert all(proc_state(p) == "S" for p in (root, child))  # the originals run on
