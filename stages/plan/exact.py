@@ -137,6 +137,12 @@ def plan_exact(images):
                 holders[c] = [pid]
             else:
                 h.append(pid)
+    # one list object per distinct holder set: _schedule caches per list
+    same_holders = {}
+    for c in range(1, nframes + 1):
+        h = holders[c]
+        if h is not None:
+            holders[c] = same_holders.setdefault(tuple(h), h)
     slot_of = {}
     for c in range(1, nframes + 1):
         if holders[c] is not None:
@@ -280,8 +286,10 @@ def _schedule(images, units):
     conflicts = set()
     edges_of = {}  # holders -> the fork edges (parent, child) from their LCA down to each
     setdefault = dict.setdefault
+    slot_key = {}  # slot -> small int: dict keys below hash cheaply
     for u, s, top, holders in zip(range(len(units.frame)), units.slot, units.creator, units.holders):
-        key = (top, tuple(holders))
+        s = slot_key.setdefault(s, len(slot_key))
+        key = (top, id(holders))  # equal holder lists are one object (see plan_exact)
         dicts = edges_of.get(key)
         if dicts is None:
             # many units share holders: remember the dicts they go into (each holder's
