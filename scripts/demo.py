@@ -9,6 +9,7 @@ killed at the end, pass or fail.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, ".venv", "bin")
+PR_SET_CHILD_SUBREAPER = 36
 SERVER = os.path.join(ROOT, "scripts", "workloads", "prefork_server.py")
 
 
@@ -72,12 +74,29 @@ def kill_pids(pids):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    # reap the ones that are our children (the original server)
-    for pid in pids:
+    try:
+        reap_all(pids, timeout=10)  # ours as the subreaper: the original and the restored tree
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+
+
+def become_subreaper():
+    """Workers orphaned by `cow-collect --kill` become our children, so we can reap them and
+    free their pids for the restore (pid 1 does not reap orphans in every container)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_all(pids, timeout):
+    deadline = time.monotonic() + timeout
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
         try:
-            os.waitpid(pid, os.WNOHANG)
+            os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             pass
+        if time.monotonic() > deadline:
+            raise DemoError(f"processes {pids} are still there after cow-collect --kill")
+        time.sleep(0.01)
 
 
 def mib(frames):
@@ -86,6 +105,7 @@ def mib(frames):
 
 def demo(args, workdir):
     started = []
+    become_subreaper()
     try:
         print(f"starting a python3 pre-fork server: {args.mib} MiB dataset, {args.workers} workers")
         server = subprocess.Popen(
@@ -107,7 +127,7 @@ def demo(args, workdir):
 
         images = os.path.join(workdir, "images.cow")
         _, t_collect = run([tool("cow-collect"), "--tree", str(root), "--kill", "-o", images], "cow-collect")
-        server.wait(timeout=10)
+        reap_all(pids, timeout=10)
         print(f"checkpointed {len(pids)} processes with cow-collect --kill in {t_collect:.2f} s")
 
         plans, stats, t_plan = {}, {}, {}

@@ -43,8 +43,44 @@ class Terminated(Exception):
 
 
 def _on_signal(signum, frame):
-    # SIGTERM/SIGHUP become an exception, so a half-restored tree is killed on the way out
+    # SIGTERM/SIGHUP become an exception, so a half-restored tree is killed on the way out;
+    # a second signal must not interrupt that cleanup
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     raise Terminated(f"terminated by signal {signum}")
+
+
+def kill_leftovers(timeout=5.0):
+    """After a failed restore, SIGKILL and reap every child cow-apply still has.
+
+    cow-apply creates no process but the tree's, and it is the tree's child subreaper, so
+    any child left is part of the partial tree: e.g. an agent forked just before a SIGTERM,
+    whose pid Restore had not recorded yet (its parent was killed, it came to us).  It would
+    otherwise block on its command pipe forever.  Returns how many were killed.
+    """
+    killed = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/children") as f:
+                    kids.extend(int(x) for x in f.read().split())
+            except OSError:
+                pass
+        if not kids:
+            break
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+            try:
+                os.waitpid(pid, 0x40000000)  # __WALL
+            except ChildProcessError:
+                pass
+    return killed
 
 
 def main(argv=None):
@@ -85,6 +121,12 @@ def main(argv=None):
         try:
             restore.run()
         except (ApplyError, OSError, MemoryError, Terminated) as exc:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
+            stray = kill_leftovers()
+            if stray:
+                print(f"cow-apply: killed {stray} process(es) of the partial tree that the restore "
+                      "had not recorded", file=sys.stderr)
             return fail(f"restore failed, every created process was killed: {exc}")
         report = restore.report()
         report["phases"] = dict(read=round(t_read, 6), check=round(t_check, 6), **report["phases"])

@@ -18,9 +18,10 @@
 """
 
 from array import array
-from itertools import repeat
+from itertools import count, groupby, repeat
+from operator import sub
 
-from .layout import Draft
+from .layout import Draft, without_gc
 from .model import PAGE
 
 
@@ -69,6 +70,7 @@ class _Groups:
         return True
 
 
+@without_gc
 def plan_exact(images):
     cls = images.content_class()
     parent = images.parent
@@ -81,24 +83,38 @@ def plan_exact(images):
     first_node = array("i", [-1]) * (nframes + 1)
     first_page = array("i", [0]) * (nframes + 1)
     for n, v in enumerate(nodes):
-        if v.ids is None:
+        ids = v.ids
+        if ids is None:
             continue
-        last = None  # (node, delta) of the previous page's link: the same link needs no union
-        for i, f in enumerate(v.ids):
-            if not f:
-                continue
-            m = first_node[f]
+        # a frame occurs once per process, so this VMA's own updates never affect its lookups
+        seen_at = list(map(first_node.__getitem__, ids))
+        if max(seen_at, default=-1) < 0:  # no frame seen before (a parent's VMA): just record them
+            for i, f in enumerate(ids):
+                if f:
+                    first_node[f] = n
+                    first_page[f] = i
+            continue
+        last = None  # (node, delta) of the previous link: the same link needs no union
+        i = 0
+        # runs of pages with one link (same earlier node, same page delta) need one union:
+        # grouped in C; an unseen or zero page has a delta of its own (first_page is 0 there)
+        deltas = map(sub, map(first_page.__getitem__, ids), count())
+        for link, run in groupby(zip(seen_at, deltas)):
+            k = len(list(run))
+            m = link[0]
             if m < 0:
-                first_node[f] = n
-                first_page[f] = i
-                continue
-            link = (m, first_page[f] - i)
-            if link == last:
-                continue
-            if groups.union(m, first_page[f], n, i):
-                last = link
-            else:
-                misaligned.add(f)
+                for j in range(i, i + k):
+                    f = ids[j]
+                    if f:
+                        first_node[f] = n
+                        first_page[f] = j
+            elif link != last:
+                # union depends only on the delta: one call decides the whole run
+                if groups.union(m, link[1], n, 0):
+                    last = link
+                else:
+                    misaligned.update(ids[i:i + k])
+            i += k
     node_of = {(v.pid, v.index): n for n, v in enumerate(nodes)}
     for n, v in enumerate(nodes):
         pp = parent[v.pid]
@@ -337,6 +353,8 @@ def _greedy(pid, order, need, final, creator):
 
     def provide(reqs):
         # a unit already in place needs nothing: skip those in one pass (cur only holds own units)
+        if reqs.items() <= cur.items():
+            return  # every version this child needs is in place (the common case), checked in C
         cur_get = cur.get
         for s, u in [(s, u) for s, u in reqs.items() if cur_get(s) != u]:
             if creator[u] == pid:

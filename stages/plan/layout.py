@@ -8,6 +8,10 @@ their slot was written on the way, the process maps them from a fresh range of
 its own instead.
 """
 
+import functools
+import gc
+from itertools import compress, repeat
+
 from stages.stream import pack_u32
 
 from .model import PAGE
@@ -15,6 +19,23 @@ from .model import PAGE
 # Staging windows stay below this (the top of the user address space, minus room).
 WINDOW_LIMIT = 0x7FF000000000
 WINDOW_FLOOR = 0x10000  # vm.mmap_min_addr
+
+
+def without_gc(fn):
+    """Run fn with the cyclic GC paused: planning makes millions of acyclic tuples and
+    dicts, and the collections they trigger cost time without freeing anything."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return wrapper
 
 
 class Draft:
@@ -124,6 +145,7 @@ def _window(images, size):
     return aligned if aligned >= a else (base & ~(PAGE - 1))
 
 
+@without_gc
 def build(draft, strategy):
     """Plan header (minus stream fields) and process records, from a complete draft."""
     images = draft.images
@@ -138,7 +160,7 @@ def build(draft, strategy):
 
     records = []
     # image frame -> the write whose page its holders map (first seen; more_units: any others)
-    first_unit = [0] * (images.nframes + 1)
+    first_unit = {}
     more_units = {}
     writes_total = 0
     moves = 0
@@ -173,14 +195,18 @@ def build(draft, strategy):
             for piece in body["pieces"]:
                 used.add(piece[0])
             if src is not None and v.ids is not None:
-                vget = values.get
-                for f, s in zip(v.ids, src):
-                    if f:
-                        u = vget(s, -1)
-                        first = first_unit[f]
-                        if first == 0:
+                # per page in C: the write each framed page maps, and what its frame had so far
+                # (a frame occurs once per process, so this VMA cannot affect its own lookups)
+                got = list(compress(map(values.get, src, repeat(-1)), v.ids))
+                frames = list(filter(None, v.ids))
+                firsts = list(map(first_unit.get, frames))
+                if firsts.count(None) == len(firsts):
+                    first_unit.update(zip(frames, got))
+                elif firsts != got:
+                    for f, u, first in [t for t in zip(frames, got, firsts) if t[1] != t[2]]:
+                        if first is None:
                             first_unit[f] = u
-                        elif first != u:
+                        else:
                             more_units.setdefault(f, {first}).add(u)
             layout.append(body)
         for rid in sorted(mapped - used):
@@ -202,7 +228,7 @@ def build(draft, strategy):
                         "stats": {"pages_written": own_writes,
                                   "moves": sum(len(v["pieces"]) for v in layout)}})
 
-    frames_in_images = sum(1 for u in first_unit if u)
+    frames_in_images = len(first_unit)  # a write id is never 0 (-1 = none)
     duplicated = sum(len(u) - 1 for u in more_units.values())
     stats = {
         "frames_in_images": frames_in_images,

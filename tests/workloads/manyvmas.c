@@ -1,0 +1,111 @@
+/*
+ * manyvmas N OUTDIR: one process with N separate anonymous VMAs (a page each), for load tests.
+ * One mapping of N pages; a distinct byte is written into every page, then every other page is
+ * made read-only: neighbours differ in prot, so the kernel cannot merge them.
+ * Protocol of cowload.c: OUTDIR/<pid>.sum, then OUTDIR/ready (the pid); SIGUSR1 writes
+ * OUTDIR/<pid>.check "ok <sum>" / "bad <sum>"; SIGTERM exits.  Errors: OUTDIR/error.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+
+static const char *outdir;
+static unsigned char *region;
+static long npages;
+static volatile sig_atomic_t got_usr1, got_term;
+
+static void die(const char *what)
+{
+	char path[4096], msg[512];
+	int n = snprintf(msg, sizeof msg, "%d: %s: %s\n", (int)getpid(), what, strerror(errno));
+	snprintf(path, sizeof path, "%s/error", outdir);
+	int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+	if (fd >= 0) {
+		if (write(fd, msg, n) < 0) { /* nothing left to report to */ }
+		close(fd);
+	}
+	_exit(1);
+}
+
+static void write_file(const char *name, const char *text)
+{
+	char path[4096], tmp[4096];
+	snprintf(path, sizeof path, "%s/%s", outdir, name);
+	snprintf(tmp, sizeof tmp, "%s/.%s.tmp", outdir, name);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		die("open");
+	size_t len = strlen(text);
+	if (write(fd, text, len) != (ssize_t)len)
+		die("write");
+	close(fd);
+	if (rename(tmp, path) < 0)
+		die("rename");
+}
+
+static uint64_t checksum(void)
+{
+	uint64_t h = 1469598103934665603ULL;
+	for (long i = 0; i < npages; i++)
+		h = (h ^ region[i * PAGE] ^ (uint64_t)region[i * PAGE + PAGE - 1] << 8) * 1099511628211ULL;
+	return h;
+}
+
+static void on_usr1(int sig) { (void)sig; got_usr1 = 1; }
+static void on_term(int sig) { (void)sig; got_term = 1; }
+
+int main(int argc, char **argv)
+{
+	if (argc != 3)
+		return 2;
+	npages = atol(argv[1]);
+	outdir = argv[2];
+	region = mmap(NULL, npages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (region == MAP_FAILED)
+		die("mmap");
+	for (long i = 0; i < npages; i++) {
+		region[i * PAGE] = (unsigned char)(i * 7 + 1);
+		region[i * PAGE + PAGE - 1] = (unsigned char)(i >> 8);
+	}
+	for (long i = 1; i < npages; i += 2)
+		if (mprotect(region + i * PAGE, PAGE, PROT_READ) < 0)
+			die("mprotect");
+	uint64_t sum = checksum();
+	char name[64], text[128];
+	snprintf(name, sizeof name, "%d.sum", (int)getpid());
+	snprintf(text, sizeof text, "%016llx\n", (unsigned long long)sum);
+	write_file(name, text);
+	snprintf(text, sizeof text, "%d\n", (int)getpid());
+	write_file("ready", text);
+
+	struct sigaction sa = {0};
+	sa.sa_handler = on_usr1;
+	sigaction(SIGUSR1, &sa, NULL);
+	sa.sa_handler = on_term;
+	sigaction(SIGTERM, &sa, NULL);
+	sigset_t block, old;
+	sigemptyset(&block);
+	sigaddset(&block, SIGUSR1);
+	sigaddset(&block, SIGTERM);
+	sigprocmask(SIG_BLOCK, &block, &old);
+	for (;;) {
+		while (!got_usr1 && !got_term)
+			sigsuspend(&old);
+		if (got_term)
+			_exit(0);
+		got_usr1 = 0;
+		uint64_t now = checksum();
+		snprintf(name, sizeof name, "%d.check", (int)getpid());
+		snprintf(text, sizeof text, "%s %016llx\n", now == sum ? "ok" : "bad", (unsigned long long)now);
+		write_file(name, text);
+	}
+}
