@@ -153,6 +153,9 @@ def main(argv=None):
             s = fig[st]
             extra = f", {s['bytes'] / (1 << 20):.1f} MiB written" if "bytes" in s else ""
             print(f"  {st:8} {s['s']:8.2f} s   peak RSS {s['maxrss_kib'] / 1024:8.1f} MiB{extra}")
+        ratio = fig["plan"]["maxrss_kib"] * 1024 / fig["collect"]["bytes"]
+        # the goal: cow-plan keeps no page bytes, so its peak RSS stays well below the image
+        print(f"  cow-plan peak RSS / image size = {ratio:.2f} ({'ok' if ratio < 0.5 else 'ABOVE the goal of 0.5'})")
     print(json.dumps(results, indent=1, sort_keys=True))
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"(this script: peak RSS {own / 1024:.1f} MiB)")

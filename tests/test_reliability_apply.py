@@ -166,7 +166,7 @@ def test_file_of_a_mapping_truncated_after_the_plan(tmp_path, cgroup):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "images record a mapped file's dev, inode and size only (stages/collect): a file rewritten "
+    "images record a mapped file's dev and inode only (stages/collect): a file rewritten "
     "in place with the same size is not detected and the restored process maps the new bytes; "
     "needs collect to record mtime/ctime (or a content hash) and apply/check.py to compare it"))
 def test_file_of_a_mapping_rewritten_in_place_after_the_plan(tmp_path, cgroup):
@@ -320,3 +320,53 @@ def test_sigkill_mid_restore_kills_every_traced_agent(big_plan, cgroup, flags):
             proc.wait()
     left = cgroup.left_after(5)
     assert left == [], {p: proc_state(p) for p in left}
+
+
+# -- security -------------------------------------------------------------------------------
+
+def test_image_and_plan_files_are_0600_even_over_an_open_file(tmp_path):
+    """cow-collect -o and cow-plan -o: 0600 whatever the umask, also when the file existed
+    world-readable before (O_CREAT alone would keep its mode)."""
+    orig = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
+    images, plan = tmp_path / "images.cow", tmp_path / "plan.cow"
+    for f in (images, plan):
+        f.write_bytes(b"old")
+        os.chmod(f, 0o666)
+    old_umask = os.umask(0)
+    try:
+        time.sleep(0.2)
+        run([tool("cow-collect"), "--tree", str(orig.pid), "-o", str(images)])
+        run([tool("cow-plan"), "-i", str(images), "-o", str(plan)])
+    finally:
+        os.umask(old_umask)
+        orig.kill()
+        orig.wait(timeout=10)
+    for f in (images, plan):
+        assert oct(os.stat(f).st_mode & 0o777) == "0o600", f
+
+
+def test_collect_refuses_a_tree_it_cannot_ptrace(tmp_path):
+    """An unprivileged caller (nobody) cannot ptrace root's process: refused by name, no
+    output file, the process runs on."""
+    orig = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="cowtree-nobody-")  # pytest's tmp_path is root-only
+    os.chmod(shared, 0o777)  # nobody may create the file: only ptrace stands in the way
+    out = os.path.join(shared, "nobody.cow")
+    try:
+        time.sleep(0.2)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               tool("cow-collect"), "--tree", str(orig.pid), "-o", str(out)],
+                              capture_output=True, timeout=TIMEOUT)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and f"process {orig.pid}" in err and "cannot attach" in err, err
+        assert not os.path.exists(out)
+        time.sleep(0.1)
+        assert proc_state(orig.pid) == "S"
+    finally:
+        orig.kill()
+        orig.wait(timeout=10)
+        shutil.rmtree(shared, ignore_errors=True)
