@@ -67,24 +67,40 @@ def pytree():
 
     yield start
     for p in started:
-        known = {p.pid}
-        for _ in range(3):  # a forking tree may create children while we kill
-            known.update(tree_pids(p.pid))
-            for pid in known:
+        # every process it forked is in its session (start_new_session): kill by session until
+        # none is left, so a child forked during the kill cannot escape
+        deadline = time.monotonic() + 10
+        while True:
+            members = session_pids(p.pid)
+            if not members:
+                break
+            for pid in members:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-        p.wait(timeout=10)
-        # the killed children come to us (subreaper): reap until none of them is left
-        deadline = time.monotonic() + 10
-        while any(proc_state(pid) is not None for pid in known):
-            try:
-                os.waitpid(-1, os.WNOHANG)
+            try:  # the killed ones come to us (subreaper): reap them
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
             except ChildProcessError:
                 pass
-            assert time.monotonic() < deadline, "processes of the tree not reaped"
+            assert time.monotonic() < deadline, f"processes of session {p.pid} not reaped: {members}"
             time.sleep(0.001)
+
+
+def session_pids(sid):
+    """Every process (zombies included) whose session id is sid."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:
+                out.append(int(name))
+    return out
 
 
 # -- processes that exit or fork while the tree is frozen -----------------------------

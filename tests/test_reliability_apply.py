@@ -150,10 +150,6 @@ def test_file_of_a_mapping_replaced_after_the_plan(tmp_path):
     assert res.peak == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "images record a mapped file's dev and inode but not its size (stages/collect/state.py "
-    "writes no 'size' for VMAs; apply/check.py compares it only when present): a file truncated "
-    "in place after the dump is restored from, and the restored process gets SIGBUS on access"))
 def test_file_of_a_mapping_truncated_after_the_plan(tmp_path, cgroup):
     binary, pids, images = images_of_copied_binary(str(tmp_path))
     plan = run([tool("cow-plan")], images)
@@ -165,10 +161,6 @@ def test_file_of_a_mapping_truncated_after_the_plan(tmp_path, cgroup):
     assert proc.returncode == 1 and b"changed size" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "images record a mapped file's dev and inode only (stages/collect): a file rewritten "
-    "in place with the same size is not detected and the restored process maps the new bytes; "
-    "needs collect to record mtime/ctime (or a content hash) and apply/check.py to compare it"))
 def test_file_of_a_mapping_rewritten_in_place_after_the_plan(tmp_path, cgroup):
     binary, pids, images = images_of_copied_binary(str(tmp_path))
     plan = run([tool("cow-plan")], images)

@@ -12,6 +12,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/rseq.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -32,6 +33,17 @@ char cow_agent_buf[1 << 16] __attribute__((aligned(4096)));
 
 void *cow_agent_buf_addr(void) { return cow_agent_buf; }
 long cow_agent_buf_size(void) { return sizeof(cow_agent_buf); }
+
+/* Until the restorer program sets the dumped value, an agent dies with its parent:
+ * a cow-apply killed by SIGKILL (and every agent below it, in a chain) leaves no
+ * half-restored process behind, even one forked a moment before cow-apply traced it.
+ * parent = 0: no check that the parent is still the one we were forked by. */
+static void die_with_parent(long parent)
+{
+	syscall(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+	if (parent && syscall(SYS_getppid) != parent)
+		syscall(SYS_exit_group, 122); /* the parent died before the prctl took */
+}
 
 static long raw_clone3(unsigned long flags, const int *set_tid, int n)
 {
@@ -104,8 +116,10 @@ static __attribute__((noreturn)) void agent_loop(int cmd_fd, int reply_fd)
 		}
 		case AGENT_FORK: {
 			int tid = (int)c.a[0];
+			long parent = syscall(SYS_getpid);
 			long r = raw_clone3(0, &tid, 1);
 			if (r == 0) { /* the child: from now on it listens on its own pipes */
+				die_with_parent(parent);
 				cmd_fd = (int)c.a[1];
 				reply_fd = (int)c.a[2];
 				break;
@@ -124,6 +138,7 @@ static __attribute__((noreturn)) void agent_loop(int cmd_fd, int reply_fd)
 					 : "memory");
 			__builtin_unreachable();
 		case AGENT_REAP:
+			syscall(SYS_prctl, PR_SET_PDEATHSIG, 0, 0, 0, 0); /* outlives cow-apply */
 			reply(reply_fd, 0);
 			reap_forever(c.a[0]);
 		default:
@@ -134,9 +149,13 @@ static __attribute__((noreturn)) void agent_loop(int cmd_fd, int reply_fd)
 
 long cow_agent_spawn(unsigned long flags, const int *set_tid, int n, int cmd_fd, int reply_fd)
 {
+	long parent = syscall(SYS_getpid);
 	long r = raw_clone3(flags, set_tid, n);
-	if (r == 0)
+	if (r == 0) {
+		/* in a new pid namespace the parent (cow-apply) is outside it: getppid() is 0 */
+		die_with_parent((flags & CLONE_NEWPID) ? 0 : parent);
 		agent_loop(cmd_fd, reply_fd);
+	}
 	return r;
 }
 

@@ -170,7 +170,7 @@ def _dev_of(st):
     return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
 
 
-def _check_file(what, path, dev=None, ino=None, size=None):
+def _check_file(what, path, dev=None, ino=None, size=None, mtime=None):
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -181,6 +181,8 @@ def _check_file(what, path, dev=None, ino=None, size=None):
         raise Refusal(f"{what}: {path} is on another device now ({_dev_of(st)}, dumped {dev})")
     if size is not None and st.st_size != size:
         raise Refusal(f"{what}: {path} changed size ({st.st_size}, dumped {size})")
+    if mtime is not None and st.st_mtime_ns != mtime:
+        raise Refusal(f"{what}: {path} changed since the dump (modified at another time)")
 
 
 def check_files(plan):
@@ -193,7 +195,7 @@ def check_files(plan):
                 if key not in seen:
                     seen.add(key)
                     _check_file(f"process {pid}: mapping {vma['start']:#x}", vma["path"], vma.get("dev"),
-                                vma.get("ino"), vma.get("size"))
+                                vma.get("ino"), vma.get("size"), vma.get("mtime"))
         for rng in proc["ranges"]:
             if rng["backing"] == "file":
                 _check_file(f"process {pid}: staging range {rng['id']}", rng.get("path") or "",

@@ -197,10 +197,11 @@ def _process_state(prog, state, is_root):
         ruid, euid, suid, fsuid = state["uids"]
         prog.add(R.OP_SYSCALL, SYS_SETRESUID, ruid, euid, suid)
         prog.add(R.OP_SYSCALL, SYS_SETFSUID, fsuid)
-    # the root's parent (cow-apply, or the namespace's init) is not the dumped one: a
-    # pdeathsig would fire when cow-apply exits, so only processes below the root get theirs
-    if state.get("pdeathsig") and not is_root:
-        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_PDEATHSIG, state["pdeathsig"])
+    # Every agent runs with pdeathsig SIGKILL (so a killed cow-apply takes the whole partial
+    # tree with it); here it becomes the dumped value.  The root's parent (cow-apply, or the
+    # namespace's init) is not the dumped one: its pdeathsig would fire when cow-apply exits,
+    # so only processes below the root get theirs back.
+    prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_PDEATHSIG, 0 if is_root else state.get("pdeathsig", 0))
     if state.get("dumpable") in (0, 1):  # 2 (suid_dumpable) cannot be set by prctl
         prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_DUMPABLE, state["dumpable"])
     if state.get("no_new_privs"):
@@ -274,6 +275,7 @@ def build_init(root_ns_pid, blob_region):
     for a, b in complement([(blob_region[0], blob_region[0] + blob_region[1])]):
         prog.add(R.OP_UNMAP, a, b - a)
     prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NAME, prog.string("cow-init"))
+    prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_PDEATHSIG, 0)  # it outlives cow-apply (see agent.c)
     prog.add(R.OP_SYSCALL, SYS_RT_SIGPROCMASK, 2, prog.struct(b"\0" * 8), 0, 8)
     prog.add(R.OP_REAP, root_ns_pid)
     return prog

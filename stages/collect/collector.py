@@ -124,7 +124,7 @@ class Collection:
             try:
                 fd = pagemap.open_pagemap(pid)
                 try:
-                    vmas = [state.vma_record(v, self.table.vma_frames(fd, index, v)) for v in view.vmas]
+                    vmas = [state.vma_record(v, self.table.vma_frames(fd, index, v), pid) for v in view.vmas]
                 finally:
                     os.close(fd)
             except OSError:

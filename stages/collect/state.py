@@ -119,7 +119,7 @@ def process_state(view):
     return state
 
 
-def vma_record(vma, frames):
+def vma_record(vma, frames, pid=None):
     rec = {
         "start": vma["start"], "end": vma["end"], "prot": vma["prot"], "shared": vma["shared"],
         "pgoff": vma["pgoff"] if vma["kind"] == "file" else 0,
@@ -128,6 +128,15 @@ def vma_record(vma, frames):
     }
     if vma["kind"] == "file":
         rec["dev"], rec["ino"] = vma["dev"], vma["ino"]
+        if pid is not None:
+            # the mapped file itself (map_files follows it even when the path moved), so apply
+            # can refuse a file truncated or rewritten in place since the dump
+            try:
+                st = os.stat(f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}")
+            except OSError:
+                pass
+            else:
+                rec["size"], rec["mtime"] = st.st_size, st.st_mtime_ns
     return rec
 
 

@@ -18,8 +18,7 @@
 """
 
 from array import array
-from itertools import count, groupby, repeat
-from operator import sub
+from itertools import repeat
 
 from .layout import Draft, without_gc
 from .model import PAGE
@@ -83,38 +82,24 @@ def plan_exact(images):
     first_node = array("i", [-1]) * (nframes + 1)
     first_page = array("i", [0]) * (nframes + 1)
     for n, v in enumerate(nodes):
-        ids = v.ids
-        if ids is None:
+        if v.ids is None:
             continue
-        # a frame occurs once per process, so this VMA's own updates never affect its lookups
-        seen_at = list(map(first_node.__getitem__, ids))
-        if max(seen_at, default=-1) < 0:  # no frame seen before (a parent's VMA): just record them
-            for i, f in enumerate(ids):
-                if f:
-                    first_node[f] = n
-                    first_page[f] = i
-            continue
-        last = None  # (node, delta) of the previous link: the same link needs no union
-        i = 0
-        # runs of pages with one link (same earlier node, same page delta) need one union:
-        # grouped in C; an unseen or zero page has a delta of its own (first_page is 0 there)
-        deltas = map(sub, map(first_page.__getitem__, ids), count())
-        for link, run in groupby(zip(seen_at, deltas)):
-            k = len(list(run))
-            m = link[0]
+        last = None  # (node, delta) of the previous page's link: the same link needs no union
+        for i, f in enumerate(v.ids):
+            if not f:
+                continue
+            m = first_node[f]
             if m < 0:
-                for j in range(i, i + k):
-                    f = ids[j]
-                    if f:
-                        first_node[f] = n
-                        first_page[f] = j
-            elif link != last:
-                # union depends only on the delta: one call decides the whole run
-                if groups.union(m, link[1], n, 0):
-                    last = link
-                else:
-                    misaligned.update(ids[i:i + k])
-            i += k
+                first_node[f] = n
+                first_page[f] = i
+                continue
+            link = (m, first_page[f] - i)
+            if link == last:
+                continue
+            if groups.union(m, first_page[f], n, i):
+                last = link
+            else:
+                misaligned.add(f)
     node_of = {(v.pid, v.index): n for n, v in enumerate(nodes)}
     for n, v in enumerate(nodes):
         pp = parent[v.pid]
@@ -300,7 +285,7 @@ def _schedule(images, units):
     final = {pid: {} for pid in images.pids}
     need = {pid: {} for pid in images.pids}
     conflicts = set()
-    edges_of = {}  # holders -> the fork edges (parent, child) from their LCA down to each
+    edges_of = {}  # (creator, holders) -> the dicts its units go into: holders' finals, fork edges
     setdefault = dict.setdefault
     slot_key = {}  # slot -> small int: dict keys below hash cheaply
     for u, s, top, holders in zip(range(len(units.frame)), units.slot, units.creator, units.holders):

@@ -10,7 +10,6 @@ its own instead.
 
 import functools
 import gc
-from itertools import compress, repeat
 
 from stages.stream import pack_u32
 
@@ -160,7 +159,7 @@ def build(draft, strategy):
 
     records = []
     # image frame -> the write whose page its holders map (first seen; more_units: any others)
-    first_unit = {}
+    first_unit = [0] * (images.nframes + 1)
     more_units = {}
     writes_total = 0
     moves = 0
@@ -195,18 +194,14 @@ def build(draft, strategy):
             for piece in body["pieces"]:
                 used.add(piece[0])
             if src is not None and v.ids is not None:
-                # per page in C: the write each framed page maps, and what its frame had so far
-                # (a frame occurs once per process, so this VMA cannot affect its own lookups)
-                got = list(compress(map(values.get, src, repeat(-1)), v.ids))
-                frames = list(filter(None, v.ids))
-                firsts = list(map(first_unit.get, frames))
-                if firsts.count(None) == len(firsts):
-                    first_unit.update(zip(frames, got))
-                elif firsts != got:
-                    for f, u, first in [t for t in zip(frames, got, firsts) if t[1] != t[2]]:
-                        if first is None:
+                vget = values.get
+                for f, s in zip(v.ids, src):
+                    if f:
+                        u = vget(s, -1)
+                        first = first_unit[f]
+                        if first == 0:
                             first_unit[f] = u
-                        else:
+                        elif first != u:
                             more_units.setdefault(f, {first}).add(u)
             layout.append(body)
         for rid in sorted(mapped - used):
@@ -228,7 +223,7 @@ def build(draft, strategy):
                         "stats": {"pages_written": own_writes,
                                   "moves": sum(len(v["pieces"]) for v in layout)}})
 
-    frames_in_images = len(first_unit)  # a write id is never 0 (-1 = none)
+    frames_in_images = sum(1 for u in first_unit if u)
     duplicated = sum(len(u) - 1 for u in more_units.values())
     stats = {
         "frames_in_images": frames_in_images,

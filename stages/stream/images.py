@@ -142,7 +142,8 @@ VMA = Map(
         # one uint32 frame id per page, 0 = nothing to restore; nil when no page is a frame
         "frames": Nullable(Bin(multiple=4)),
     },
-    {"dev": Nullable(Str()), "ino": UInt(), "size": UInt()},
+    # file VMAs: the file's identity at dump time (size and mtime in ns), checked by apply
+    {"dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "mtime": UInt()},
 )
 
 VMAS = Map({"pid": PID, "vmas": ListOf(VMA, max_len=1 << 20)})
