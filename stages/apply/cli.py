@@ -84,7 +84,14 @@ def kill_leftovers(timeout=5.0):
 
 
 def main(argv=None):
-    ap = Parser(prog="cow-apply", description="Restore the process tree described by a plan (cow-plan's output).")
+    ap = Parser(
+        prog="cow-apply",
+        description="Restore the process tree described by a plan (cow-plan's output) with its "
+        "original pids, memory, sharing and state. The whole plan is read and checked before any "
+        "process is created. Prints the restored root's pid and leaves the tree running.",
+        epilog="exit codes: 0 restored (with --wait: the root's exit status), 1 refused or failed "
+        "(a partly created tree is killed), 64 bad usage.",
+    )
     ap.add_argument("-i", "--input", default="-", metavar="FILE", help="plan file; default stdin")
     ap.add_argument("--pidns", action="store_true", help="restore into a fresh pid namespace (same pid numbers inside)")
     ap.add_argument("--wait", action="store_true", help="stay until the root exits; exit with its status")

@@ -259,6 +259,7 @@ def main(argv=None):
         prog="cow-show",
         description="Print a cowtree stream (images from cow-collect, or a plan from cow-plan). "
         "Every record is checked (checksums, order, schema); a bad stream exits 1.",
+        epilog="exit codes: 0 shown, 1 bad stream or unreadable file.",
     )
     ap.add_argument("file", nargs="?", default="-", help="stream file (default: standard input)")
     form = ap.add_mutually_exclusive_group()
