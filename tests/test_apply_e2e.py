@@ -13,20 +13,10 @@ import pytest
 from stages.linux.memstat import tree_frames
 from tests.support.workloads import PATTERNS, proc_state, workload  # noqa: F401 (fixture)
 
-BIN = os.path.dirname(sys.executable)
+from tests.support.commands import BIN, run, tool  # noqa: F401
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 60
+from tests.support.commands import TIMEOUT  # noqa: F401
 
-
-def tool(name):
-    return os.path.join(BIN, name)
-
-
-def run(argv, data=None, check=True):
-    proc = subprocess.run(argv, input=data, capture_output=True, timeout=TIMEOUT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{argv[0]} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-2000:]}")
-    return proc
 
 
 class Restored:

@@ -15,19 +15,9 @@ import pytest
 
 from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids
 
-BIN = os.path.dirname(sys.executable)
-TIMEOUT = 60
+from tests.support.commands import BIN, run, tool  # noqa: F401
+from tests.support.commands import TIMEOUT  # noqa: F401
 
-
-def tool(name):
-    return os.path.join(BIN, name)
-
-
-def run(argv, data=None, check=True):
-    proc = subprocess.run(argv, input=data, capture_output=True, timeout=TIMEOUT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{argv[0]} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-2000:]}")
-    return proc
 
 
 def wait_file(path, pid=None, timeout=10):
