@@ -10,7 +10,7 @@ BIN = os.path.dirname(sys.executable)
 OPTIONS = {
     "cow-collect": ["--tree", "-o", "--kill", "--leave-stopped", "--progress"],
     "cow-plan": ["-i", "-o", "--strategy", "--check", "--stats", "--explain"],
-    "cow-apply": ["-i", "--pidns", "--wait", "--report"],
+    "cow-apply": ["-i", "--pidns", "--wait", "--report", "--progress"],
     "cow-show": ["--json", "--normal"],
     "cow-mem": ["--json"],
 }

@@ -33,6 +33,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+class Progress:
+    """Pages written into staging, on stderr, at most five times a second."""
+
+    def __init__(self, total_pages):
+        self.total = total_pages
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, pages, final=False):
+        now = time.monotonic()
+        if not final and now - self.last < 0.2:
+            return
+        self.last = now
+        mib = pages * 4096 / (1 << 20)
+        rate = mib / max(now - self.start, 1e-6)
+        of = f"/{self.total}" if self.total else ""
+        print(f"cow-apply: {pages}{of} pages, {mib:.1f} MiB, {rate:.0f} MiB/s", file=sys.stderr, flush=True)
+
+    def done(self, pages):
+        self(pages, final=True)
+
+
 def fail(reason):
     print(f"cow-apply: {reason}", file=sys.stderr)
     return EXIT_FAILURE
@@ -96,6 +117,8 @@ def main(argv=None):
     ap.add_argument("--pidns", action="store_true", help="restore into a fresh pid namespace (same pid numbers inside)")
     ap.add_argument("--wait", action="store_true", help="stay until the root exits; exit with its status")
     ap.add_argument("--report", metavar="FILE", help="write a JSON report (pids, times, bytes) to FILE")
+    ap.add_argument("--progress", action="store_true",
+                    help="pages, bytes and rate on stderr while memory is written (default when stderr is a terminal)")
     args = ap.parse_args(argv)
     if args.input in (None, "-") and sys.stdin.isatty():
         ap.error("refusing to read a plan from a terminal: use -i FILE or a pipe")
@@ -124,7 +147,11 @@ def main(argv=None):
         except Terminated as exc:
             return fail(f"{exc} while checking the plan: nothing was created")
         t_check = time.monotonic() - t1
-        restore = Restore(plan, pidns=args.pidns, log=lambda m: print(f"cow-apply: {m}", file=sys.stderr))
+        progress = None
+        if args.progress or sys.stderr.isatty():
+            progress = Progress(plan.header["stats"].get("bytes_to_write", 0) // 4096)
+        restore = Restore(plan, pidns=args.pidns, log=lambda m: print(f"cow-apply: {m}", file=sys.stderr),
+                          progress=progress)
         try:
             restore.run()
         except (ApplyError, OSError, MemoryError, Terminated) as exc:
@@ -135,6 +162,8 @@ def main(argv=None):
                 print(f"cow-apply: killed {stray} process(es) of the partial tree that the restore "
                       "had not recorded", file=sys.stderr)
             return fail(f"restore failed, every created process was killed: {exc}")
+        if progress:
+            progress.done(restore.pages_written)
         report = restore.report()
         report["phases"] = dict(read=round(t_read, 6), check=round(t_check, 6), **report["phases"])
         report["wall"] = round(time.monotonic() - t0, 6)

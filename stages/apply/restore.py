@@ -75,10 +75,11 @@ def resume_regs(regs):
 
 
 class Restore:
-    def __init__(self, plan, pidns=False, log=None):
+    def __init__(self, plan, pidns=False, log=None, progress=None):
         self.plan = plan
         self.pidns = pidns
         self.log = log or (lambda msg: None)
+        self.progress = progress  # progress(pages written so far), after every write
         self.ranges = {r["id"]: r for p in plan.processes for r in p["ranges"]}
         self.growsdown = growsdown_ranges(plan.processes)
         self.agents = {}  # plan pid -> Agent
@@ -232,6 +233,8 @@ class Restore:
         if r < 0:
             raise ApplyError(f"process {ag.ns_pid}: writing {n} pages into range {range_id}: {os.strerror(-r)}")
         self.pages_written += n
+        if self.progress:
+            self.progress(self.pages_written)
 
     def handover(self):
         blob_base, blob_size = self.blob_region
