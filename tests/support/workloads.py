@@ -10,6 +10,7 @@ and ALWAYS kills every process of every tree it started, pass or fail.
 """
 
 import ctypes
+import glob
 import hashlib
 import os
 import shutil
@@ -27,10 +28,14 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 def build(name="cowload"):
-    """Compile tests/workloads/NAME.c into a cache dir keyed by its source hash; return the binary."""
+    """Compile tests/workloads/NAME.c into a cache dir keyed by the hash of its source and the
+    shared headers (protocol.h); return the binary."""
     src = os.path.join(SOURCES, name + ".c")
-    with open(src, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for path in [src] + sorted(glob.glob(os.path.join(SOURCES, "*.h"))):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    digest = h.hexdigest()[:16]
     cache = os.path.join(tempfile.gettempdir(), f"cowtree-workloads-{digest}")
     binary = os.path.join(cache, name)
     if not os.path.exists(binary):

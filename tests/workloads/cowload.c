@@ -36,27 +36,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "protocol.h"
+
 #define PAGE 4096UL
 #define MAX_REGIONS 4
 
-static const char *outdir;
 static struct { unsigned char *addr; size_t len; } regions[MAX_REGIONS];
 static int nregions;
 static uint64_t expected_sum;
-static volatile sig_atomic_t got_usr1, got_term;
-
-static void die(const char *what)
-{
-	char path[4096], msg[512];
-	int n = snprintf(msg, sizeof msg, "%d: %s: %s\n", (int)getpid(), what, strerror(errno));
-	snprintf(path, sizeof path, "%s/error", outdir);
-	int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-	if (fd >= 0) {
-		if (write(fd, msg, n) < 0) { /* nothing left to report to */ }
-		close(fd);
-	}
-	_exit(1);
-}
 
 /* Page-distinct contents: every word depends on (seed, page index, word index). */
 static void fill_pages(unsigned char *base, size_t first, size_t count, uint64_t seed)
@@ -80,22 +67,6 @@ static uint64_t checksum(void)
 			h = (h ^ w[i]) * 1099511628211ULL;
 	}
 	return h;
-}
-
-static void write_file(const char *name, const char *text)
-{
-	char path[4096], tmp[4096];
-	snprintf(path, sizeof path, "%s/%s", outdir, name);
-	snprintf(tmp, sizeof tmp, "%s/.%s.tmp", outdir, name);
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-		die("open");
-	size_t len = strlen(text);
-	if (write(fd, text, len) != (ssize_t)len)
-		die("write");
-	close(fd);
-	if (rename(tmp, path) < 0)
-		die("rename");
 }
 
 static void set_regions1(unsigned char *addr, size_t len)
@@ -141,8 +112,6 @@ static int count_sums(char *pids, size_t size)
 	return n;
 }
 
-static void on_usr1(int sig) { (void)sig; got_usr1 = 1; }
-static void on_term(int sig) { (void)sig; got_term = 1; }
 
 /* Wait for signals forever; never returns. */
 static void serve(void)

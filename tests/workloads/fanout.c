@@ -17,41 +17,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "protocol.h"
+
 #define PAGE 4096UL
 
-static const char *outdir;
 static uint64_t *region;
 static size_t len;
-static volatile sig_atomic_t got_usr1, got_term;
-
-static void die(const char *what)
-{
-	char path[4096], msg[512];
-	int n = snprintf(msg, sizeof msg, "%d: %s: %s\n", (int)getpid(), what, strerror(errno));
-	snprintf(path, sizeof path, "%s/error", outdir);
-	int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-	if (fd >= 0) {
-		if (write(fd, msg, n) < 0) { /* nothing left to report to */ }
-		close(fd);
-	}
-	_exit(1);
-}
-
-static void write_file(const char *name, const char *text)
-{
-	char path[4096], tmp[4096];
-	snprintf(path, sizeof path, "%s/%s", outdir, name);
-	snprintf(tmp, sizeof tmp, "%s/.%s.tmp", outdir, name);
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-		die("open");
-	size_t n = strlen(text);
-	if (write(fd, text, n) != (ssize_t)n)
-		die("write");
-	close(fd);
-	if (rename(tmp, path) < 0)
-		die("rename");
-}
 
 static uint64_t checksum(void)
 {
@@ -68,8 +39,6 @@ static void fill_page(size_t page, uint64_t tag)
 		p[i] = tag * 0x9E3779B97F4A7C15ULL + page * 4099 + i;
 }
 
-static void on_usr1(int sig) { (void)sig; got_usr1 = 1; }
-static void on_term(int sig) { (void)sig; got_term = 1; }
 
 static void serve(uint64_t sum)
 {

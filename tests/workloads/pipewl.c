@@ -31,31 +31,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "protocol.h"
+
 #define BIG 200000
-static const char *outdir;
-static volatile sig_atomic_t got_usr1;
 static pid_t workers[2];
 static char bad[512];
 
-static void on_usr1(int s) { (void)s; got_usr1 = 1; }
 
 static void note(const char *fmt, const char *what, long v)
 {
 	if (!bad[0])
 		snprintf(bad, sizeof bad, fmt, what, v);
-}
-
-static void put_file(const char *name, const char *text)
-{
-	char path[4096], tmp[4200];
-	snprintf(path, sizeof path, "%s/%s", outdir, name);
-	snprintf(tmp, sizeof tmp, "%s.tmp", path);
-	FILE *f = fopen(tmp, "w");
-	if (!f)
-		_exit(3);
-	fputs(text, f);
-	fclose(f);
-	rename(tmp, path);
 }
 
 static void move_fd(int from, int to)
@@ -88,7 +74,7 @@ static void report(void)
 		memmove(text + 4, text, strlen(text) + 1);
 		memcpy(text, "bad ", 4);
 	}
-	put_file(name, text);
+	write_file(name, text);
 }
 
 static void worker_check(void)
@@ -220,7 +206,7 @@ int main(int argc, char **argv)
 			if (write(13, line, strlen(line)) < 0)
 				_exit(5);
 			snprintf(line, sizeof line, "%d.sum", (int)getpid());
-			put_file(line, "w\n");
+			write_file(line, "w\n");
 			for (;;) {
 				sigsuspend(&none);
 				if (got_usr1) {
@@ -264,7 +250,7 @@ int main(int argc, char **argv)
 	}
 	char ready[64];
 	snprintf(ready, sizeof ready, "%d\n%d\n%d\n", (int)getpid(), (int)workers[0], (int)workers[1]);
-	put_file("ready", ready);
+	write_file("ready", ready);
 	for (;;) {
 		sigsuspend(&none);
 		if (got_usr1) {

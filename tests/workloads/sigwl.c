@@ -20,28 +20,23 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "protocol.h"
+
 #ifndef SS_AUTODISARM
 #define SS_AUTODISARM (1U << 31)
 #endif
 
-static const char *outdir;
-static volatile sig_atomic_t got_usr1, got_hup;
+static volatile sig_atomic_t got_hup;
 static char altstack[65536] __attribute__((aligned(16)));
 
-static void on_usr1(int s) { (void)s; got_usr1 = 1; }
 static void on_hup(int s) { (void)s; got_hup = 1; }
 
-static void put_file(const char *suffix, const char *text)
+/* OUTDIR/<pid>.<suffix> = text */
+static void put_own(const char *suffix, const char *text)
 {
-	char path[4096], tmp[4200];
-	snprintf(path, sizeof path, "%s/%d.%s", outdir, (int)getpid(), suffix);
-	snprintf(tmp, sizeof tmp, "%s.tmp", path);
-	FILE *f = fopen(tmp, "w");
-	if (!f)
-		_exit(3);
-	fputs(text, f);
-	fclose(f);
-	rename(tmp, path);
+	char name[64];
+	snprintf(name, sizeof name, "%d.%s", (int)getpid(), suffix);
+	write_file(name, text);
 }
 
 static void report(void)
@@ -63,7 +58,7 @@ static void report(void)
 		if (sigismember(&pend, s))
 			p += snprintf(p, end - p, " %d", s);
 	p += snprintf(p, end - p, "\n");
-	put_file("check", text);
+	put_own("check", text);
 }
 
 static void drain(void)
@@ -78,7 +73,7 @@ static void drain(void)
 	siginfo_t si;
 	while (sigtimedwait(&want, &si, &zero) > 0)
 		p += snprintf(p, end - p, "%d %d %d\n", si.si_signo, si.si_code, si.si_value.sival_int);
-	put_file("drain", text);
+	put_own("drain", text);
 }
 
 int main(int argc, char **argv)

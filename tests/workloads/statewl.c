@@ -28,23 +28,9 @@
 #include <sys/fsuid.h>
 #include <unistd.h>
 
-static const char *outdir;
-static volatile sig_atomic_t got_usr1;
+#include "protocol.h"
 
-static void on_usr1(int s) { (void)s; got_usr1 = 1; }
 
-static void put_file(const char *name, const char *text)
-{
-	char path[4096], tmp[4200];
-	snprintf(path, sizeof path, "%s/%s", outdir, name);
-	snprintf(tmp, sizeof tmp, "%s.tmp", path);
-	FILE *f = fopen(tmp, "w");
-	if (!f)
-		_exit(3);
-	fputs(text, f);
-	fclose(f);
-	rename(tmp, path);
-}
 
 static void must(int ok, int code)
 {
@@ -88,7 +74,7 @@ static void report(void)
 	}
 	char name[64];
 	snprintf(name, sizeof name, "%d.check", (int)getpid());
-	put_file(name, text);
+	write_file(name, text);
 }
 
 static void serve(void)
@@ -132,7 +118,7 @@ int main(int argc, char **argv)
 		must(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, 35);
 		set_limit(RLIMIT_NOFILE, 100, 200);
 		snprintf(name, sizeof name, "%d.sum", (int)getpid());
-		put_file(name, "child\n");
+		write_file(name, "child\n");
 		serve();
 	}
 	snprintf(name, sizeof name, "%s/%d.sum", outdir, (int)child);
@@ -156,9 +142,9 @@ int main(int argc, char **argv)
 	setfsuid(1006);
 	must(prctl(PR_SET_DUMPABLE, 1) == 0, 47);
 	snprintf(name, sizeof name, "%d.sum", (int)getpid());
-	put_file(name, "root\n");
+	write_file(name, "root\n");
 	char ready[64];
 	snprintf(ready, sizeof ready, "%d\n%d\n", (int)getpid(), (int)child);
-	put_file("ready", ready);
+	write_file("ready", ready);
 	serve();
 }
