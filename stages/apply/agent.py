@@ -10,6 +10,7 @@ import os
 import struct
 
 from stages._native import ffi, lib
+from stages.linux import procfs
 
 AGENT_SYSCALL, AGENT_FORK, AGENT_ENTER, AGENT_REAP = 1, 2, 3, 4
 CMD = struct.Struct("<8q")
@@ -146,9 +147,7 @@ def ns_pid_of(pid):
 
 def outer_pid_of(parent_pid, ns_pid):
     """The outer pid of the child of parent_pid whose innermost pid is ns_pid."""
-    for tid in os.listdir(f"/proc/{parent_pid}/task"):
-        with open(f"/proc/{parent_pid}/task/{tid}/children") as f:
-            for child in f.read().split():
-                if ns_pid_of(int(child)) == ns_pid:
-                    return int(child)
+    for child in procfs.children(parent_pid):
+        if ns_pid_of(child) == ns_pid:
+            return child
     raise AgentError(f"process {parent_pid}: no child with pid {ns_pid} in its namespace")

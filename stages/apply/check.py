@@ -7,6 +7,7 @@ import importlib
 import os
 import time
 
+from stages.linux import procfs
 from stages.linux import vdso as vdso_mod
 
 SUPPORTED_FD_KINDS = {"file", "chr", "dir", "pipe"}
@@ -167,7 +168,7 @@ def check_pids_free(pids, wait):
 
 
 def _dev_of(st):
-    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    return procfs.dev_string(st.st_dev)
 
 
 def _check_file(what, path, dev=None, ino=None, size=None, mtime=None):

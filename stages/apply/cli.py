@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 
+from stages.linux import procfs
 from stages.stream import StreamError, open_input
 
 from .check import Refusal, check_plan
@@ -82,13 +83,7 @@ def kill_leftovers(timeout=5.0):
     killed = 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        kids = []
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/children") as f:
-                    kids.extend(int(x) for x in f.read().split())
-            except OSError:
-                pass
+        kids = procfs.children("self")
         if not kids:
             break
         for pid in kids:

@@ -193,6 +193,11 @@ def read_auxv(pid):
         return f.read()
 
 
+def dev_string(st_dev):
+    """A device number as /proc/PID/maps writes it ("fd:01")."""
+    return f"{os.major(st_dev):02x}:{os.minor(st_dev):02x}"
+
+
 def tids(pid):
     return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
 
@@ -260,7 +265,7 @@ def describe_fd(pid, fd):
         return out
     out["mode"] = st.st_mode
     out["ino"] = st.st_ino
-    out["dev"] = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    out["dev"] = dev_string(st.st_dev)
     if statmod.S_ISREG(st.st_mode):
         out["kind"] = "file"
         out["size"] = st.st_size
