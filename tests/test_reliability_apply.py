@@ -339,26 +339,23 @@ def test_image_and_plan_files_are_0600_even_over_an_open_file(tmp_path):
 
 
 def test_collect_refuses_a_tree_it_cannot_ptrace(tmp_path):
-    """An unprivileged caller (nobody) cannot ptrace root's process: refused by name, no
-    output file, the process runs on."""
-    orig = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    """A caller without CAP_SYS_PTRACE cannot ptrace another user's process: refused by
+    name, no output file, the process runs on.  (The caller stays uid 0 without that one
+    capability, so it can run cowtree from a checkout only root may read.)"""
+    orig = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "1000"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
-    import tempfile
-
-    shared = tempfile.mkdtemp(prefix="cowtree-nobody-")  # pytest's tmp_path is root-only
-    os.chmod(shared, 0o777)  # nobody may create the file: only ptrace stands in the way
-    out = os.path.join(shared, "nobody.cow")
+    out = tmp_path / "unprivileged.cow"
     try:
         time.sleep(0.2)
-        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+        proc = subprocess.run(["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace",
                                tool("cow-collect"), "--tree", str(orig.pid), "-o", str(out)],
                               capture_output=True, timeout=TIMEOUT)
         err = proc.stderr.decode()
         assert proc.returncode == 1 and f"process {orig.pid}" in err and "cannot attach" in err, err
-        assert not os.path.exists(out)
+        assert not out.exists()
         time.sleep(0.1)
         assert proc_state(orig.pid) == "S"
     finally:
         orig.kill()
         orig.wait(timeout=10)
-        shutil.rmtree(shared, ignore_errors=True)
