@@ -10,6 +10,11 @@ the wall time and throughput (MiB/s of distinct frames) of each stage.
     .venv/bin/python scripts/bench.py                       # all patterns, 256 MiB
     .venv/bin/python scripts/bench.py --mib 256 1024 --patterns same rewrote
 
+With a working CRIU (``criu`` on PATH, /opt/cowtree-criu/criu from
+scripts/get-criu.sh, or ``--criu PATH``) each pattern is also started afresh,
+dumped with ``criu dump`` and restored with ``criu restore -d``, and checked and
+measured the same way: its rows have strategy ``criu``.
+
 Times are wall-clock on a shared machine: compare ratios within one run.
 """
 
@@ -26,16 +31,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from stages.linux.memstat import tree_frames  # noqa: E402
-from tests.support.workloads import PATTERNS, start_workload  # noqa: E402
+from tests.support.workloads import PATTERNS, reap, start_workload  # noqa: E402
 
 BIN = os.path.join(ROOT, ".venv", "bin")
 STRATEGIES = ("exact", "address", "none")
+CRIU_DEFAULTS = ("/opt/cowtree-criu/criu",)
 
 
-def run(cmd, what):
+def run(cmd, what, reap_for=None):
+    """Run cmd, timed.  reap_for: a Workload whose dead processes we reap meanwhile: we are
+    their subreaper, and `--kill` (like a restore) wants their pids free, so we must not
+    leave them as zombies while blocked in a wait for the command."""
     t0 = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    elapsed = time.monotonic() - t0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        while proc.poll() is None:
+            if reap_for is not None:
+                for pid in reap_for.known:
+                    reap(pid)
+            time.sleep(0.002)
+        elapsed = time.monotonic() - t0
+        out.seek(0)
+        err.seek(0)
+        res = subprocess.CompletedProcess(cmd, proc.returncode, out.read().decode(), err.read().decode())
     if res.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {res.returncode}): {res.stderr.strip()}")
     return res, elapsed
@@ -52,7 +70,7 @@ def bench_one(pattern, mib, workdir):
         before = tree_frames(wl.root)["distinct_frames"]
         images = os.path.join(workdir, f"{pattern}-{mib}.cow")
         _, t_collect = run([os.path.join(BIN, "cow-collect"), "--tree", str(wl.root), "--kill", "-o", images],
-                           "cow-collect")
+                           "cow-collect", reap_for=wl)
         wl.popen.wait(timeout=30)
         wl.wait_gone(timeout=10)
         image_bytes = os.path.getsize(images)
@@ -85,6 +103,58 @@ def bench_one(pattern, mib, workdir):
     return rows
 
 
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+
+
+def find_criu(explicit):
+    """A criu command that passes its own `criu check`, or (None, why not)."""
+    candidates = [explicit] if explicit else [shutil.which("criu"), *CRIU_DEFAULTS]
+    for path in filter(None, candidates):
+        if not os.access(path, os.X_OK):
+            continue
+        res = subprocess.run([path, "check"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if res.returncode == 0:
+            return path, None
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"{path} fails `criu check` ({last})"
+    return None, "not found (scripts/get-criu.sh installs one)"
+
+
+def bench_criu(criu, pattern, mib, workdir):
+    """The same tree through CRIU: dump (kills it), restore detached, check, measure."""
+    wl = start_workload(pattern, mib, workdir)
+    try:
+        before = tree_frames(wl.root)["distinct_frames"]
+        images = os.path.join(workdir, f"{pattern}-{mib}.criu")
+        os.mkdir(images)
+        _, t_dump = run([criu, "dump", "-t", str(wl.root), "-D", images, "-o", "dump.log"], "criu dump",
+                        reap_for=wl)
+        wl.popen.wait(timeout=30)
+        wl.wait_gone(timeout=10)
+        image_bytes = dir_bytes(images)
+        pidfile = os.path.join(workdir, "criu.pid")
+        # restore -d: criu exits once the tree runs; the tree is reparented to us (a subreaper)
+        _, t_restore = run([criu, "restore", "-d", "-D", images, "-o", "restore.log", "--pidfile", pidfile],
+                           "criu restore")
+        with open(pidfile) as f:
+            wl.root = int(f.read())
+        os.unlink(pidfile)
+        wl.known.update(wl.pids)
+        try:
+            checks = wl.check(timeout=60)
+            bad = [pid for pid, text in checks.items() if not text.startswith("ok")]
+            after = tree_frames(wl.root)["distinct_frames"]
+        finally:
+            wl.kill_tree()
+        shutil.rmtree(images)
+        return {"pattern": pattern, "mib": mib, "strategy": "criu", "before": before, "after": after,
+                "planned": None, "image_bytes": image_bytes, "t_collect": t_dump, "t_plan": 0.0,
+                "t_apply": t_restore, "bad": bad}
+    finally:
+        wl.kill_tree()
+
+
 def print_rows(rows):
     head = (f"{'pattern':8} {'MiB':>5} {'strategy':8} {'before':>8} {'after':>8} {'after/bef':>9} "
             f"{'img/frames':>10} {'collect s':>9} {'MiB/s':>7} {'plan s':>7} {'apply s':>8} {'MiB/s':>7}  check")
@@ -103,11 +173,17 @@ def print_rows(rows):
         if strategy != "exact":
             continue
         parts = []
-        for other in ("address", "none"):
+        for other in ("address", "none", "criu"):
             o = by.get((pattern, mib, other))
             if o:
                 parts.append(f"{other}/exact frames after = {o['after'] / max(1, r['after']):.2f}")
         print(f"{pattern} {mib} MiB: " + ", ".join(parts))
+        c = by.get((pattern, mib, "criu"))
+        if c:
+            print(f"{'':>{len(pattern) + len(str(mib)) + 6}}criu dump / cow-collect time = "
+                  f"{c['t_collect'] / r['t_collect']:.2f}, criu restore / cow-apply (exact) time = "
+                  f"{c['t_apply'] / r['t_apply']:.2f}, "
+                  f"criu image / cowtree image = {c['image_bytes'] / r['image_bytes']:.2f}")
 
 
 def main():
@@ -115,17 +191,23 @@ def main():
     ap.add_argument("--mib", type=int, nargs="+", default=[256], help="region sizes (default 256)")
     ap.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=PATTERNS)
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--criu", metavar="PATH", help="the criu command to compare with (default: see above)")
+    ap.add_argument("--no-criu", action="store_true", help="skip the CRIU comparison")
     args = ap.parse_args()
-    if shutil.which("criu") is None:
-        print("criu: not installed on this machine: CRIU comparison skipped")
+    criu = None
+    if args.no_criu:
+        print("criu: comparison skipped (--no-criu)")
     else:
-        print("criu: found, but the CRIU comparison is not implemented yet: skipped")
+        criu, why = find_criu(args.criu)
+        print(f"criu: using {criu}" if criu else f"criu: {why}: CRIU comparison skipped")
     workdir = tempfile.mkdtemp(prefix="cowtree-bench-")
     rows = []
     try:
         for mib in args.mib:
             for pattern in args.patterns:
                 rows.extend(bench_one(pattern, mib, workdir))
+                if criu:
+                    rows.append(bench_criu(criu, pattern, mib, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_rows(rows)

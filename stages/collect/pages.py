@@ -5,9 +5,9 @@ at consecutive addresses of one process are read with one preadv of
 /proc/PID/mem straight into the record's buffer.  Frames with equal bytes are
 stored once (``same``).
 
-Reader threads read and hash the next records while the caller's thread finds
-equal pages (in id order) and encodes and writes the current one.  preadv,
-BLAKE2b of a page, crc32 and write release the GIL, so they use every core.
+Reader threads read, hash and checksum the next records while the caller's
+thread finds equal pages (in id order) and writes the current one.  preadv,
+SHA-256 of a page, crc32 and write release the GIL, so they use every core.
 """
 
 import collections
@@ -16,7 +16,7 @@ import time
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 
-from stages.stream import pack_u32
+from stages.stream import envelope, pack_u32
 
 PAGE = 4096
 FRAMES_PER_RECORD = 256  # 1 MiB of data at most per record
@@ -47,28 +47,32 @@ class Progress:
 
 
 class _Reader:
-    """Reads and hashes the pages of one record; records are independent, so two
-    threads can each do one (the GIL is released while reading and hashing)."""
+    """Reads, hashes and checksums the pages of one record; records are independent, so
+    two threads can each do one (the GIL is released while reading and hashing)."""
 
     def __init__(self, table, memories):
         self.table, self.memories = table, memories
 
     def read(self, first, count):
-        """(buf, hashes): the bytes of ids first..first+count-1 and their BLAKE2b-128 digests."""
+        """(buf, hashes, crc): the bytes of ids first..first+count-1, their frame hashes and
+        the payload crc of buf (used when no page of buf turns out to be a duplicate)."""
         buf = bytearray(count * PAGE)
         with memoryview(buf) as view:
             offset = 0
             for proc, addr, n in self.table.runs_between(first, count):
                 self.memories[proc].read_into(addr, view[offset:offset + n * PAGE])
                 offset += n * PAGE
-            blake2b = hashlib.blake2b
-            hashes = [blake2b(view[i:i + PAGE], digest_size=16).digest() for i in range(0, len(buf), PAGE)]
-        return buf, hashes
+            # SHA-256 (first 16 bytes): with the CPU's SHA instructions about twice as fast
+            # as BLAKE2b on 4 KiB pages
+            sha256 = hashlib.sha256
+            hashes = [sha256(view[i:i + PAGE]).digest()[:16] for i in range(0, len(buf), PAGE)]
+        return buf, hashes, envelope.data_crc(buf)
 
 
-def _record(first, buf, hashes, seen):
-    """(body, data, stored) of one pages record; ``seen`` (content hash -> first frame id
-    with those bytes) is updated, so records must come here in id order."""
+def _record(first, buf, hashes, buf_crc, seen):
+    """(body, data, data crc or None, stored) of one pages record; ``seen`` (content
+    hash -> first frame id with those bytes) is updated, so records must come here in
+    id order."""
     count = len(hashes)
     same = array("I", bytes(4 * count))
     dups = []  # indexes of pages whose bytes an earlier frame already has
@@ -86,10 +90,11 @@ def _record(first, buf, hashes, seen):
                 start = i + 1
             keep.append(view[start * PAGE:])
             data = b"".join(keep)
+        buf_crc = None  # not the crc of data: the writer computes it
     else:
         data = buf
     body = {"first": first, "count": count, "same": pack_u32(same), "hashes": b"".join(hashes)}
-    return body, data, count - len(dups)
+    return body, data, buf_crc, count - len(dups)
 
 
 def write_pages(writer, table, memories, progress=None):
@@ -116,8 +121,8 @@ def write_pages(writer, table, memories, progress=None):
 
 def _write(writer, pending, seen, progress):
     first, job = pending
-    body, data, stored = _record(first, *job.result(), seen)
-    writer.write("pages", body, data)
+    body, data, crc, stored = _record(first, *job.result(), seen)
+    writer.write("pages", body, data, data_crc=crc)
     if progress:
         progress.update(body["first"] + body["count"] - 1, writer.bytes_written)
     return stored

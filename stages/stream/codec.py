@@ -63,16 +63,17 @@ class StreamWriter:
         body = dict(header, format=fmt, version=self.module.VERSION)
         self.write("header", body)
 
-    def write(self, kind, body, data=None):
+    def write(self, kind, body, data=None, data_crc=None):
         if self.validate:
             spec = self.module.BODIES.get(kind)
             if spec is None:
                 raise StreamError(f"cannot write record of unknown kind {kind!r}")
             spec.check(body, f"{kind} record")
-        self.write_encoded(kind, envelope.pack_meta(body), data)
+        self.write_encoded(kind, envelope.pack_meta(body), data, data_crc)
 
-    def write_encoded(self, kind, meta, data=None):
-        """Write a record whose body is already msgpack-encoded (pass-through of pages)."""
+    def write_encoded(self, kind, meta, data=None, data_crc=None):
+        """Write a record whose body is already msgpack-encoded (pass-through of pages).
+        ``data_crc``: envelope.data_crc(data), when the caller computed it already."""
         phase = self.module.PHASES.get(kind)
         if phase is None:
             raise StreamError(f"cannot write record of unknown kind {kind!r}")
@@ -81,7 +82,7 @@ class StreamWriter:
         if (data is not None) != (kind in self.module.DATA_KINDS):
             raise StreamError(f"record {kind!r}: data payload present/absent wrongly")
         self.phase = phase
-        parts, crc = envelope.encode_record(kind, self.seq, meta, data)
+        parts, crc = envelope.encode_record(kind, self.seq, meta, data, data_crc)
         for part in parts:
             self.out.write(part)
             self.bytes_written += len(part)

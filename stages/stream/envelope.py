@@ -31,12 +31,20 @@ MAX_META_BYTES = 256 << 20
 MAX_DATA_BYTES = 64 << 20
 
 
-def record_crc(kind, seq, meta, data):
-    crc = zlib.crc32(f"{kind}:{seq}".encode())
-    crc = zlib.crc32(meta, crc)
+def data_crc(data):
+    """The part of a record's crc that covers its data payload (see record_crc)."""
+    return zlib.crc32(data)
+
+
+def record_crc(kind, seq, meta, data, data_crc=None):
+    """CRC-32 over data, then "kind:seq", then meta.  The data comes first so that its
+    crc (``data_crc``, the bulk of the work) can be computed apart from the record:
+    cow-collect does it in the threads that read the pages."""
+    crc = 0
     if data is not None:
-        crc = zlib.crc32(data, crc)
-    return crc
+        crc = zlib.crc32(data) if data_crc is None else data_crc
+    crc = zlib.crc32(f"{kind}:{seq}".encode(), crc)
+    return zlib.crc32(meta, crc)
 
 
 def pack_meta(body):
@@ -62,13 +70,14 @@ def bin_header(length):
     return struct.pack(">BI", 0xC6, length)
 
 
-def encode_record(kind, seq, meta, data):
+def encode_record(kind, seq, meta, data, data_crc=None):
     """Frame one record; returns (list of byte strings to write in order, crc).
 
     The page payload is not copied into a msgpack buffer: it is written as it
-    is, between the encoded prefix and suffix of the envelope.
+    is, between the encoded prefix and suffix of the envelope.  ``data_crc``:
+    data_crc(data) when the caller has it already.
     """
-    crc = record_crc(kind, seq, meta, data)
+    crc = record_crc(kind, seq, meta, data, data_crc)
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
     packer.pack_array_header(5)
     packer.pack(kind)

@@ -150,7 +150,7 @@ VMAS = Map({"pid": PID, "vmas": ListOf(VMA, max_len=1 << 20)})
 
 # A run of frames first..first+count-1.  same[i] (uint32): 0 = this frame's bytes
 # are the next page of ``data``; otherwise an earlier frame id with equal bytes.
-# hashes: 16-byte BLAKE2b of every frame's bytes.
+# hashes: the first 16 bytes of the SHA-256 of every frame's bytes.
 PAGES = Map({"first": Int(1, (1 << 32) - 1), "count": Int(1, 1 << 16), "same": Bin(multiple=4), "hashes": Bin(multiple=16)})
 
 BODIES = {"header": HEADER, "process": PROCESS, "vmas": VMAS, "pages": PAGES}

@@ -13,7 +13,7 @@ class Images:
         self.vmas = {}        # pid -> [vma body with 'ids' (list of frame ids, or None)]
         self.pages_records = []
         self.content = {}     # frame id -> bytes (resolved through 'same')
-        self.hashes = {}      # frame id -> 16-byte BLAKE2b from the stream
+        self.hashes = {}      # frame id -> 16-byte SHA-256 prefix from the stream
         self.stored = 0
         with open(path, "rb") as f:
             reader = StreamReader(f)
@@ -60,4 +60,4 @@ class Images:
         return out
 
     def hash_ok(self, fid):
-        return hashlib.blake2b(self.content[fid], digest_size=16).digest() == self.hashes[fid]
+        return hashlib.sha256(self.content[fid]).digest()[:16] == self.hashes[fid]

@@ -74,7 +74,7 @@ class ImageBuilder:
             same, hashes, data = [], b"", b""
             for f in ids:
                 c = self.contents[f - 1]
-                h = hashlib.blake2b(c, digest_size=16).digest()
+                h = hashlib.sha256(c).digest()[:16]
                 hashes += h
                 if h in first_of:
                     same.append(first_of[h])
