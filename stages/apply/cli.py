@@ -108,7 +108,8 @@ def main(argv=None):
         epilog="exit codes: 0 restored (with --wait: the root's exit status), 1 refused or failed "
         "(a partly created tree is killed), 64 bad usage.",
     )
-    ap.add_argument("-i", "--input", default="-", metavar="FILE", help="plan file; default stdin")
+    ap.add_argument("-i", "--input", default="-", metavar="FILE", help="plan file; default stdin.  A regular file is checked whole, then its pages are "
+                    "used in place (no copy): do not change it while cow-apply runs")
     ap.add_argument("--pidns", action="store_true", help="restore into a fresh pid namespace (same pid numbers inside)")
     ap.add_argument("--wait", action="store_true", help="stay until the root exits; exit with its status")
     ap.add_argument("--report", metavar="FILE", help="write a JSON report (pids, times, bytes) to FILE")

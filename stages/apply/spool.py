@@ -1,7 +1,9 @@
 """Reading a whole plan before anything runs: every record checked, page bytes spooled.
 
-The page data goes to an unlinked temp file (one copy, mmap'd afterwards);
-frames are indexed by id, with ``same`` resolved to the frame whose bytes are
+From a pipe, the page data goes to an unlinked temp file (one copy, mmap'd
+afterwards).  From a regular file, the pages are used where they are: the file
+itself is mmap'd, so no copy is made (it must not change while cow-apply runs).
+Frames are indexed by id, with ``same`` resolved to the frame whose bytes are
 stored.  Nothing is trusted until the trailer has been read and checked.
 """
 
@@ -41,6 +43,8 @@ class Plan:
 def spool_plan(fileobj, tmpdir=None):
     """Read the plan stream from fileobj to its trailer; returns a Plan (StreamError if bad)."""
     reader = StreamReader(fileobj, expect=plans.FORMAT)
+    if reader.base is not None:
+        return _plan_in_place(reader, fileobj)
     fd, path = tempfile.mkstemp(prefix="cow-apply-spool-", dir=tmpdir)
     os.unlink(path)  # private and gone when we are
     try:
@@ -60,7 +64,33 @@ def spool_plan(fileobj, tmpdir=None):
         raise
 
 
+def _plan_in_place(reader, fileobj):
+    """The pages stay in the input file: frame offsets are file offsets."""
+    processes = []
+    offsets = array.array("Q", [0])
+    for rec in reader:
+        if rec.kind == "process":
+            processes.append(rec.body)
+        elif rec.kind == "pages":
+            _index_pages(rec, offsets, rec.data_offset)
+    fd = os.dup(fileobj.fileno())
+    try:
+        size = os.fstat(fd).st_size
+        return Plan(reader.header, processes, offsets, fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _spool_pages(rec, offsets, out, written):
+    at = _index_pages(rec, offsets, written)  # checks the record first
+    out.write(rec.data)
+    return at
+
+
+def _index_pages(rec, offsets, at):
+    """Append the offsets of the frames of one pages record whose stored bytes start at
+    ``at``; returns the offset after them."""
     from stages.stream import StreamError
 
     body, data = rec.body, rec.data
@@ -72,8 +102,6 @@ def _spool_pages(rec, offsets, out, written):
     stored = sum(1 for s in same if s == 0)
     if len(data) != stored * PAGE:
         raise StreamError(f"record {rec.seq} (pages): {len(data)} data bytes for {stored} stored pages")
-    out.write(data)
-    at = written
     for i, s in enumerate(same):
         if s == 0:
             offsets.append(at)

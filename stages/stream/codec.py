@@ -2,6 +2,7 @@
 
 import errno
 import os
+import stat
 
 import msgpack
 
@@ -18,10 +19,14 @@ TRAILER = Map(
 
 
 class Record:
-    __slots__ = ("kind", "seq", "body", "data", "meta")
+    """One checked record.  ``data_offset``: where ``data`` starts in the input file, when the
+    input is a regular file (a reader may then use the payload in place), else None."""
 
-    def __init__(self, kind, seq, body, data, meta):
+    __slots__ = ("kind", "seq", "body", "data", "meta", "data_offset")
+
+    def __init__(self, kind, seq, body, data, meta, data_offset=None):
         self.kind, self.seq, self.body, self.data, self.meta = kind, seq, body, data, meta
+        self.data_offset = data_offset
 
     def __repr__(self):
         return f"<Record {self.seq} {self.kind}>"
@@ -111,6 +116,7 @@ class StreamReader:
 
     def __init__(self, fileobj, expect=None, validate=True):
         self.fileobj = fileobj
+        self.base = _regular_file_offset(fileobj)  # None unless fileobj is a regular file
         self.unpacker = envelope.make_unpacker(fileobj)
         self.validate = validate
         self.seq = 0
@@ -177,7 +183,11 @@ class StreamReader:
         if self.validate:
             spec.check(body, f"record {seq} ({kind})")
         self._account(kind, crc)
-        return Record(kind, seq, body, data, meta)
+        offset = None
+        if data is not None and self.base is not None:
+            # the payload is the last bytes of the record but the crc that follows it
+            offset = self.base + self.unpacker.tell() - envelope.packed_crc_len(crc) - len(data)
+        return Record(kind, seq, body, data, meta, offset)
 
     def _finish(self, meta):
         body = envelope.unpack_meta(meta, "trailer", self.seq)
@@ -195,6 +205,15 @@ class StreamReader:
 
     def records(self):
         return list(self)
+
+
+def _regular_file_offset(fileobj):
+    try:
+        if not stat.S_ISREG(os.fstat(fileobj.fileno()).st_mode):
+            return None
+        return fileobj.tell()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def open_input(path):

@@ -91,6 +91,11 @@ def encode_record(kind, seq, meta, data, data_crc=None):
     return [prefix, data, msgpack.packb(crc)], crc
 
 
+def packed_crc_len(crc):
+    """Bytes of the crc at the end of an encoded record (msgpack: 1, 2, 3 or 5)."""
+    return len(msgpack.packb(crc))
+
+
 def chain_update(chain, crc):
     return zlib.crc32(struct.pack("<I", crc), chain)
 
