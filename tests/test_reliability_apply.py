@@ -295,15 +295,17 @@ def stop_apply_when(cgroup, proc, want_untraced, timeout=30):
     return None
 
 
+@pytest.mark.parametrize("untraced", [False, True], ids=["all-traced", "one-untraced"])
 @pytest.mark.parametrize("flags", [(), ("--pidns",)], ids=["host", "pidns"])
-def test_sigkill_mid_restore_kills_every_traced_agent(big_plan, cgroup, flags):
+def test_sigkill_mid_restore_kills_every_agent(big_plan, cgroup, flags, untraced):
     """cow-apply cannot clean up after SIGKILL: its agents must die by themselves.  Those it
-    has seized do: PTRACE_O_EXITKILL (with --pidns, pid 1 dying also ends the namespace)."""
+    has seized do: PTRACE_O_EXITKILL (with --pidns, pid 1 dying also ends the namespace).
+    One it has not seized yet (just cloned) does too: its parent death signal is SIGKILL."""
     path, pids = big_plan
     proc = start_apply(cgroup, path, *flags)
     try:
-        agents = stop_apply_when(cgroup, proc, want_untraced=False)
-        assert agents, f"no moment with every agent traced: {proc.communicate()}"
+        agents = stop_apply_when(cgroup, proc, want_untraced=untraced)
+        assert agents, f"no moment with {'an untraced' if untraced else 'every'} agent: {proc.communicate()}"
         proc.kill()
         proc.communicate(timeout=TIMEOUT)
     finally:
