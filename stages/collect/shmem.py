@@ -1,0 +1,180 @@
+"""Shared memory objects of the tree: MAP_SHARED anonymous mappings and memfds.
+
+One object per inode (the dev:ino columns of maps, or the fd's stat): a region a parent
+mapped MAP_SHARED|MAP_ANONYMOUS before forking four children is one object seen by five
+processes, and its contents go into the image once.  Ids are dense, 1..S, in the order
+processes (stream order), then their VMAs and fds, first show the object.
+
+The contents are read from the object itself (the shmem file behind /proc/PID/map_files/
+or /proc/PID/fd/N): SEEK_DATA/SEEK_HOLE give the pages it holds (resident or swapped),
+which is what a restore must recreate; holes read as zeros and are left out.
+
+MAP_SHARED mappings of ordinary files (also under /dev/shm) are not objects here: the
+file holds their data and apply maps the same file again.
+"""
+
+import fcntl
+import os
+
+from stages.linux import procfs
+from stages.stream import pack_u32
+
+PAGE = 4096
+MEMFD_PREFIX = "/memfd:"
+F_GET_SEALS = 1034
+PAGES_PER_RECORD = 1024  # 4 MiB of data per shmem record
+ANON, MEMFD = "anon", "memfd"
+
+
+def is_memfd_path(path):
+    return (path or "").startswith(MEMFD_PREFIX)
+
+
+def memfd_name(path):
+    """'/memfd:cache (deleted)' -> 'cache' (the name given to memfd_create)."""
+    name = path[len(MEMFD_PREFIX):]
+    return name[: -len(procfs.DELETED)] if name.endswith(procfs.DELETED) else name
+
+
+def vma_object_kind(vma):
+    """ANON or MEMFD for a MAP_SHARED mapping of a shmem object restored by content, else None."""
+    if not vma["shared"]:
+        return None
+    path = vma.get("path") or ""
+    if vma["kind"] == "anon":
+        return ANON  # '/dev/zero (deleted)', '[anon_shmem:name]'
+    if vma["kind"] == "file" and is_memfd_path(path):
+        return MEMFD
+    return None
+
+
+def _key(dev, ino):
+    return (dev, int(ino))
+
+
+class SharedObjects:
+    """The tree's shared objects: ids, where to read each one, and refusals."""
+
+    def __init__(self, views):
+        self.ids = {}  # (dev, ino) -> id
+        self.objects = []  # id - 1 -> {"id", "kind", "name", "source", "where"}
+        self.reasons = []  # (pid, text)
+        for view in views:
+            pid = view.pid
+            for vma in view.vmas:
+                kind = vma_object_kind(vma)
+                if kind is None:
+                    continue
+                if "ht" in vma.get("vmflags", ()):
+                    self.reasons.append((pid, f"hugetlb shared mapping at {vma['start']:#x}-{vma['end']:#x}"))
+                    continue
+                source = f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}"
+                self._add(_key(vma["dev"], vma["ino"]), kind, vma.get("path") or "", source,
+                          (pid, f"shared memory at {vma['start']:#x}-{vma['end']:#x}"))
+            for fd in view.fds:
+                if fd["kind"] == "file" and is_memfd_path(fd.get("path")):
+                    self._add(_key(fd["dev"], fd["ino"]), MEMFD, fd["path"], f"/proc/{pid}/fd/{fd['fd']}",
+                              (pid, f"fd {fd['fd']}"))
+        self._inspect()
+
+    def __len__(self):
+        return len(self.objects)
+
+    def _add(self, key, kind, path, source, where):
+        if key in self.ids:
+            return
+        self.ids[key] = len(self.objects) + 1
+        self.objects.append({"id": len(self.objects) + 1, "kind": kind,
+                             "name": memfd_name(path) if kind == MEMFD else None,
+                             "source": source, "where": where})
+
+    def _inspect(self):
+        """Size of every object; seals, which apply does not recreate, are refused."""
+        for obj in self.objects:
+            pid, what = obj["where"]
+            try:
+                fd = os.open(obj["source"], os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                self.reasons.append((pid, f"{what}: cannot open its shared memory object ({exc.strerror})"))
+                continue
+            try:
+                obj["size"] = os.fstat(fd).st_size
+                try:
+                    seals = fcntl.fcntl(fd, F_GET_SEALS)
+                except OSError:
+                    seals = 0
+                if obj["kind"] == MEMFD and seals:
+                    self.reasons.append((pid, f"{what}: a memfd with seals ({seals:#x})"))
+            finally:
+                os.close(fd)
+
+    def vma_id(self, vma):
+        if vma_object_kind(vma) is None:
+            return None
+        return self.ids.get(_key(vma["dev"], vma["ino"]))
+
+    def fd_id(self, fd):
+        if fd["kind"] == "file" and is_memfd_path(fd.get("path")):
+            return self.ids.get(_key(fd["dev"], fd["ino"]))
+        return None
+
+    def write(self, writer):
+        """One or more ``shmem`` records per object (pages it holds, PAGES_PER_RECORD at a time).
+        Returns (objects, pages written)."""
+        total = 0
+        for obj in self.objects:
+            fd = os.open(obj["source"], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = obj["size"]
+                npages = (size + PAGE - 1) // PAGE
+                chunks = list(_page_chunks(_data_pages(fd, size), PAGES_PER_RECORD)) or [[]]
+                for chunk in chunks:
+                    data = bytearray()
+                    for first, n in _runs(chunk):
+                        blob = os.pread(fd, n * PAGE, first * PAGE)
+                        data += blob.ljust(n * PAGE, b"\0")  # the last page past EOF reads short
+                    body = {"id": obj["id"], "kind": obj["kind"], "size": size, "npages": npages,
+                            "pages": pack_u32(chunk)}
+                    if obj["name"] is not None:
+                        body["name"] = obj["name"]
+                    writer.write("shmem", body, bytes(data))
+                    total += len(chunk)
+            finally:
+                os.close(fd)
+        return len(self.objects), total
+
+
+def _data_pages(fd, size):
+    """Page indexes of the object that hold data (SEEK_DATA/SEEK_HOLE), ascending."""
+    at = 0
+    while at < size:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after at
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield from range(start // PAGE, (end + PAGE - 1) // PAGE)
+        at = end
+
+
+def _page_chunks(pages, n):
+    chunk = []
+    for p in pages:
+        chunk.append(p)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _runs(pages):
+    """[(first, count)] of consecutive page indexes."""
+    out = []
+    for p in pages:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1])
+    return out
+

@@ -1,0 +1,239 @@
+"""Shared memory across the tree (issue 6): MAP_SHARED anonymous memory inherited over fork,
+a memfd shared by two processes, a /dev/shm file mapped MAP_SHARED by two processes.
+
+Each is dumped, the tree killed, planned and restored; then, from outside: every process
+still counts in its own slot of the shared region and the others see those counts; a
+write through one process's mapping (/proc/PID/mem) is seen in every other's; the
+restored objects hold as many frames as before, and the private frames are as before."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from stages.linux import memstat
+from tests.support.commands import run, tool
+from tests.support.workloads import become_subreaper, proc_state, reap, tree_pids
+
+PAGE = 4096
+SLOTS = 8  # counters at the start of the region, one u64 per process
+
+# argv: mode ready-file children.  The region: SLOTS u64 counters, then pages of a pattern
+# (every page written: the object holds all of them), then untouched pages (holes).
+WORKLOAD = r"""
+import mmap, os, struct, sys, time
+mode, ready, nchildren = sys.argv[1], sys.argv[2], int(sys.argv[3])
+PAGE = 4096
+filled, holes = 40, 24
+size = (filled + holes) * PAGE
+fd = None
+if mode == "anon":
+    m = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
+elif mode == "memfd":
+    fd = os.memfd_create("cowtree-test", 0)
+    os.ftruncate(fd, size)
+    m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    os.lseek(fd, 1234, os.SEEK_SET)
+else:
+    fd = os.open(mode, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.ftruncate(fd, size)
+    m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    os.close(fd); fd = None
+for p in range(1, filled):
+    m[p * PAGE:(p + 1) * PAGE] = bytes([p]) * PAGE
+private = bytearray(os.urandom(64 * PAGE))  # private memory, shared COW with the children
+slot = 0
+pids = [os.getpid()]
+for k in range(1, nchildren + 1):
+    pid = os.fork()
+    if pid == 0:
+        slot = k
+        pids = None
+        break
+    pids.append(pid)
+if pids is not None:
+    with open(ready + ".tmp", "w") as f:
+        f.write(" ".join(map(str, pids)) + (f" {fd}" if fd is not None else ""))
+    os.rename(ready + ".tmp", ready)
+while True:
+    n = struct.unpack_from("<Q", m, 8 * slot)[0]
+    struct.pack_into("<Q", m, 8 * slot, n + 1)
+    time.sleep(0.002)
+"""
+
+
+class Tree:
+    def __init__(self):
+        self.pids = set()
+        self.popens = []
+
+    def kill_all(self):
+        for p in self.popens:
+            self.pids.update(tree_pids(p.pid))
+        for pid in sorted(self.pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for p in self.popens:
+            p.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        for pid in sorted(self.pids):
+            while not reap(pid) and proc_state(pid) not in (None, "?"):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+
+
+@pytest.fixture
+def tree():
+    become_subreaper()
+    t = Tree()
+    yield t
+    t.kill_all()
+
+
+def wait_file(path, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def start(tree, tmp_path, mode, children):
+    ready = str(tmp_path / "ready")
+    popen = subprocess.Popen([sys.executable, "-c", WORKLOAD, mode, ready, str(children)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             close_fds=True, start_new_session=True)
+    tree.popens.append(popen)
+    wait_file(ready)
+    fields = [int(x) for x in open(ready).read().split()]
+    pids = fields[: children + 1]
+    tree.pids.update(pids)
+    return popen, pids, (fields[children + 1] if len(fields) > children + 1 else None)
+
+
+def region_of(pid, path_part):
+    """(start, end, dev, ino, path) of pid's MAP_SHARED mapping whose path contains path_part."""
+    for line in open(f"/proc/{pid}/maps"):
+        parts = line.split(None, 5)
+        if parts[1][3] == "s" and len(parts) > 5 and path_part in parts[5]:
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            return a, b, parts[3], int(parts[4]), parts[5].strip()
+    raise AssertionError(f"process {pid}: no shared mapping of {path_part}")
+
+
+def read_mem(pid, addr, n):
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        f.seek(addr)
+        return f.read(n)
+
+
+def write_mem(pid, addr, data):
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as f:
+        f.seek(addr)
+        f.write(data)
+
+
+def counters(pid, addr):
+    return struct.unpack(f"<{SLOTS}Q", read_mem(pid, addr, 8 * SLOTS))
+
+
+def check_shared_and_counting(pids, path_part, nprocs):
+    """Every process maps one object (same dev:ino); every process's counter moves, as seen
+    through the first process's mapping; a write through one mapping is seen in all."""
+    regions = [region_of(p, path_part) for p in pids]
+    assert len({(r[2], r[3]) for r in regions}) == 1, regions
+    first = counters(pids[0], regions[0][0])
+    time.sleep(0.3)
+    later = counters(pids[0], regions[0][0])
+    assert all(later[k] > first[k] for k in range(nprocs)), (first, later)
+    # a write through the last process's mapping shows in every process (page 63: a hole)
+    marker = os.urandom(16)
+    write_mem(pids[-1], regions[-1][0] + 63 * PAGE, marker)
+    for p, r in zip(pids, regions):
+        assert read_mem(p, r[0] + 63 * PAGE, 16) == marker, p
+    for p, r in zip(pids, regions):
+        for page in (1, 17, 39):
+            assert read_mem(p, r[0] + page * PAGE, PAGE) == bytes([page]) * PAGE
+        assert read_mem(p, r[0] + 40 * PAGE, PAGE) == bytes(PAGE)
+    return regions
+
+
+def dump_kill_restore(tree, popen, pids, tmp_path):
+    images = run([tool("cow-collect"), "--tree", str(pids[0]), "--kill"]).stdout
+    popen.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not all(reap(p) for p in pids):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    plan = run([tool("cow-plan"), "--check"], images).stdout
+    report = tmp_path / "apply.json"
+    run([tool("cow-apply"), "--report", str(report)], plan)
+    rep = json.loads(report.read_text())
+    outer = [int(rep["pids"][str(p)]) for p in pids]
+    tree.pids.update(outer)
+    return images, outer
+
+
+def frames(pid):
+    m = memstat.tree_frames(pid)
+    return m["distinct_frames"], m["shared_objects"], m["shared_frames"]
+
+
+def test_shared_anonymous_region_of_parent_and_four_children(tree, tmp_path):
+    popen, pids, _ = start(tree, tmp_path, "anon", 4)
+    check_shared_and_counting(pids, "/dev/zero", 5)
+    before = frames(pids[0])
+    assert before[1:] == (1, 42), before  # one object: the counters, 39 pattern pages, page 40 (read from outside), the marker
+    images, outer = dump_kill_restore(tree, popen, pids, tmp_path)
+    shown = run([tool("cow-show")], images).stdout.decode()
+    assert "shared memory 1: anon, 262144 bytes, 42 pages dumped" in shown, shown
+    assert outer == pids
+    regions = check_shared_and_counting(outer, "/dev/zero (deleted)", 5)
+    assert regions[0][4] == "/dev/zero (deleted)"
+    after = frames(outer[0])
+    assert after == before, (before, after)
+    assert all(proc_state(p) in ("S", "R") for p in outer)
+
+
+def test_memfd_shared_by_two_processes_and_held_as_fd(tree, tmp_path):
+    popen, pids, fd = start(tree, tmp_path, "memfd", 1)
+    check_shared_and_counting(pids, "/memfd:cowtree-test", 2)
+    before = frames(pids[0])
+    assert before[1:] == (1, 42), before
+    _, outer = dump_kill_restore(tree, popen, pids, tmp_path)
+    regions = check_shared_and_counting(outer, "/memfd:cowtree-test", 2)
+    for p, r in zip(outer, regions):
+        st = os.stat(f"/proc/{p}/fd/{fd}")
+        assert os.readlink(f"/proc/{p}/fd/{fd}") == "/memfd:cowtree-test (deleted)"
+        assert st.st_ino == r[3]  # the fd is the mapped object
+        with open(f"/proc/{p}/fdinfo/{fd}") as f:
+            assert f.readline().split() == ["pos:", "1234"]
+    after = frames(outer[0])
+    assert after == before, (before, after)
+
+
+def test_dev_shm_file_mapped_by_two_processes(tree, tmp_path):
+    path = f"/dev/shm/cowtree-test-{os.getpid()}"
+    try:
+        popen, pids, _ = start(tree, tmp_path, path, 1)
+        check_shared_and_counting(pids, path, 2)
+        before = frames(pids[0])
+        images, outer = dump_kill_restore(tree, popen, pids, tmp_path)
+        shown = run([tool("cow-show")], images).stdout.decode()
+        assert "shared memory" not in shown  # the file holds the data: nothing dumped
+        regions = check_shared_and_counting(outer, path, 2)
+        assert regions[0][3] == os.stat(path).st_ino
+        after = frames(outer[0])
+        assert before[1:] == (1, 42) and after == before, (before, after)
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
