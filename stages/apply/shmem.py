@@ -67,7 +67,8 @@ def create(plan):
             if obj["kind"] == "anon":
                 fd = _anonymous_object(obj["size"])
             else:
-                fd = os.memfd_create(obj["name"] or "", os.MFD_CLOEXEC)
+                sealing = os.MFD_ALLOW_SEALING if obj.get("seals") == 0 else 0
+                fd = os.memfd_create(obj["name"] or "", os.MFD_CLOEXEC | sealing)
             try:
                 if os.fstat(fd).st_size != obj["size"]:
                     os.ftruncate(fd, obj["size"])

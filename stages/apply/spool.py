@@ -101,7 +101,8 @@ def _spool_shmem(rec, shared, out, written):
     if any(p >= body["npages"] for p in pages) or body["npages"] * PAGE < body["size"]:
         raise StreamError(f"record {rec.seq} (shmem): a page beyond object {body['id']}'s size")
     obj = shared.setdefault(body["id"], {"kind": body["kind"], "size": body["size"],
-                                         "name": body.get("name"), "pages": []})
+                                         "name": body.get("name"), "seals": body.get("seals", 1),
+                                         "pages": []})
     if (obj["kind"], obj["size"], obj["name"]) != (body["kind"], body["size"], body.get("name")):
         raise StreamError(f"record {rec.seq} (shmem): object {body['id']} is described differently than before")
     out.write(rec.data)

@@ -22,6 +22,7 @@ from stages.stream import pack_u32
 PAGE = 4096
 MEMFD_PREFIX = "/memfd:"
 F_GET_SEALS = 1034
+F_SEAL_SEAL = 1  # a memfd made without MFD_ALLOW_SEALING has this one seal: nothing is sealed
 PAGES_PER_RECORD = 1024  # 4 MiB of data per shmem record
 ANON, MEMFD = "anon", "memfd"
 
@@ -99,12 +100,10 @@ class SharedObjects:
                 continue
             try:
                 obj["size"] = os.fstat(fd).st_size
-                try:
-                    seals = fcntl.fcntl(fd, F_GET_SEALS)
-                except OSError:
-                    seals = 0
-                if obj["kind"] == MEMFD and seals:
-                    self.reasons.append((pid, f"{what}: a memfd with seals ({seals:#x})"))
+                if obj["kind"] == MEMFD:
+                    obj["seals"] = seals = fcntl.fcntl(fd, F_GET_SEALS)
+                    if seals not in (0, F_SEAL_SEAL):  # 0: MFD_ALLOW_SEALING, nothing sealed yet
+                        self.reasons.append((pid, f"{what}: a sealed memfd (seals {seals:#x})"))
             finally:
                 os.close(fd)
 
@@ -136,7 +135,7 @@ class SharedObjects:
                     body = {"id": obj["id"], "kind": obj["kind"], "size": size, "npages": npages,
                             "pages": pack_u32(chunk)}
                     if obj["name"] is not None:
-                        body["name"] = obj["name"]
+                        body["name"], body["seals"] = obj["name"], obj["seals"]
                     writer.write("shmem", body, bytes(data))
                     total += len(chunk)
             finally:

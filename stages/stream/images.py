@@ -162,11 +162,12 @@ PAGES = Map({"first": Int(1, (1 << 32) - 1), "count": Int(1, 1 << 16), "same": B
 # kind "anon" or "memfd" (name = the memfd's name), size in bytes (npages pages), and some of
 # the pages it holds: ``pages`` = packed uint32 page indexes (ascending), their bytes in
 # ``data`` in that order.  An object may take several records (same id, kind, size); pages
-# not in any record are holes (zero, not allocated).
+# not in any record are holes (zero, not allocated).  A memfd's ``seals`` (F_GET_SEALS):
+# 1 = F_SEAL_SEAL (made without MFD_ALLOW_SEALING), 0 = sealing allowed, none set.
 SHMEM = Map(
     {"id": Int(1, (1 << 32) - 1), "kind": Str(choices={"anon", "memfd"}), "size": UInt(),
      "npages": UInt(), "pages": Bin(multiple=4)},
-    {"name": Str(max_len=249)},
+    {"name": Str(max_len=249), "seals": Int(0, 1)},
 )
 
 BODIES = {"header": HEADER, "process": PROCESS, "vmas": VMAS, "pages": PAGES, "shmem": SHMEM}
