@@ -124,20 +124,22 @@ def check_shared_and_counting(pids, path_part, nprocs):
     return regions
 
 
-def dump_kill_restore(tree, popen, pids, tmp_path):
-    images = run([tool("cow-collect"), "--tree", str(pids[0]), "--kill"]).stdout
-    popen.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while not all(reap(p) for p in pids):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+def dump_kill_restore(tree, popen, pids, tmp_path, pidns=False):
+    """Dump; kill the original (with pidns: leave it running, restore beside it); plan; apply."""
+    images = run([tool("cow-collect"), "--tree", str(pids[0])] + ([] if pidns else ["--kill"])).stdout
+    if not pidns:
+        popen.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(reap(p) for p in pids):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     stats = tmp_path / "stats.json"
     plan = run([tool("cow-plan"), "--check", "--stats", str(stats)], images).stdout
     report = tmp_path / "apply.json"
-    run([tool("cow-apply"), "--report", str(report)], plan)
+    run([tool("cow-apply"), "--report", str(report)] + (["--pidns"] if pidns else []), plan)
     rep = json.loads(report.read_text())
     outer = [int(rep["pids"][str(p)]) for p in pids]
-    tree.pids.update(outer)
+    tree.pids.update(outer + ([rep["init_pid"]] if rep.get("init_pid") else []))
     return images, outer, json.loads(stats.read_text())
 
 
@@ -155,16 +157,19 @@ def check_frames(before, after, stats):
     assert stats["frames_planned"] <= after[0] <= before[0], (before, after, stats)
 
 
-def test_shared_anonymous_region_of_parent_and_four_children(tree, tmp_path):
+@pytest.mark.parametrize("pidns", [False, True], ids=["same-pids", "pidns"])
+def test_shared_anonymous_region_of_parent_and_four_children(tree, tmp_path, pidns):
     popen, pids, _ = start(tree, tmp_path, "anon", 4)
     check_shared_and_counting(pids, "/dev/zero", 5)
     before = frames(pids[0])
     assert before[1:] == (1, 42), before  # one object: the counters, 39 pattern pages, page 40 (read from outside), the marker
-    images, outer, stats = dump_kill_restore(tree, popen, pids, tmp_path)
+    images, outer, stats = dump_kill_restore(tree, popen, pids, tmp_path, pidns)
     shown = run([tool("cow-show")], images).stdout.decode()
     assert "shared memory 1: anon, 262144 bytes, 42 pages dumped" in shown, shown
-    assert outer == pids
+    assert (outer == pids) != pidns
     regions = check_shared_and_counting(outer, "/dev/zero (deleted)", 5)
+    if pidns:  # the original runs on with its own object
+        assert {region_of(p, "/dev/zero")[3] for p in pids} != {r[3] for r in regions}
     assert regions[0][4] == "/dev/zero (deleted)"
     check_frames(before, frames(outer[0]), stats)
     assert all(proc_state(p) in ("S", "R") for p in outer)

@@ -102,9 +102,9 @@ class Collection:
             reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
         holders = state.pipe_holders(self.views)
         reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), holders)))
-        if not reasons:
-            self.shared = SharedObjects(self.views)
-            reasons.extend(self.shared.reasons)
+        self.shared = SharedObjects(self.views)
+        self.shared.held_outside(set(self.tree.order))
+        reasons.extend(self.shared.reasons)
         if reasons:
             raise Refused(reasons)
 

@@ -107,6 +107,38 @@ class SharedObjects:
             finally:
                 os.close(fd)
 
+    def held_outside(self, tree_pids):
+        """Refuse objects that a process outside the tree maps or holds as an fd: the restored
+        tree gets a new object, which that process would not share (every process's maps and
+        memfd fds are read; cheap next to reading the tree's memory)."""
+        if not self.ids:
+            return
+        me = os.getpid()
+        found = {}  # id -> outside pid
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) in tree_pids or int(name) == me:
+                continue
+            pid = int(name)
+            try:
+                with open(f"/proc/{pid}/maps") as f:
+                    for line in f:
+                        parts = line.split(None, 5)
+                        if len(parts) > 5 and parts[1][3:4] == "s":
+                            oid = self.ids.get((parts[3], int(parts[4])))
+                            if oid:
+                                found.setdefault(oid, pid)
+                for n in os.listdir(f"/proc/{pid}/fd"):
+                    if is_memfd_path(procfs.readlink(f"/proc/{pid}/fd/{n}")):
+                        st = os.stat(f"/proc/{pid}/fd/{n}")
+                        oid = self.ids.get(_key(procfs.dev_string(st.st_dev), st.st_ino))
+                        if oid:
+                            found.setdefault(oid, pid)
+            except OSError:  # gone, a zombie, or a kernel thread
+                continue
+        for oid, pid in sorted(found.items()):
+            where_pid, what = self.objects[oid - 1]["where"]
+            self.reasons.append((where_pid, f"{what}: shared memory also held by process {pid} outside the tree"))
+
     def vma_id(self, vma):
         if vma_object_kind(vma) is None:
             return None
