@@ -15,11 +15,13 @@ import time
 
 import pytest
 
+from stages._native import lib
 from stages.linux import memstat
 from tests.support.commands import run, tool
 from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids
 
 PAGE = 4096
+SYS_KCMP, KCMP_FILE = 312, 0
 SLOTS = 8  # counters at the start of the region, one u64 per process
 
 # tests/workloads/shmwl.c: a 64-page region, counters in page 0, pages 1..39 = their number,
@@ -188,6 +190,8 @@ def test_memfd_shared_by_two_processes_and_held_as_fd(tree, tmp_path):
         assert st.st_ino == r[3]  # the fd is the mapped object
         with open(f"/proc/{p}/fdinfo/{fd}") as f:
             assert f.readline().split() == ["pos:", "1234"]
+    # the child inherited the fd: one open file description, as before the dump
+    assert lib.cow_syscall6(SYS_KCMP, outer[0], outer[1], KCMP_FILE, fd, fd, 0) == 0
     check_frames(before, frames(outer[0]), stats)
 
 

@@ -93,6 +93,7 @@ def check_process(proc):
 def check_shared(plan):
     """Every VMA and fd naming a shared memory object names one the plan holds."""
     shared = getattr(plan, "shared", None) or {}
+    descs = {}  # memfd description -> object
     for proc in plan.processes:
         pid = proc["pid"]
         for vma in proc["layout"]:
@@ -106,8 +107,15 @@ def check_shared(plan):
                 raise Refusal(f"{where}: maps shared memory object {oid} but is private, has pieces "
                               "or an unaligned offset")
         for fd in proc["image"]["fds"]:
-            if "shmem" in fd and fd["shmem"] not in shared:
+            if "shmem" not in fd:
+                continue
+            if fd["shmem"] not in shared:
                 raise Refusal(f"process {pid}: fd {fd['fd']}: shared memory object {fd['shmem']} is not in the plan")
+            if "desc" in fd and descs.setdefault(fd["desc"], fd["shmem"]) != fd["shmem"]:
+                raise Refusal(f"process {pid}: fd {fd['fd']}: description {fd['desc']} is of two objects")
+    pipe_descs = {fd["desc"] for p in plan.processes for fd in p["image"]["fds"] if fd["kind"] == "pipe"}
+    if pipe_descs & set(descs):
+        raise Refusal(f"description {min(pipe_descs & set(descs))} is of a pipe and of a memfd")
 
 
 CAP_SYS_RESOURCE = 24

@@ -72,13 +72,15 @@ def complement(keep, low=0, high=TASK_SIZE):
     return out
 
 
-def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, is_root=False, shmem_fds=None):
+def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, is_root=False, shmem_fds=None,
+          shmem_desc_fds=None):
     """Program for one plan process.  ranges: {id: range record} of the whole tree;
     window: (base, size); blob_region: (base, size); own_vdso: cow-apply's vDSO layout;
     scratch: an address range (start, size) free in the target layout for a two-step vDSO move;
     pipe_fds: {desc: fd} of the pipe descriptions cow-apply holds (stages.apply.pipes), all above
     every dumped fd number, inherited by every process; shmem_fds: {object id: fd} of the
-    shared memory objects cow-apply holds (stages.apply.shmem), inherited the same way."""
+    shared memory objects cow-apply holds (stages.apply.shmem), inherited the same way;
+    shmem_desc_fds: {desc: fd} of the memfd open file descriptions, likewise."""
     prog = R.Program()
     image = proc["image"]
     base = window[0]
@@ -98,15 +100,21 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
     for fd in pipes:
         prog.add(R.OP_SYSCALL, SYS_DUP3, (pipe_fds or {}).get(fd["desc"], -1), fd["fd"],
                  O_CLOEXEC if fd.get("cloexec") else 0)
+    # memfds with a description id: the same way, from cow-apply's descriptions
+    shmem_desc_fds = shmem_desc_fds or {}
+    duped = [fd for fd in image["fds"] if "shmem" in fd and "desc" in fd]
+    for fd in duped:
+        prog.add(R.OP_SYSCALL, SYS_DUP3, shmem_desc_fds.get(fd["desc"], -1), fd["fd"],
+                 O_CLOEXEC if fd.get("cloexec") else 0)
     # the shared memory objects stay open until the target VMAs are mapped (step 6)
     shmem_fds = shmem_fds or {}
-    for first, last in fd_gaps([fd["fd"] for fd in pipes] + list(shmem_fds.values())):
+    for first, last in fd_gaps([fd["fd"] for fd in pipes + duped] + list(shmem_fds.values())):
         prog.add(R.OP_CLOSE_RANGE, first, last)
     for fd in sorted(image["fds"], key=lambda f: f["fd"]):
-        if fd["kind"] == "pipe":
+        if fd["kind"] == "pipe" or "shmem" in fd and "desc" in fd:
             continue
         path = fd["path"]
-        if "shmem" in fd:  # a memfd: opened anew on the restored object
+        if "shmem" in fd:  # a memfd without a description id: opened anew on its object
             path = _object_path(shmem_fds, fd["shmem"])
         prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(path), fd["flags"] & ~NO_OPEN,
                  fd.get("pos", 0) if fd["kind"] == "file" else 0, 0)

@@ -95,6 +95,7 @@ class Restore:
         self.spool_ptr = None
         self.pipe_fds = {}  # pipe description -> fd in cow-apply (inherited by the whole tree)
         self.shmem_fds = {}  # shared memory object id -> fd in cow-apply (inherited likewise)
+        self.shmem_desc_fds = {}  # memfd open file description id -> fd in cow-apply
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -129,11 +130,11 @@ class Restore:
         self.own_vdso = program_mod_own_vdso()
         size = max(plan.header["window"]["size"], PAGE)
         self.pipe_fds = pipes_mod.create(plan.processes)
-        self.shmem_fds = shmem_mod.create(plan)
+        self.shmem_fds, self.shmem_desc_fds = shmem_mod.create(plan)
         # the programs' size depends on the addresses only through values, not lengths:
         # build once with provisional addresses to size the region
         provisional = [program_mod.build(p, self.ranges, (0, size), (0, PAGE), self.own_vdso, (0, 0), self.pipe_fds,
-                                         shmem_fds=self.shmem_fds)
+                                         shmem_fds=self.shmem_fds, shmem_desc_fds=self.shmem_desc_fds)
                        for p in plan.processes]
         blob_size = max(p.size_estimate() for p in provisional) + 2 * PAGE + 8 * PAGE  # slack, vDSO parking
         base, blob = addresses.choose(plan, blob_size)
@@ -143,7 +144,7 @@ class Restore:
         for proc in plan.processes:
             self.programs[proc["pid"]] = program_mod.build(
                 proc, self.ranges, self.window, self.blob_region, self.own_vdso, scratch, self.pipe_fds,
-                is_root=proc is plan.processes[0], shmem_fds=self.shmem_fds)
+                is_root=proc is plan.processes[0], shmem_fds=self.shmem_fds, shmem_desc_fds=self.shmem_desc_fds)
         self.spool_ptr = int(ffi.cast("unsigned long", ffi.from_buffer(plan.map))) if plan.map is not None else 0
         for proc in plan.processes:
             self.channels[proc["pid"]] = Channel()
@@ -255,6 +256,7 @@ class Restore:
             self._wait_restorer(pid, prog_addr)
         pipes_mod.close_all(self.pipe_fds)  # every process holds its own now: EOF works as dumped
         shmem_mod.close_all(self.shmem_fds)  # every process has mapped (and closed) its own
+        shmem_mod.close_all(self.shmem_desc_fds)
         if self.init is not None:
             self._init_to_reaper()
 
@@ -374,6 +376,7 @@ class Restore:
     def close_channels(self):
         pipes_mod.close_all(self.pipe_fds)
         shmem_mod.close_all(self.shmem_fds)
+        shmem_mod.close_all(self.shmem_desc_fds)
         for channel in self.channels.values():
             channel.close()
         if self.window:

@@ -56,10 +56,13 @@ def _fill(fd, obj, spool):
 
 
 def create(plan):
-    """Create and fill every object; {object id: fd in cow-apply}, fds above every dumped fd.
-    The caller closes them (close_all) once every process has mapped its own."""
+    """Create and fill every object; ({object id: fd}, {description id: fd}) in cow-apply, all
+    fds above every dumped fd: one per object (mapped by the processes), one per open file
+    description of a memfd fd (dup3'd to the dumped numbers, so fds that shared a description,
+    after fork or dup, share its offset again).  The caller closes them (close_all) once every
+    process has taken its own."""
     if not plan.shared:
-        return {}
+        return {}, {}
     base = 1 + max((fd["fd"] for p in plan.processes for fd in p["image"]["fds"]), default=-1)
     out = {}
     try:
@@ -76,6 +79,37 @@ def create(plan):
                 out[oid] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
             finally:
                 os.close(fd)
+    except BaseException:
+        close_all(out)
+        raise
+    try:
+        descs = _descriptions(plan, out, base)
+    except BaseException:
+        close_all(out)
+        raise
+    return out, descs
+
+
+O_CLOEXEC = 0o2000000
+NO_OPEN = os.O_CREAT | os.O_TRUNC | os.O_EXCL | O_CLOEXEC
+
+
+def _descriptions(plan, objects, base):
+    """One open file description per dumped ``desc`` of a memfd fd: opened anew on its object
+    with the dumped flags, at the dumped offset."""
+    out = {}
+    try:
+        for proc in plan.processes:
+            for fd in proc["image"]["fds"]:
+                desc = fd.get("desc")
+                if "shmem" not in fd or desc is None or desc in out:
+                    continue
+                opened = os.open(f"/proc/self/fd/{objects[fd['shmem']]}", (fd["flags"] & ~NO_OPEN) | O_CLOEXEC)
+                try:
+                    os.lseek(opened, fd.get("pos", 0), os.SEEK_SET)
+                    out[desc] = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, base)
+                finally:
+                    os.close(opened)
     except BaseException:
         close_all(out)
         raise

@@ -116,6 +116,11 @@ class Collection:
             pipes = state.PipeTable(self.views)
         except OSError as exc:
             raise CollectError(f"reading pipes: {exc}")
+        try:
+            pipe_descs = [f["desc"] for f in pipes.fd_fields.values()]
+            self.shared.assign_descs(1 + max(pipe_descs, default=0))
+        except OSError as exc:
+            raise CollectError(f"reading memfds: {exc}")
         for index, view in enumerate(self.views):
             pid = view.pid
             try:
@@ -129,7 +134,7 @@ class Collection:
             for fd_rec, fd in zip(record["fds"], view.fds):
                 sid = self.shared.fd_id(fd)
                 if sid:
-                    fd_rec["shmem"] = sid
+                    fd_rec["shmem"], fd_rec["desc"] = sid, self.shared.fd_desc[(pid, fd["fd"])]
             self.records.append(record)
             try:
                 fd = pagemap.open_pagemap(pid)

@@ -60,6 +60,8 @@ class SharedObjects:
         self.ids = {}  # (dev, ino) -> id
         self.objects = []  # id - 1 -> {"id", "kind", "name", "source", "where"}
         self.reasons = []  # (pid, text)
+        self.memfd_fds = []  # (pid, fd, object key) of every memfd fd, in tree order
+        self.fd_desc = {}  # (pid, fd) -> open file description id (assign_descs)
         for view in views:
             pid = view.pid
             for vma in view.vmas:
@@ -74,6 +76,7 @@ class SharedObjects:
                           (pid, f"shared memory at {vma['start']:#x}-{vma['end']:#x}"))
             for fd in view.fds:
                 if fd["kind"] == "file" and is_memfd_path(fd.get("path")):
+                    self.memfd_fds.append((pid, fd["fd"], _key(fd["dev"], fd["ino"])))
                     self._add(_key(fd["dev"], fd["ino"]), MEMFD, fd["path"], f"/proc/{pid}/fd/{fd['fd']}",
                               (pid, f"fd {fd['fd']}"))
         self._inspect()
@@ -138,6 +141,19 @@ class SharedObjects:
         for oid, pid in sorted(found.items()):
             where_pid, what = self.objects[oid - 1]["where"]
             self.reasons.append((where_pid, f"{what}: shared memory also held by process {pid} outside the tree"))
+
+    def assign_descs(self, first):
+        """Open file description ids first, first + 1, ... for the memfd fds (kcmp: fds that
+        share one, after fork or dup, share its offset and flags, and will again)."""
+        from .state import _kcmp_file
+
+        reps = []  # (key, pid, fd, desc)
+        for pid, fd, key in self.memfd_fds:
+            desc = next((d for k, p, f, d in reps if k == key and _kcmp_file(p, f, pid, fd) == 0), None)
+            if desc is None:
+                desc = first + len(reps)
+                reps.append((key, pid, fd, desc))
+            self.fd_desc[(pid, fd)] = desc
 
     def vma_id(self, vma):
         if vma_object_kind(vma) is None:
