@@ -79,13 +79,15 @@ def start(tree, tmp_path, mode, children):
     return popen, pids, (fields[children + 1] if len(fields) > children + 1 else None)
 
 
-def region_of(pid, path_part):
-    """(start, end, dev, ino, path) of pid's MAP_SHARED mapping whose path contains path_part."""
+def region_of(pid, path_part, npages=64):
+    """(start, end, dev, ino, path, pgoff) of pid's MAP_SHARED mapping of npages pages whose path
+    contains path_part."""
     for line in open(f"/proc/{pid}/maps"):
         parts = line.split(None, 5)
         if parts[1][3] == "s" and len(parts) > 5 and path_part in parts[5]:
             a, b = (int(x, 16) for x in parts[0].split("-"))
-            return a, b, parts[3], int(parts[4]), parts[5].strip()
+            if b - a == npages * PAGE:
+                return a, b, parts[3], int(parts[4]), parts[5].strip(), int(parts[2], 16)
     raise AssertionError(f"process {pid}: no shared mapping of {path_part}")
 
 
@@ -164,17 +166,31 @@ def test_shared_anonymous_region_of_parent_and_four_children(tree, tmp_path, pid
     popen, pids, _ = start(tree, tmp_path, "anon", 4)
     check_shared_and_counting(pids, "/dev/zero", 5)
     before = frames(pids[0])
-    assert before[1:] == (1, 42), before  # one object: the counters, 39 pattern pages, page 40 (read from outside), the marker
+    # two objects: the counters, 39 pattern pages, page 40 (read from outside), the marker;
+    # and the second region's 8 pages (2 of them no longer mapped: still held by the object)
+    assert before[1:] == (2, 50), before
     images, outer, stats = dump_kill_restore(tree, popen, pids, tmp_path, pidns)
     shown = run([tool("cow-show")], images).stdout.decode()
     assert "shared memory 1: anon, 262144 bytes, 42 pages dumped" in shown, shown
+    assert "shared memory 2: anon, 32768 bytes, 8 pages dumped" in shown, shown
     assert (outer == pids) != pidns
     regions = check_shared_and_counting(outer, "/dev/zero (deleted)", 5)
     if pidns:  # the original runs on with its own object
         assert {region_of(p, "/dev/zero")[3] for p in pids} != {r[3] for r in regions}
+    seconds = [region_of(p, "/dev/zero", 6) for p in outer]
+    assert len({r[3] for r in seconds}) == 1 and all(r[5] == 2 * PAGE for r in seconds), seconds
+    for p, r in zip(outer, seconds):
+        assert read_mem(p, r[0], PAGE) == bytes([0x42]) * PAGE  # object page 2
+        assert read_mem(p, r[0] + 5 * PAGE, PAGE) == bytes([0x47]) * PAGE
     assert regions[0][4] == "/dev/zero (deleted)"
     check_frames(before, frames(outer[0]), stats)
     assert all(proc_state(p) in ("S", "R") for p in outer)
+    table = run([tool("cow-mem"), str(outer[0])]).stdout.decode()
+    assert "shared memory: 2 objects holding 50 frames;" in table, table
+    if not pidns:  # dumped again, the restored tree has the same objects with the same pages
+        again = run([tool("cow-show")], run([tool("cow-collect"), "--tree", str(outer[0])]).stdout).stdout.decode()
+        assert [ln for ln in again.splitlines() if ln.startswith("shared memory")] == \
+            [ln for ln in shown.splitlines() if ln.startswith("shared memory")]
 
 
 def test_memfd_shared_by_two_processes_and_held_as_fd(tree, tmp_path):

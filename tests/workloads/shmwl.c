@@ -5,6 +5,8 @@
  * child k), pages 1..39 hold the byte p, pages 40..63 are left untouched.  Private memory
  * (256 pages) is written before the fork, so the children share it copy-on-write, and each
  * child rewrites 4 of its pages.  Then every process counts in its slot forever.
+ * In "anon" mode a second region: 8 shared pages, page i = 0x40 + i, of which the parent
+ * unmaps the first 2 before forking: a mapping at offset 2 pages into its object.
  * OUTDIR/ready = "parent child1 .. childN [fd]". */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -53,6 +55,15 @@ int main(int argc, char **argv)
 	}
 	if (region == MAP_FAILED)
 		die("mmap");
+	if (!strcmp(mode, "anon")) {
+		unsigned char *second = mmap(NULL, 8 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+		if (second == MAP_FAILED)
+			die("mmap second");
+		for (int p = 0; p < 8; p++)
+			memset(second + (size_t)p * PAGE, 0x40 + p, PAGE);
+		if (munmap(second, 2 * PAGE) < 0)
+			die("munmap");
+	}
 	for (int p = 1; p < FILLED; p++)
 		memset(region + (size_t)p * PAGE, p, PAGE);
 	unsigned char *private = mmap(NULL, PRIVATE * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
