@@ -10,6 +10,8 @@ opens it again for a memfd it held as an fd, then closes the inherited fd.
 An anonymous object is made the way the kernel makes one for MAP_SHARED|MAP_ANONYMOUS
 (a mapping of our own, whose shmem file we open through /proc/self/map_files/), so the
 restored mappings show as '/dev/zero (deleted)' again; a memfd is a memfd of the same name.
+Opening map_files needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE: without them an anonymous
+object becomes a memfd named 'cowtree-shared-anonymous' (the same sharing; another name in maps).
 """
 
 import ctypes
@@ -40,6 +42,8 @@ def _anonymous_object(size):
         raise SharedMemoryError(err, f"mmap of {length} shared anonymous bytes: {os.strerror(err)}")
     try:
         return os.open(f"/proc/self/map_files/{addr:x}-{addr + length:x}", os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        return os.memfd_create("cowtree-shared-anonymous", os.MFD_CLOEXEC)
     finally:
         _libc.munmap(addr, length)
 
