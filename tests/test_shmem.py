@@ -144,7 +144,11 @@ def dump_kill_restore(tree, popen, pids, tmp_path, pidns=False):
     rep = json.loads(report.read_text())
     outer = [int(rep["pids"][str(p)]) for p in pids]
     tree.pids.update(outer + ([rep["init_pid"]] if rep.get("init_pid") else []))
-    return images, outer, json.loads(stats.read_text())
+    stats = json.loads(stats.read_text())
+    # cow-apply created each object once and wrote its pages once, whatever the processes
+    assert (rep["shmem_objects"], rep["shmem_pages_written"]) == (stats.get("shmem_objects", 0),
+                                                                  stats.get("shmem_pages", 0))
+    return images, outer, stats
 
 
 def frames(pid):

@@ -416,6 +416,9 @@ class Restore:
             "bytes_written": self.pages_written * PAGE,
             "frames_planned": self.plan.header["stats"].get("frames_planned"),
             "frames_in_images": self.plan.header["stats"].get("frames_in_images"),
+            # shared memory objects created, and the pages written into them
+            "shmem_objects": len(self.plan.shared),
+            "shmem_pages_written": sum(len(o["pages"]) for o in self.plan.shared.values()),
             "window": {"base": self.window[0], "size": self.window[1]} if self.window else None,
             "restorer": {"base": self.blob_region[0], "size": self.blob_region[1]} if self.blob_region else None,
         }
