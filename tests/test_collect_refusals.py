@@ -132,18 +132,20 @@ def test_private_memfd_mapping_and_sealed_memfd_are_refused(spawn, tmp_path):
         "b = os.memfd_create('sealed', os.MFD_ALLOW_SEALING); os.ftruncate(b, 4096)\n"
         "fcntl.fcntl(b, 1033, 4)\n"  # F_ADD_SEALS, F_SEAL_GROW
         "s = mmap.mmap(-1, 8192, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS); s[0] = 1\n"
-        f"open({str(ready)!r}, 'w').write(str(b))\n"
+        "h = os.memfd_create('huge', os.MFD_HUGETLB)\n"
+        f"open({str(ready)!r}, 'w').write(f'{{b}} {{h}}')\n"
         "time.sleep(600)\n"
     )
     wait_for(ready)
     time.sleep(0.05)
-    sealed = int(ready.read_text())
+    sealed, huge = map(int, ready.read_text().split())
     code, err = refused(p.pid, tmp_path / "x.cow")
     lines = err.splitlines()
     assert code == 2
     assert any(line.startswith(f"cow-collect: process {p.pid}: private mapping of a memfd at 0x")
                and "(/memfd:priv (deleted)): not supported" in line for line in lines), lines
     assert f"cow-collect: process {p.pid}: fd {sealed}: a sealed memfd (seals 0x4): not supported" in lines
+    assert f"cow-collect: process {p.pid}: fd {huge}: shared memory not on shmem (hugetlbfs?): not supported" in lines
     assert not any("/dev/zero" in line or "shared anonymous" in line for line in lines), lines
     assert still_running(p.pid)
 

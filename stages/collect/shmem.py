@@ -17,6 +17,7 @@ import fcntl
 import os
 
 from stages.linux import procfs
+from stages.linux.memstat import TMPFS_MAGIC, fs_type
 from stages.stream import pack_u32
 
 PAGE = 4096
@@ -103,7 +104,9 @@ class SharedObjects:
                 continue
             try:
                 obj["size"] = os.fstat(fd).st_size
-                if obj["kind"] == MEMFD:
+                if fs_type(fd) != TMPFS_MAGIC:  # e.g. a MFD_HUGETLB memfd
+                    self.reasons.append((pid, f"{what}: shared memory not on shmem (hugetlbfs?)"))
+                elif obj["kind"] == MEMFD:
                     obj["seals"] = seals = fcntl.fcntl(fd, F_GET_SEALS)
                     if seals not in (0, F_SEAL_SEAL):  # 0: MFD_ALLOW_SEALING, nothing sealed yet
                         self.reasons.append((pid, f"{what}: a sealed memfd (seals {seals:#x})"))

@@ -42,7 +42,8 @@ def process_anon_pfns(pid, zero_pfn):
     return pfns
 
 
-def _fs_type(fd):
+def fs_type(fd):
+    """The f_type of the file system fd lives on (fstatfs), or None."""
     buf = ctypes.create_string_buffer(120)  # struct statfs; f_type first
     if _libc.fstatfs(fd, buf) != 0:
         return None
@@ -63,7 +64,7 @@ def process_shared_objects(pid):
         except OSError:
             continue  # SysV shm and the like cannot be opened: not counted
         try:
-            if _fs_type(fd) == TMPFS_MAGIC:
+            if fs_type(fd) == TMPFS_MAGIC:
                 out[key] = os.fstat(fd).st_blocks // 8  # 512-byte blocks per 4 KiB page
         finally:
             os.close(fd)
