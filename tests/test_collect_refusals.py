@@ -44,6 +44,15 @@ def refused(pid, out):
     return res.returncode, res.stderr.decode()
 
 
+def on_tmpfs(path):
+    from stages.linux.memstat import TMPFS_MAGIC, fs_type
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        return fs_type(fd) == TMPFS_MAGIC
+    finally:
+        os.close(fd)
+
+
 def still_running(pid):
     with open(f"/proc/{pid}/status") as f:
         status = dict(line.split(":", 1) for line in f)
@@ -133,6 +142,9 @@ def test_private_memfd_mapping_and_sealed_memfd_are_refused(spawn, tmp_path):
         "fcntl.fcntl(b, 1033, 4)\n"  # F_ADD_SEALS, F_SEAL_GROW
         "s = mmap.mmap(-1, 8192, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS); s[0] = 1\n"
         "h = os.memfd_create('huge', os.MFD_HUGETLB)\n"
+        f"d = os.open({str(tmp_path / 'gone')!r}, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(d, 4096)\n"
+        "g = mmap.mmap(d, 4096, flags=mmap.MAP_SHARED); g[0] = 1; os.close(d)\n"
+        f"os.unlink({str(tmp_path / 'gone')!r})\n"
         f"open({str(ready)!r}, 'w').write(f'{{b}} {{h}}')\n"
         "time.sleep(600)\n"
     )
@@ -146,6 +158,10 @@ def test_private_memfd_mapping_and_sealed_memfd_are_refused(spawn, tmp_path):
                and "(/memfd:priv (deleted)): not supported" in line for line in lines), lines
     assert f"cow-collect: process {p.pid}: fd {sealed}: a sealed memfd (seals 0x4): not supported" in lines
     assert f"cow-collect: process {p.pid}: fd {huge}: shared memory not on shmem (hugetlbfs?): not supported" in lines
+    if not on_tmpfs(tmp_path):  # a deleted tmpfs file would be restored (tests/test_shmem.py)
+        assert any(line.startswith(f"cow-collect: process {p.pid}: shared memory at 0x") and
+                   line.endswith(f": MAP_SHARED mapping of a deleted file not on tmpfs ({tmp_path / 'gone'}): "
+                                 "not supported") for line in lines), lines
     assert not any("/dev/zero" in line or "shared anonymous" in line for line in lines), lines
     assert still_running(p.pid)
 

@@ -11,6 +11,7 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -233,3 +234,59 @@ def test_dev_shm_file_mapped_by_two_processes(tree, tmp_path):
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+MULTIPROCESSING = r"""
+import multiprocessing as mp, os, sys, time
+out = sys.argv[1]
+ctx = mp.get_context("fork")
+counts = ctx.Array("q", 3)  # a heap arena: a deleted file in /dev/shm, mapped and kept open
+def work(i):
+    while True:
+        with counts.get_lock():  # a POSIX semaphore: a deleted /dev/shm/sem.* file, mapped
+            counts[i] += 1
+        time.sleep(0.002)
+children = [ctx.Process(target=work, args=(i,), daemon=True) for i in (1, 2)]
+for c in children:
+    c.start()
+open(out + ".pids.tmp", "w").write(" ".join(str(p) for p in [os.getpid()] + [c.pid for c in children]))
+os.rename(out + ".pids.tmp", out + ".pids")
+while True:
+    with counts.get_lock():
+        counts[0] += 1
+        line = " ".join(map(str, counts[:]))
+    with open(out + ".tmp", "w") as f:
+        f.write(line)
+    os.rename(out + ".tmp", out)  # what the parent sees of every counter
+    time.sleep(0.01)
+"""
+
+
+def test_python_multiprocessing_shared_array_and_lock(tree, tmp_path):
+    out = str(tmp_path / "counts")
+    popen = subprocess.Popen([sys.executable, "-c", MULTIPROCESSING, out], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                             start_new_session=True)
+    tree.popens.append(popen)
+    wait_file(out + ".pids")
+    pids = [int(x) for x in open(out + ".pids").read().split()]
+    tree.pids.update(pids)
+
+    def seen():
+        return [int(x) for x in open(out).read().split()]
+
+    time.sleep(0.2)
+    before = frames(pids[0])
+    assert before[1] == 2, before  # the arena and the semaphore
+    first = seen()
+    images, outer, stats = dump_kill_restore(tree, popen, pids, tmp_path)
+    shown = run([tool("cow-show")], images).stdout.decode()
+    assert "shared memory 2: deleted tmpfs file /dev/shm/pym-" in shown, shown  # the arena
+    assert "shared memory 1: deleted tmpfs file /dev/shm/sem." in shown, shown  # the lock
+    assert outer == pids
+    at_restore = seen()
+    time.sleep(0.5)
+    later = seen()
+    # the parent sees every child's counter move on after the restore
+    assert all(b > a for a, b in zip(at_restore, later)), (first, at_restore, later)
+    assert frames(outer[0])[1:] == before[1:]

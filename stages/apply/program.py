@@ -113,10 +113,10 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
     for fd in sorted(image["fds"], key=lambda f: f["fd"]):
         if fd["kind"] == "pipe" or "shmem" in fd and "desc" in fd:
             continue
-        path = fd["path"]
+        path, flags = fd["path"], fd["flags"] & ~NO_OPEN
         if "shmem" in fd:  # a memfd without a description id: opened anew on its object
-            path = _object_path(shmem_fds, fd["shmem"])
-        prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(path), fd["flags"] & ~NO_OPEN,
+            path, flags = _object_path(shmem_fds, fd["shmem"]), flags & ~os.O_NOFOLLOW
+        prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(path), flags,
                  fd.get("pos", 0) if fd["kind"] == "file" else 0, 0)
 
     vdso_now = [(start, end) for _, start, end in own_vdso]

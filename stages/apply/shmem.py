@@ -10,6 +10,8 @@ opens it again for a memfd it held as an fd, then closes the inherited fd.
 An anonymous object is made the way the kernel makes one for MAP_SHARED|MAP_ANONYMOUS
 (a mapping of our own, whose shmem file we open through /proc/self/map_files/), so the
 restored mappings show as '/dev/zero (deleted)' again; a memfd is a memfd of the same name.
+A deleted tmpfs file becomes an unnamed file (O_TMPFILE) in the directory it was in, or a
+memfd of its base name where that directory is gone.
 Opening map_files needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE: without them an anonymous
 object becomes a memfd named 'cowtree-shared-anonymous' (the same sharing; another name in maps).
 """
@@ -48,6 +50,14 @@ def _anonymous_object(size):
         _libc.munmap(addr, length)
 
 
+def _tmpfile(path):
+    """An unnamed tmpfs file where path was (maps: '/dev/shm/#123 (deleted)'), else a memfd."""
+    try:
+        return os.open(os.path.dirname(path) or "/", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return os.memfd_create(os.path.basename(path) or "cowtree-tmpfile", os.MFD_CLOEXEC)
+
+
 def _fill(fd, obj, spool):
     view = memoryview(spool) if spool is not None else None
     for page, offset in obj["pages"]:
@@ -73,6 +83,8 @@ def create(plan):
         for oid, obj in sorted(plan.shared.items()):
             if obj["kind"] == "anon":
                 fd = _anonymous_object(obj["size"])
+            elif obj["kind"] == "tmpfile":
+                fd = _tmpfile(obj["name"] or "")
             else:
                 sealing = os.MFD_ALLOW_SEALING if obj.get("seals") == 0 else 0
                 fd = os.memfd_create(obj["name"] or "", os.MFD_CLOEXEC | sealing)
@@ -95,7 +107,8 @@ def create(plan):
 
 
 O_CLOEXEC = 0o2000000
-NO_OPEN = os.O_CREAT | os.O_TRUNC | os.O_EXCL | O_CLOEXEC
+# not for reopening an object: O_NOFOLLOW (mkstemp's) would refuse the /proc/self/fd link
+NO_OPEN = os.O_CREAT | os.O_TRUNC | os.O_EXCL | O_CLOEXEC | os.O_NOFOLLOW
 
 
 def _descriptions(plan, objects, base):

@@ -132,7 +132,7 @@ class Collection:
                 raise CollectError(f"process {pid}: {exc}")
             record = state.process_record(view, threads, brk, sigactions, pipes)
             for fd_rec, fd in zip(record["fds"], view.fds):
-                sid = self.shared.fd_id(fd)
+                sid = self.shared.fd_id(pid, fd)
                 if sid:
                     fd_rec["shmem"], fd_rec["desc"] = sid, self.shared.fd_desc[(pid, fd["fd"])]
             self.records.append(record)

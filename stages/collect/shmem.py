@@ -1,4 +1,4 @@
-"""Shared memory objects of the tree: MAP_SHARED anonymous mappings and memfds.
+"""Shared memory objects of the tree: MAP_SHARED anonymous mappings, memfds, deleted tmpfs files.
 
 One object per inode (the dev:ino columns of maps, or the fd's stat): a region a parent
 mapped MAP_SHARED|MAP_ANONYMOUS before forking four children is one object seen by five
@@ -9,6 +9,8 @@ The contents are read from the object itself (the shmem file behind /proc/PID/ma
 or /proc/PID/fd/N): SEEK_DATA/SEEK_HOLE give the pages it holds (resident or swapped),
 which is what a restore must recreate; holes read as zeros and are left out.
 
+A tmpfs file deleted while mapped MAP_SHARED or held open (python's multiprocessing heap
+and POSIX semaphores in /dev/shm) is an object like a memfd: no path leads to it any more.
 MAP_SHARED mappings of ordinary files (also under /dev/shm) are not objects here: the
 file holds their data and apply maps the same file again.
 """
@@ -25,7 +27,7 @@ MEMFD_PREFIX = "/memfd:"
 F_GET_SEALS = 1034
 F_SEAL_SEAL = 1  # a memfd made without MFD_ALLOW_SEALING has this one seal: nothing is sealed
 PAGES_PER_RECORD = 1024  # 4 MiB of data per shmem record
-ANON, MEMFD = "anon", "memfd"
+ANON, MEMFD, TMPFILE = "anon", "memfd", "tmpfile"
 
 
 def is_memfd_path(path):
@@ -38,8 +40,14 @@ def memfd_name(path):
     return name[: -len(procfs.DELETED)] if name.endswith(procfs.DELETED) else name
 
 
+def deleted_name(path):
+    """'/dev/shm/pym-1-x (deleted)' -> '/dev/shm/pym-1-x'."""
+    return path[: -len(procfs.DELETED)] if path.endswith(procfs.DELETED) else path
+
+
 def vma_object_kind(vma):
-    """ANON or MEMFD for a MAP_SHARED mapping of a shmem object restored by content, else None."""
+    """ANON, MEMFD or TMPFILE for a MAP_SHARED mapping of an object restored by content, else
+    None.  (TMPFILE: a deleted file; SharedObjects refuses one that is not on tmpfs.)"""
     if not vma["shared"]:
         return None
     path = vma.get("path") or ""
@@ -47,6 +55,26 @@ def vma_object_kind(vma):
         return ANON  # '/dev/zero (deleted)', '[anon_shmem:name]'
     if vma["kind"] == "file" and is_memfd_path(path):
         return MEMFD
+    if vma["kind"] == "file" and path.endswith(procfs.DELETED) and not path.startswith("/SYSV"):
+        return TMPFILE
+    return None
+
+
+def fd_object_kind(pid, fd):
+    """MEMFD or TMPFILE (a deleted file on tmpfs) for an fd restored as an object, else None."""
+    if fd["kind"] != "file":
+        return None
+    if is_memfd_path(fd.get("path")):
+        return MEMFD
+    if fd.get("deleted"):
+        try:
+            opened = os.open(f"/proc/{pid}/fd/{fd['fd']}", os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return TMPFILE if fs_type(opened) == TMPFS_MAGIC else None
+        finally:
+            os.close(opened)
     return None
 
 
@@ -61,7 +89,8 @@ class SharedObjects:
         self.ids = {}  # (dev, ino) -> id
         self.objects = []  # id - 1 -> {"id", "kind", "name", "source", "where"}
         self.reasons = []  # (pid, text)
-        self.memfd_fds = []  # (pid, fd, object key) of every memfd fd, in tree order
+        self.memfd_fds = []  # (pid, fd, object key) of every memfd (or deleted tmpfs file) fd, tree order
+        self.fd_ids = {}  # (pid, fd) -> object key
         self.fd_desc = {}  # (pid, fd) -> open file description id (assign_descs)
         for view in views:
             pid = view.pid
@@ -76,10 +105,12 @@ class SharedObjects:
                 self._add(_key(vma["dev"], vma["ino"]), kind, vma.get("path") or "", source,
                           (pid, f"shared memory at {vma['start']:#x}-{vma['end']:#x}"))
             for fd in view.fds:
-                if fd["kind"] == "file" and is_memfd_path(fd.get("path")):
-                    self.memfd_fds.append((pid, fd["fd"], _key(fd["dev"], fd["ino"])))
-                    self._add(_key(fd["dev"], fd["ino"]), MEMFD, fd["path"], f"/proc/{pid}/fd/{fd['fd']}",
-                              (pid, f"fd {fd['fd']}"))
+                kind = fd_object_kind(pid, fd)
+                if kind:
+                    key = _key(fd["dev"], fd["ino"])
+                    self.memfd_fds.append((pid, fd["fd"], key))
+                    self.fd_ids[(pid, fd["fd"])] = key
+                    self._add(key, kind, fd["path"], f"/proc/{pid}/fd/{fd['fd']}", (pid, f"fd {fd['fd']}"))
         self._inspect()
 
     def __len__(self):
@@ -89,8 +120,9 @@ class SharedObjects:
         if key in self.ids:
             return
         self.ids[key] = len(self.objects) + 1
+        names = {MEMFD: memfd_name, TMPFILE: deleted_name}
         self.objects.append({"id": len(self.objects) + 1, "kind": kind,
-                             "name": memfd_name(path) if kind == MEMFD else None,
+                             "name": names[kind](path) if kind in names else None,
                              "source": source, "where": where})
 
     def _inspect(self):
@@ -104,8 +136,12 @@ class SharedObjects:
                 continue
             try:
                 obj["size"] = os.fstat(fd).st_size
-                if fs_type(fd) != TMPFS_MAGIC:  # e.g. a MFD_HUGETLB memfd
-                    self.reasons.append((pid, f"{what}: shared memory not on shmem (hugetlbfs?)"))
+                if fs_type(fd) != TMPFS_MAGIC:  # e.g. a MFD_HUGETLB memfd, a deleted file on disk
+                    if obj["kind"] == TMPFILE:
+                        self.reasons.append((pid, f"{what}: MAP_SHARED mapping of a deleted file not on tmpfs "
+                                                  f"({obj['name']})"))
+                    else:
+                        self.reasons.append((pid, f"{what}: shared memory not on shmem (hugetlbfs?)"))
                 elif obj["kind"] == MEMFD:
                     obj["seals"] = seals = fcntl.fcntl(fd, F_GET_SEALS)
                     if seals not in (0, F_SEAL_SEAL):  # 0: MFD_ALLOW_SEALING, nothing sealed yet
@@ -134,8 +170,12 @@ class SharedObjects:
                             if oid:
                                 found.setdefault(oid, pid)
                 for n in os.listdir(f"/proc/{pid}/fd"):
-                    if is_memfd_path(procfs.readlink(f"/proc/{pid}/fd/{n}")):
-                        st = os.stat(f"/proc/{pid}/fd/{n}")
+                    link = procfs.readlink(f"/proc/{pid}/fd/{n}") or ""
+                    if is_memfd_path(link) or link.endswith(procfs.DELETED):
+                        try:
+                            st = os.stat(f"/proc/{pid}/fd/{n}")
+                        except OSError:  # closed meanwhile
+                            continue
                         oid = self.ids.get(_key(procfs.dev_string(st.st_dev), st.st_ino))
                         if oid:
                             found.setdefault(oid, pid)
@@ -163,10 +203,9 @@ class SharedObjects:
             return None
         return self.ids.get(_key(vma["dev"], vma["ino"]))
 
-    def fd_id(self, fd):
-        if fd["kind"] == "file" and is_memfd_path(fd.get("path")):
-            return self.ids.get(_key(fd["dev"], fd["ino"]))
-        return None
+    def fd_id(self, pid, fd):
+        key = self.fd_ids.get((pid, fd["fd"]))
+        return self.ids.get(key) if key else None
 
     def write(self, writer):
         """One or more ``shmem`` records per object (pages it holds, PAGES_PER_RECORD at a time).
@@ -186,7 +225,9 @@ class SharedObjects:
                     body = {"id": obj["id"], "kind": obj["kind"], "size": size, "npages": npages,
                             "pages": pack_u32(chunk)}
                     if obj["name"] is not None:
-                        body["name"], body["seals"] = obj["name"], obj["seals"]
+                        body["name"] = obj["name"]
+                    if "seals" in obj:
+                        body["seals"] = obj["seals"]
                     writer.write("shmem", body, bytes(data))
                     total += len(chunk)
             finally:

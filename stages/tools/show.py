@@ -122,7 +122,7 @@ class Printer:
                 f"{stats['stored']} stored, {stats['same']} equal to an earlier frame"
             )
         for oid, (kind, size, name, pages) in sorted(stats.get("shmem", {}).items()):
-            what = f"memfd {name!r}" if kind == "memfd" else kind
+            what = {"memfd": f"memfd {name!r}", "tmpfile": f"deleted tmpfs file {self.norm.path(name)}"}.get(kind, kind)
             self.line(f"shared memory {oid}: {what}, {size} bytes, {pages} pages dumped")
 
     # -- images -------------------------------------------------------------
