@@ -1,10 +1,12 @@
-"""Shared memory across the tree (issue 6): MAP_SHARED anonymous memory inherited over fork,
-a memfd shared by two processes, a /dev/shm file mapped MAP_SHARED by two processes.
+"""Shared memory across the tree (issue 6): MAP_SHARED anonymous memory inherited over fork
+(a parent and four children), a memfd shared by two processes and held as an fd, a /dev/shm
+file mapped MAP_SHARED by two processes, python's multiprocessing Array and Lock.
 
 Each is dumped, the tree killed, planned and restored; then, from outside: every process
 still counts in its own slot of the shared region and the others see those counts; a
 write through one process's mapping (/proc/PID/mem) is seen in every other's; the
-restored objects hold as many frames as before, and the private frames are as before."""
+restored objects hold as many frames as before, and the private frames are what the plan
+made (at most as many as before: it merges some frames of equal bytes)."""
 
 import json
 import os
