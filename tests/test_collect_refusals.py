@@ -44,6 +44,15 @@ def refused(pid, out):
     return res.returncode, res.stderr.decode()
 
 
+def on_tmpfs(path):
+    from stages.linux.memstat import TMPFS_MAGIC, fs_type
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        return fs_type(fd) == TMPFS_MAGIC
+    finally:
+        os.close(fd)
+
+
 def still_running(pid):
     with open(f"/proc/{pid}/status") as f:
         status = dict(line.split(":", 1) for line in f)
@@ -121,20 +130,65 @@ def test_threads_and_unix_socket_are_refused(spawn, tmp_path):
     assert still_running(p.pid)
 
 
-def test_shared_anonymous_mapping_is_refused(spawn, tmp_path):
+def test_private_memfd_mapping_and_sealed_memfd_are_refused(spawn, tmp_path):
+    # shared anonymous memory and MAP_SHARED memfds are restored (tests/test_shmem.py);
+    # a private mapping of a memfd and a sealed memfd are not
     ready = tmp_path / "ready"
     p = spawn(
-        "import mmap, time\n"
-        "m = mmap.mmap(-1, 8192, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS); m[0] = 1\n"
-        f"open({str(ready)!r}, 'w').write('x')\n"
+        "import fcntl, mmap, os, time\n"
+        "a = os.memfd_create('priv'); os.ftruncate(a, 8192)\n"
+        "m = mmap.mmap(a, 8192, flags=mmap.MAP_PRIVATE); m[0] = 1\n"
+        "b = os.memfd_create('sealed', os.MFD_ALLOW_SEALING); os.ftruncate(b, 4096)\n"
+        "fcntl.fcntl(b, 1033, 4)\n"  # F_ADD_SEALS, F_SEAL_GROW
+        "s = mmap.mmap(-1, 8192, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS); s[0] = 1\n"
+        "h = os.memfd_create('huge', os.MFD_HUGETLB)\n"
+        f"d = os.open({str(tmp_path / 'gone')!r}, os.O_RDWR | os.O_CREAT, 0o600); os.ftruncate(d, 4096)\n"
+        "g = mmap.mmap(d, 4096, flags=mmap.MAP_SHARED); g[0] = 1; os.close(d)\n"
+        f"os.unlink({str(tmp_path / 'gone')!r})\n"
+        f"open({str(ready)!r}, 'w').write(f'{{b}} {{h}}')\n"
         "time.sleep(600)\n"
     )
     wait_for(ready)
     time.sleep(0.05)
+    sealed, huge = map(int, ready.read_text().split())
     code, err = refused(p.pid, tmp_path / "x.cow")
+    lines = err.splitlines()
     assert code == 2
-    assert f"cow-collect: process {p.pid}: shared anonymous mapping at 0x" in err
+    assert any(line.startswith(f"cow-collect: process {p.pid}: private mapping of a memfd at 0x")
+               and "(/memfd:priv (deleted)): not supported" in line for line in lines), lines
+    assert f"cow-collect: process {p.pid}: fd {sealed}: a sealed memfd (seals 0x4): not supported" in lines
+    assert f"cow-collect: process {p.pid}: fd {huge}: shared memory not on shmem (hugetlbfs?): not supported" in lines
+    if not on_tmpfs(tmp_path):  # a deleted tmpfs file would be restored (tests/test_shmem.py)
+        assert any(line.startswith(f"cow-collect: process {p.pid}: shared memory at 0x") and
+                   line.endswith(f": MAP_SHARED mapping of a deleted file not on tmpfs ({tmp_path / 'gone'}): "
+                                 "not supported") for line in lines), lines
+    assert not any("/dev/zero" in line or "shared anonymous" in line for line in lines), lines
     assert still_running(p.pid)
+
+
+def test_shared_memory_held_outside_the_tree_is_refused(spawn, tmp_path):
+    # the child is dumped alone: its parent, outside the tree, maps the same shared region
+    ready = tmp_path / "ready"
+    p = spawn(
+        "import ctypes, mmap, os, time\n"
+        "s = mmap.mmap(-1, 8192, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS); s[0] = 1\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    ctypes.CDLL(None).prctl(1, 9)\n"  # PR_SET_PDEATHSIG SIGKILL: gone with the test's process
+        "    time.sleep(600)\n"
+        f"open({str(ready)!r}, 'w').write(str(pid))\n"
+        "time.sleep(600)\n"
+    )
+    wait_for(ready)
+    time.sleep(0.05)
+    child = int(ready.read_text())
+    code, err = refused(child, tmp_path / "x.cow")
+    lines = err.splitlines()
+    assert code == 2
+    assert any(line.startswith(f"cow-collect: process {child}: shared memory at 0x") and
+               line.endswith(f": shared memory also held by process {p.pid} outside the tree: not supported")
+               for line in lines), lines
+    assert still_running(child)
 
 
 def test_epoll_eventfd_and_sysv_shm_are_refused(spawn, tmp_path):

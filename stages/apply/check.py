@@ -25,6 +25,7 @@ def check_plan(plan, pidns=False, pid_wait=3.0):
     for proc in plan.processes:
         check_process(proc)
     check_pipes(plan)
+    check_shared(plan)
     check_state(plan)
     check_files(plan)
     if pidns:
@@ -85,8 +86,36 @@ def check_process(proc):
         where = f"process {pid}: VMA {vma['start']:#x}-{vma['end']:#x}"
         if vma["kind"] not in SUPPORTED_VMA_KINDS:
             raise Refusal(f"{where} ({vma['kind']} {vma.get('path')}) cannot be restored")
-        if vma["shared"] and vma["kind"] != "file":
-            raise Refusal(f"{where}: shared anonymous memory cannot be restored yet")
+        if vma["shared"] and vma["kind"] != "file" and "shmem" not in vma:
+            raise Refusal(f"{where}: shared anonymous memory without its object cannot be restored")
+
+
+def check_shared(plan):
+    """Every VMA and fd naming a shared memory object names one the plan holds."""
+    shared = getattr(plan, "shared", None) or {}
+    descs = {}  # memfd description -> object
+    for proc in plan.processes:
+        pid = proc["pid"]
+        for vma in proc["layout"]:
+            oid = vma.get("shmem")
+            if oid is None:
+                continue
+            where = f"process {pid}: VMA {vma['start']:#x}-{vma['end']:#x}"
+            if oid not in shared:
+                raise Refusal(f"{where}: shared memory object {oid} is not in the plan")
+            if not vma["shared"] or vma["pieces"] or vma["pgoff"] % 4096:
+                raise Refusal(f"{where}: maps shared memory object {oid} but is private, has pieces "
+                              "or an unaligned offset")
+        for fd in proc["image"]["fds"]:
+            if "shmem" not in fd:
+                continue
+            if fd["shmem"] not in shared:
+                raise Refusal(f"process {pid}: fd {fd['fd']}: shared memory object {fd['shmem']} is not in the plan")
+            if "desc" in fd and descs.setdefault(fd["desc"], fd["shmem"]) != fd["shmem"]:
+                raise Refusal(f"process {pid}: fd {fd['fd']}: description {fd['desc']} is of two objects")
+    pipe_descs = {fd["desc"] for p in plan.processes for fd in p["image"]["fds"] if fd["kind"] == "pipe"}
+    if pipe_descs & set(descs):
+        raise Refusal(f"description {min(pipe_descs & set(descs))} is of a pipe and of a memfd")
 
 
 CAP_SYS_RESOURCE = 24
@@ -191,7 +220,7 @@ def check_files(plan):
     for proc in plan.processes:
         pid = proc["pid"]
         for vma in proc["layout"]:
-            if vma["kind"] == "file":
+            if vma["kind"] == "file" and "shmem" not in vma:  # a memfd is recreated, not opened
                 key = (vma["path"], vma.get("dev"), vma.get("ino"))
                 if key not in seen:
                     seen.add(key)
@@ -202,6 +231,8 @@ def check_files(plan):
                 _check_file(f"process {pid}: staging range {rng['id']}", rng.get("path") or "",
                             rng.get("dev"), rng.get("ino"))
         for fd in proc["image"]["fds"]:
+            if "shmem" in fd:
+                continue  # a memfd: its object is recreated
             if fd["kind"] == "file":
                 _check_file(f"process {pid}: fd {fd['fd']}", fd["path"], fd.get("dev"), fd.get("ino"))
             elif fd["kind"] != "pipe" and not os.path.exists(fd["path"]):

@@ -72,12 +72,15 @@ def complement(keep, low=0, high=TASK_SIZE):
     return out
 
 
-def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, is_root=False):
+def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, is_root=False, shmem_fds=None,
+          shmem_desc_fds=None):
     """Program for one plan process.  ranges: {id: range record} of the whole tree;
     window: (base, size); blob_region: (base, size); own_vdso: cow-apply's vDSO layout;
     scratch: an address range (start, size) free in the target layout for a two-step vDSO move;
     pipe_fds: {desc: fd} of the pipe descriptions cow-apply holds (stages.apply.pipes), all above
-    every dumped fd number, inherited by every process."""
+    every dumped fd number, inherited by every process; shmem_fds: {object id: fd} of the
+    shared memory objects cow-apply holds (stages.apply.shmem), inherited the same way;
+    shmem_desc_fds: {desc: fd} of the memfd open file descriptions, likewise."""
     prog = R.Program()
     image = proc["image"]
     base = window[0]
@@ -97,12 +100,23 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
     for fd in pipes:
         prog.add(R.OP_SYSCALL, SYS_DUP3, (pipe_fds or {}).get(fd["desc"], -1), fd["fd"],
                  O_CLOEXEC if fd.get("cloexec") else 0)
-    for first, last in fd_gaps(fd["fd"] for fd in pipes):
+    # memfds with a description id: the same way, from cow-apply's descriptions
+    shmem_desc_fds = shmem_desc_fds or {}
+    duped = [fd for fd in image["fds"] if "shmem" in fd and "desc" in fd]
+    for fd in duped:
+        prog.add(R.OP_SYSCALL, SYS_DUP3, shmem_desc_fds.get(fd["desc"], -1), fd["fd"],
+                 O_CLOEXEC if fd.get("cloexec") else 0)
+    # the shared memory objects stay open until the target VMAs are mapped (step 6)
+    shmem_fds = shmem_fds or {}
+    for first, last in fd_gaps([fd["fd"] for fd in pipes + duped] + list(shmem_fds.values())):
         prog.add(R.OP_CLOSE_RANGE, first, last)
     for fd in sorted(image["fds"], key=lambda f: f["fd"]):
-        if fd["kind"] == "pipe":
+        if fd["kind"] == "pipe" or "shmem" in fd and "desc" in fd:
             continue
-        prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(fd["path"]), fd["flags"] & ~NO_OPEN,
+        path, flags = fd["path"], fd["flags"] & ~NO_OPEN
+        if "shmem" in fd:  # a memfd without a description id: opened anew on its object
+            path, flags = _object_path(shmem_fds, fd["shmem"]), flags & ~os.O_NOFOLLOW
+        prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(path), flags,
                  fd.get("pos", 0) if fd["kind"] == "file" else 0, 0)
 
     vdso_now = [(start, end) for _, start, end in own_vdso]
@@ -113,7 +127,9 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
     _move_vdso(prog, proc["layout"], own_vdso, scratch)
 
     for vma in proc["layout"]:
-        _target_vma(prog, vma, ranges, base)
+        _target_vma(prog, vma, ranges, base, shmem_fds)
+    for fd in sorted(shmem_fds.values()):
+        prog.add(R.OP_CLOSE_RANGE, fd, fd)
 
     prog.add(R.OP_UNMAP, base, window[1])
 
@@ -237,11 +253,20 @@ def _move_vdso(prog, layout, own_vdso, scratch):
         prog.add(R.OP_MREMAP, hs, he - hs, ws)
 
 
-def _target_vma(prog, vma, ranges, base):
+def _object_path(shmem_fds, oid):
+    # -1 (no such fd) only in the provisional programs that size the blob
+    return f"/proc/self/fd/{shmem_fds.get(oid, -1)}"
+
+
+def _target_vma(prog, vma, ranges, base, shmem_fds=None):
     start, end, kind = vma["start"], vma["end"], vma["kind"]
     if kind in VDSO_KINDS or kind == "vsyscall":
         return
-    if vma["pieces"]:
+    if "shmem" in vma:
+        # the object cow-apply created, opened read-write so a later mprotect can add write
+        prog.add(R.OP_MMAP, start, end - start, vma["prot"], MAP_SHARED | MAP_FIXED,
+                 prog.string(_object_path(shmem_fds or {}, vma["shmem"])), vma["pgoff"], os.O_RDWR)
+    elif vma["pieces"]:
         for range_id, range_page, npages, vma_page in vma["pieces"]:
             src = base + ranges[range_id]["offset"] + range_page * PAGE
             prog.add(R.OP_MREMAP, src, npages * PAGE, start + vma_page * PAGE)

@@ -21,6 +21,7 @@ from stages.linux import ptrace
 from stages.stream import unpack_u32
 
 from . import addresses, agent as agent_mod, pipes as pipes_mod, program as program_mod, restorer
+from . import shmem as shmem_mod
 from .agent import Agent, Channel
 
 PAGE = 4096
@@ -93,6 +94,8 @@ class Restore:
         self.window = self.blob_region = None
         self.spool_ptr = None
         self.pipe_fds = {}  # pipe description -> fd in cow-apply (inherited by the whole tree)
+        self.shmem_fds = {}  # shared memory object id -> fd in cow-apply (inherited likewise)
+        self.shmem_desc_fds = {}  # memfd open file description id -> fd in cow-apply
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -127,9 +130,11 @@ class Restore:
         self.own_vdso = program_mod_own_vdso()
         size = max(plan.header["window"]["size"], PAGE)
         self.pipe_fds = pipes_mod.create(plan.processes)
+        self.shmem_fds, self.shmem_desc_fds = shmem_mod.create(plan)
         # the programs' size depends on the addresses only through values, not lengths:
         # build once with provisional addresses to size the region
-        provisional = [program_mod.build(p, self.ranges, (0, size), (0, PAGE), self.own_vdso, (0, 0), self.pipe_fds)
+        provisional = [program_mod.build(p, self.ranges, (0, size), (0, PAGE), self.own_vdso, (0, 0), self.pipe_fds,
+                                         shmem_fds=self.shmem_fds, shmem_desc_fds=self.shmem_desc_fds)
                        for p in plan.processes]
         blob_size = max(p.size_estimate() for p in provisional) + 2 * PAGE + 8 * PAGE  # slack, vDSO parking
         base, blob = addresses.choose(plan, blob_size)
@@ -139,7 +144,7 @@ class Restore:
         for proc in plan.processes:
             self.programs[proc["pid"]] = program_mod.build(
                 proc, self.ranges, self.window, self.blob_region, self.own_vdso, scratch, self.pipe_fds,
-                is_root=proc is plan.processes[0])
+                is_root=proc is plan.processes[0], shmem_fds=self.shmem_fds, shmem_desc_fds=self.shmem_desc_fds)
         self.spool_ptr = int(ffi.cast("unsigned long", ffi.from_buffer(plan.map))) if plan.map is not None else 0
         for proc in plan.processes:
             self.channels[proc["pid"]] = Channel()
@@ -250,6 +255,8 @@ class Restore:
         for pid, prog_addr in entered:
             self._wait_restorer(pid, prog_addr)
         pipes_mod.close_all(self.pipe_fds)  # every process holds its own now: EOF works as dumped
+        shmem_mod.close_all(self.shmem_fds)  # every process has mapped (and closed) its own
+        shmem_mod.close_all(self.shmem_desc_fds)
         if self.init is not None:
             self._init_to_reaper()
 
@@ -368,6 +375,8 @@ class Restore:
 
     def close_channels(self):
         pipes_mod.close_all(self.pipe_fds)
+        shmem_mod.close_all(self.shmem_fds)
+        shmem_mod.close_all(self.shmem_desc_fds)
         for channel in self.channels.values():
             channel.close()
         if self.window:
@@ -407,6 +416,9 @@ class Restore:
             "bytes_written": self.pages_written * PAGE,
             "frames_planned": self.plan.header["stats"].get("frames_planned"),
             "frames_in_images": self.plan.header["stats"].get("frames_in_images"),
+            # shared memory objects created, and the pages written into them
+            "shmem_objects": len(self.plan.shared),
+            "shmem_pages_written": sum(len(o["pages"]) for o in self.plan.shared.values()),
             "window": {"base": self.window[0], "size": self.window[1]} if self.window else None,
             "restorer": {"base": self.blob_region[0], "size": self.blob_region[1]} if self.blob_region else None,
         }

@@ -18,8 +18,10 @@ PAGE = 4096
 
 
 class Plan:
-    def __init__(self, header, processes, frame_offsets, spool_fd, spool_size):
+    def __init__(self, header, processes, frame_offsets, spool_fd, spool_size, shared=None):
         self.header = header
+        # shared memory objects: id -> {"kind", "size", "name", "pages": [(page index, spool offset)]}
+        self.shared = shared or {}
         self.processes = processes  # plan process records, creation order
         self.by_pid = {p["pid"]: p for p in processes}
         self.frame_offsets = frame_offsets  # frame id -> byte offset in the spool
@@ -51,6 +53,7 @@ def spool_plan(fileobj, tmpdir=None):
         processes = []
         offsets = array.array("Q", [0])
         written = 0
+        shared = {}
         out = os.fdopen(os.dup(fd), "wb", buffering=1 << 20)
         with out:
             for rec in reader:
@@ -58,7 +61,9 @@ def spool_plan(fileobj, tmpdir=None):
                     processes.append(rec.body)
                 elif rec.kind == "pages":
                     written = _spool_pages(rec, offsets, out, written)
-        return Plan(reader.header, processes, offsets, fd, written)
+                elif rec.kind == "shmem":
+                    written = _spool_shmem(rec, shared, out, written)
+        return Plan(reader.header, processes, offsets, fd, written, shared)
     except BaseException:
         os.close(fd)
         raise
@@ -111,3 +116,23 @@ def _index_pages(rec, offsets, at):
                 raise StreamError(f"record {rec.seq} (pages): frame {first + i} is 'same' as a later frame {s}")
             offsets.append(offsets[s])
     return at
+
+
+def _spool_shmem(rec, shared, out, written):
+    """A shared memory object's pages: bytes to the spool, (page index, offset) to its entry."""
+    from stages.stream import StreamError
+
+    body = rec.body
+    pages = unpack_u32(body["pages"])
+    if len(rec.data) != len(pages) * PAGE:
+        raise StreamError(f"record {rec.seq} (shmem): {len(rec.data)} data bytes for {len(pages)} pages")
+    if any(p >= body["npages"] for p in pages) or body["npages"] * PAGE < body["size"]:
+        raise StreamError(f"record {rec.seq} (shmem): a page beyond object {body['id']}'s size")
+    obj = shared.setdefault(body["id"], {"kind": body["kind"], "size": body["size"],
+                                         "name": body.get("name"), "seals": body.get("seals", 1),
+                                         "pages": []})
+    if (obj["kind"], obj["size"], obj["name"]) != (body["kind"], body["size"], body.get("name")):
+        raise StreamError(f"record {rec.seq} (shmem): object {body['id']} is described differently than before")
+    out.write(rec.data)
+    obj["pages"].extend((p, written + i * PAGE) for i, p in enumerate(pages))
+    return written + len(rec.data)

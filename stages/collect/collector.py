@@ -23,6 +23,7 @@ from . import pages as pages_mod
 from . import state
 from .frames import FrameTable
 from .refusals import Refused, pipe_reasons, process_reasons
+from .shmem import SharedObjects
 from .vdso import vdso_identity
 
 RESUME, KILL, LEAVE_STOPPED = "resume", "kill", "leave-stopped"
@@ -87,6 +88,7 @@ class Collection:
         self.vma_records = []
         self.table = None
         self.vdso = None
+        self.shared = None  # SharedObjects: MAP_SHARED anonymous memory and memfds
 
     def inspect(self):
         """Step 2: the /proc view of every process, and refusals."""
@@ -100,6 +102,9 @@ class Collection:
             reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
         holders = state.pipe_holders(self.views)
         reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), holders)))
+        self.shared = SharedObjects(self.views)
+        self.shared.held_outside(set(self.tree.order))
+        reasons.extend(self.shared.reasons)
         if reasons:
             raise Refused(reasons)
 
@@ -111,6 +116,11 @@ class Collection:
             pipes = state.PipeTable(self.views)
         except OSError as exc:
             raise CollectError(f"reading pipes: {exc}")
+        try:
+            pipe_descs = [f["desc"] for f in pipes.fd_fields.values()]
+            self.shared.assign_descs(1 + max(pipe_descs, default=0))
+        except OSError as exc:
+            raise CollectError(f"reading memfds: {exc}")
         for index, view in enumerate(self.views):
             pid = view.pid
             try:
@@ -120,17 +130,30 @@ class Collection:
             except OSError as exc:
                 self.check_alive()
                 raise CollectError(f"process {pid}: {exc}")
-            self.records.append(state.process_record(view, threads, brk, sigactions, pipes))
+            record = state.process_record(view, threads, brk, sigactions, pipes)
+            for fd_rec, fd in zip(record["fds"], view.fds):
+                sid = self.shared.fd_id(pid, fd)
+                if sid:
+                    fd_rec["shmem"], fd_rec["desc"] = sid, self.shared.fd_desc[(pid, fd["fd"])]
+            self.records.append(record)
             try:
                 fd = pagemap.open_pagemap(pid)
                 try:
-                    vmas = [state.vma_record(v, self.table.vma_frames(fd, index, v), pid) for v in view.vmas]
+                    vmas = [self._vma_record(v, self.table.vma_frames(fd, index, v), pid) for v in view.vmas]
                 finally:
                     os.close(fd)
             except OSError:
                 self.check_alive()
                 raise
             self.vma_records.append({"pid": pid, "vmas": vmas})
+
+    def _vma_record(self, vma, frames, pid):
+        rec = state.vma_record(vma, frames, pid)
+        sid = self.shared.vma_id(vma)
+        if sid:
+            rec["shmem"] = sid
+            rec["pgoff"] = vma["pgoff"]  # where in the object (also for anonymous ones)
+        return rec
 
     def check_alive(self):
         """Raise CollectError naming a process of the tree that has died since it was frozen
@@ -173,6 +196,13 @@ class Collection:
                 mem.close()
         summary = {"frames": frames, "stored_pages": stored, "page_bytes": page_bytes,
                    "processes": len(self.records)}
+        if len(self.shared):
+            try:
+                summary["shmem_objects"], summary["shmem_pages"] = self.shared.write(writer)
+            except OSError as exc:
+                if not is_broken_pipe(exc):
+                    self.check_alive()
+                raise
         writer.close(summary=summary)
         summary["stream_bytes"] = writer.bytes_written
         return summary

@@ -7,6 +7,8 @@ and exits with EXIT_REFUSED.
 
 from stages.linux import procfs
 
+from .shmem import fd_object_kind, is_memfd_path, vma_object_kind
+
 O_DIRECT = 0o40000
 
 
@@ -30,7 +32,8 @@ def fd_reason(pid, fd):
     """Why fd (a procfs.describe_fd dict) cannot be dumped, or None when it can."""
     kind, path = fd["kind"], fd.get("path") or ""
     if kind == "file":
-        if fd.get("deleted"):
+        # a memfd or a deleted tmpfs file is restored as a shared memory object (shmem.py)
+        if fd.get("deleted") and not fd_object_kind(pid, fd):
             return f"fd {fd['fd']} is a deleted file ({path})"
         return None
     if kind == "chr":
@@ -58,8 +61,10 @@ def vma_reason(vma):
     where = f"{vma['start']:#x}-{vma['end']:#x}"
     if path.startswith("/SYSV"):
         return f"SysV shared memory attachment at {where}"
-    if vma["shared"] and (vma["kind"] == "anon" or path.startswith("/dev/zero") or path.startswith("/memfd:")):
-        return f"shared anonymous mapping at {where}" + (f" ({path})" if path else "")
+    if vma_object_kind(vma):
+        return None  # MAP_SHARED anonymous, memfd or deleted file: an object (shmem.py)
+    if is_memfd_path(path):
+        return f"private mapping of a memfd at {where} ({path})"
     if vma["kind"] == "file" and path.endswith(procfs.DELETED):
         return f"mapping of a deleted file at {where} ({path})"
     return None

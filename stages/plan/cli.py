@@ -26,6 +26,7 @@ def make_plan(images, strategy="exact"):
     """(plan header, process records) for images read with model.read_images."""
     draft = STRATEGIES[strategy](images)
     header, records = build(draft, strategy)
+    header["stats"].update(images.shared.stats())
     validate_plan(header, records, range(1, images.nframes + 1))
     return header, records
 
@@ -41,6 +42,8 @@ def write_plan(out, images, header, records):
         writer.write("process", rec)
     for meta, data in images.pages_records():
         writer.write_encoded("pages", meta, data)
+    for meta, data in images.shared.records():
+        writer.write_encoded("shmem", meta, data)
     writer.close({"processes": len(records), "frames_planned": header["stats"]["frames_planned"]})
 
 

@@ -9,6 +9,8 @@ import tempfile
 
 from stages.stream import StreamReader, unpack_u32
 
+from .shared import SharedError, SharedObjects
+
 PAGE = 4096
 # VMA kinds whose private pages the plan restores; the others apply handles by kind.
 PLANNABLE_KINDS = {"anon", "file", "heap", "stack"}
@@ -62,6 +64,7 @@ class Images:
         self.spool = None  # temporary file of (meta, data) pages records
         self.pages_bodies = []  # the pages records' bodies (first, count, same, hashes): no bytes
         self.spooled = 0
+        self.shared = SharedObjects()  # MAP_SHARED anonymous memory and memfds (shmem records)
 
     # -- tree -------------------------------------------------------------
     def finish_tree(self):
@@ -142,6 +145,7 @@ class Images:
             yield meta, data
 
     def close(self):
+        self.shared.close()
         if self.spool is not None:
             self.spool.close()
             self.spool = None
@@ -188,10 +192,19 @@ def read_images(fileobj):
             images.spool.write(rec.data)
             images.spooled += 1
             next_first = first + count
+        elif rec.kind == "shmem":
+            try:
+                images.shared.add(rec)
+            except SharedError as exc:
+                raise PlanError(str(exc))
     images.nframes = next_first - 1
     images.trailer = reader.trailer
     images.finish_tree()
     check_images(images)
+    try:
+        images.shared.check_references(images.vmas, images.processes)
+    except SharedError as exc:
+        raise PlanError(str(exc))
     return images
 
 

@@ -67,7 +67,9 @@ FD = Map(
     {"pos": UInt(), "mode": UInt(), "dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "cloexec": Bool(),
      # kind "pipe": the pipe's id in these images, and the id of the open file description
      # (fds of any process with the same desc share one, and with it O_NONBLOCK)
-     "pipe": Int(1, (1 << 32) - 1), "desc": Int(1, (1 << 32) - 1)},
+     "pipe": Int(1, (1 << 32) - 1), "desc": Int(1, (1 << 32) - 1),
+     # a memfd or a deleted tmpfs file: the id of its shared memory object (a ``shmem`` record)
+     "shmem": Int(1, (1 << 32) - 1)},
 )
 
 # A pipe of the tree, in the first process (stream order) holding it: capacity (F_GETPIPE_SZ)
@@ -143,7 +145,10 @@ VMA = Map(
         "frames": Nullable(Bin(multiple=4)),
     },
     # file VMAs: the file's identity at dump time (size and mtime in ns), checked by apply
-    {"dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "mtime": UInt()},
+    {"dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "mtime": UInt(),
+     # MAP_SHARED anonymous, memfd or deleted tmpfs file mapping: the id of its object (pgoff is
+     # then the offset into that object)
+     "shmem": Int(1, (1 << 32) - 1)},
 )
 
 VMAS = Map({"pid": PID, "vmas": ListOf(VMA, max_len=1 << 20)})
@@ -153,7 +158,20 @@ VMAS = Map({"pid": PID, "vmas": ListOf(VMA, max_len=1 << 20)})
 # hashes: the first 16 bytes of the SHA-256 of every frame's bytes.
 PAGES = Map({"first": Int(1, (1 << 32) - 1), "count": Int(1, 1 << 16), "same": Bin(multiple=4), "hashes": Bin(multiple=16)})
 
-BODIES = {"header": HEADER, "process": PROCESS, "vmas": VMAS, "pages": PAGES}
+# A shared memory object (MAP_SHARED anonymous memory, a memfd, or a tmpfs file deleted while
+# mapped or open), once for the whole tree: kind "anon", "memfd" (name = the memfd's name) or
+# "tmpfile" (name = its path before deletion), size in bytes (npages pages), and some of
+# the pages it holds: ``pages`` = packed uint32 page indexes (ascending), their bytes in
+# ``data`` in that order.  An object may take several records (same id, kind, size); pages
+# not in any record are holes (zero, not allocated).  A memfd's ``seals`` (F_GET_SEALS):
+# 1 = F_SEAL_SEAL (made without MFD_ALLOW_SEALING), 0 = sealing allowed, none set.
+SHMEM = Map(
+    {"id": Int(1, (1 << 32) - 1), "kind": Str(choices={"anon", "memfd", "tmpfile"}), "size": UInt(),
+     "npages": UInt(), "pages": Bin(multiple=4)},
+    {"name": Str(max_len=4096), "seals": Int(0, 1)},
+)
+
+BODIES = {"header": HEADER, "process": PROCESS, "vmas": VMAS, "pages": PAGES, "shmem": SHMEM}
 # Records appear in non-decreasing phase order.
-PHASES = {"header": 0, "process": 1, "vmas": 2, "pages": 3}
-DATA_KINDS = {"pages"}
+PHASES = {"header": 0, "process": 1, "vmas": 2, "pages": 3, "shmem": 4}
+DATA_KINDS = {"pages", "shmem"}

@@ -67,6 +67,7 @@ PROCESS = Map(
     {"stats": MapOf(Str(max_len=64), Int())},
 )
 
-BODIES = {"header": HEADER, "process": PROCESS, "pages": images.PAGES}
-PHASES = {"header": 0, "process": 1, "pages": 2}
-DATA_KINDS = {"pages"}
+# the images' shmem records, unchanged, after the pages
+BODIES = {"header": HEADER, "process": PROCESS, "pages": images.PAGES, "shmem": images.SHMEM}
+PHASES = {"header": 0, "process": 1, "pages": 2, "shmem": 3}
+DATA_KINDS = {"pages", "shmem"}

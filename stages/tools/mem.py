@@ -4,7 +4,9 @@
 
 Distinct frames = distinct PFNs behind the present anonymous private pages of
 every process below PID (pagemap; the zero page and file pages excluded): what
-the tree really occupies, each page shared copy-on-write counted once.  Anon
+the tree really occupies, each page shared copy-on-write counted once.  Shared
+memory (MAP_SHARED anonymous, memfd, tmpfs files) is counted per object: the pages
+it holds, once however many processes map it; all frames = private + shared.  Anon
 pages = the same pages counted per process.  Pss_Anon from smaps_rollup.
 
 Exit codes: 0 success, 1 failure (no such process, no permission).
@@ -26,6 +28,9 @@ def render_table(m, out):
         f"({m['distinct_frames'] * 4096 / (1 << 20):.1f} MiB), {m['anon_pages']} anon pages, "
         f"Pss_Anon {m['pss_anon_kb']} kB\n"
     )
+    if m.get("shared_objects"):
+        out.write(f"shared memory: {m['shared_objects']} objects holding {m['shared_frames']} frames; "
+                  f"{m['all_frames']} frames in all\n")
 
 
 def main(argv=None):
@@ -33,7 +38,8 @@ def main(argv=None):
         prog="cow-mem",
         description="A live process tree's memory as the kernel sees it: distinct frames (PFNs) "
         "behind the present anonymous private pages of every process below PID, each page shared "
-        "copy-on-write counted once; anon pages per process; summed Pss_Anon.",
+        "copy-on-write counted once; anon pages per process; summed Pss_Anon; shared memory objects "
+        "(MAP_SHARED anonymous, memfd, tmpfs) counted by the pages each holds, once per object.",
         epilog="exit codes: 0 done, 1 failure (no such process, no permission).",
     )
     ap.add_argument("pid", type=int, help="root of the tree")

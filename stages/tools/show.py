@@ -121,6 +121,9 @@ class Printer:
                 f"pages: {stats['pages_records']} runs, {stats['frames']} frames, "
                 f"{stats['stored']} stored, {stats['same']} equal to an earlier frame"
             )
+        for oid, (kind, size, name, pages) in sorted(stats.get("shmem", {}).items()):
+            what = {"memfd": f"memfd {name!r}", "tmpfile": f"deleted tmpfs file {self.norm.path(name)}"}.get(kind, kind)
+            self.line(f"shared memory {oid}: {what}, {size} bytes, {pages} pages dumped")
 
     # -- images -------------------------------------------------------------
     def process(self, p, indent="", ppid_field="ppid"):
@@ -158,7 +161,8 @@ class Printer:
                 self.line(f"{indent}  fd {fd['fd']} pipe {fd.get('pipe')} {'read' if fd['flags'] & 3 == 0 else 'write'} "
                           f"end, description {fd.get('desc')} flags {fd['flags']:#o}")
                 continue
-            self.line(f"{indent}  fd {fd['fd']} {fd['kind']} {n.path(fd.get('path'))} flags {fd['flags']:#o}")
+            self.line(f"{indent}  fd {fd['fd']} {fd['kind']} {n.path(fd.get('path'))} flags {fd['flags']:#o}"
+                      + (f" shared memory {fd['shmem']}" if "shmem" in fd else ""))
         for pipe in p.get("pipes", ()):
             self.line(f"{indent}  pipe {pipe['id']}: capacity {pipe['size']}, {len(pipe['data'])} bytes unread"
                       + (f" {pipe['data'][:16]!r}" if pipe["data"] else ""))
@@ -187,7 +191,7 @@ class Printer:
         text = (
             f"  {v['start']:#014x}-{v['end']:#014x} {PROT[v['prot']]}{'s' if v['shared'] else 'p'} "
             f"{v['kind']:<6} {npages:>6}p off {v['pgoff']:#x} {self.norm.path(v.get('path'))} [{flags}]"
-        )
+        ) + (f" shared memory {v['shmem']}" if "shmem" in v else "")
         self.line(text)
         if v.get("frames") is not None:
             ids = unpack_u32(v["frames"], "frames")
@@ -251,6 +255,10 @@ def show(stream, out, normal=False, as_json=False):
             stats["frames"] += rec.body["count"]
             stats["same"] += sum(1 for s in same if s)
             stats["stored"] += sum(1 for s in same if not s)
+        elif rec.kind == "shmem":
+            b = rec.body
+            obj = stats.setdefault("shmem", {}).setdefault(b["id"], [b["kind"], b["size"], b.get("name"), 0])
+            obj[3] += len(b["pages"]) // 4
     pr.trailer(reader.trailer, stats)
 
 

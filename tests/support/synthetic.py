@@ -37,6 +37,7 @@ class ImageBuilder:
         self.procs = []  # [pid, ppid, comm]
         self.vmas = {}  # pid -> [vma body]
         self.contents = []  # frame id - 1 -> bytes
+        self.shmem = []  # (shmem record body, data), written after the pages
 
     def frame(self, data):
         self.contents.append(data)
@@ -47,13 +48,15 @@ class ImageBuilder:
         self.vmas[pid] = []
 
     def vma(self, pid, start, frames=None, npages=None, kind="anon", path=None, pgoff=0, shared=False,
-            vmflags=("rd", "wr", "mr", "mw", "me", "ac"), prot=3):
+            vmflags=("rd", "wr", "mr", "mw", "me", "ac"), prot=3, shmem=None):
         npages = len(frames) if frames is not None else npages
         self.vmas[pid].append({
             "start": start, "end": start + npages * PAGE, "prot": prot, "shared": shared, "pgoff": pgoff,
             "kind": kind, "path": path, "vmflags": list(vmflags),
             "frames": pack_u32(frames) if frames is not None and any(frames) else None,
         })
+        if shmem is not None:
+            self.vmas[pid][-1]["shmem"] = shmem
 
     def stream(self, run=64):
         out = io.BytesIO()
@@ -84,6 +87,8 @@ class ImageBuilder:
                     data += c
             w.write("pages", {"first": first, "count": len(ids), "same": pack_u32(same), "hashes": hashes},
                     data)
+        for body, data in self.shmem:
+            w.write("shmem", body, data)
         w.close({"frames": len(self.contents), "processes": len(self.procs)})
 
 
