@@ -20,7 +20,7 @@
 from array import array
 from itertools import repeat
 
-from .layout import Draft, without_gc
+from .layout import Draft, expand, pieces_of, without_gc
 from .model import PAGE
 
 
@@ -281,6 +281,142 @@ def _units(images, nodes, canon, holders, slot_of, relocated):
 
 def _schedule(images, units):
     """Per process: the order of writes and forks; the units that conflict."""
+    got = _schedule_bundles(images, units)
+    return got if got is not None else _schedule_slots(images, units)
+
+
+class _Bundle:
+    """The units of one (creator, holders) key, in unit order: they go into the same
+    places (each holder's final slots, the fork edges from the creator down to them)."""
+
+    __slots__ = ("creator", "holders", "units", "slots", "slot_set", "unit_at")
+
+    def __init__(self, creator):
+        self.creator = creator
+        self.units, self.slots = [], []
+        self.slot_set = self.unit_at = self.holders = None
+
+    def inherited_at(self, written):
+        """The units of this bundle whose slot is in ``written`` (in unit order)."""
+        common = self.slot_set & written if len(written) < len(self.slot_set) else written & self.slot_set
+        if not common:
+            return []
+        return sorted(map(self.unit_at.__getitem__, common))
+
+
+def _schedule_bundles(images, units):
+    """_schedule_slots's result without a dict entry per held page: units are kept in
+    bundles; valid when no two units meet at one slot in any dict _schedule_slots would
+    build and no creator writes two units at one slot (then every write is kept whole and
+    a conflict is only an inherited unit at a slot its parent wrote first).  Else None."""
+    parent = images.parent
+    slot_key = {}
+    bundles = {}
+    for u, s, top, holders in zip(range(len(units.frame)), units.slot, units.creator, units.holders):
+        key = (top, id(holders))
+        b = bundles.get(key)
+        if b is None:
+            b = bundles[key] = _Bundle(top)
+            b.holders = holders
+        b.units.append(u)
+        b.slots.append(slot_key.setdefault(s, len(slot_key)))
+    final = {pid: [] for pid in images.pids}  # pid -> bundles it holds
+    need = {pid: {} for pid in images.pids}  # pid -> {child: bundles the fork of child needs}
+    own_slots = {}
+    for b in bundles.values():
+        b.slot_set = frozenset(b.slots)
+        if len(b.slot_set) != len(b.slots):
+            return None
+        b.unit_at = dict(zip(b.slots, b.units))
+        seen = set()
+        for h in b.holders:
+            final[h].append(b)
+            c = h
+            while c != b.creator and c not in seen:
+                seen.add(c)
+                need[parent[c]].setdefault(c, []).append(b)
+                c = parent[c]
+        mine = own_slots.setdefault(b.creator, [])
+        mine.append(b)
+    for group in [*final.values(), *(e for edges in need.values() for e in edges.values()),
+                  *own_slots.values()]:
+        if len(group) > 1 and not _disjoint(group):
+            return None
+    conflicts = set()
+    schedule = {}
+    for pid in images.pids:
+        kids = images.children[pid]
+        best = _greedy_bundles(pid, kids, need[pid], final[pid])
+        if best[0] and len(kids) > 1:
+            for order in _other_orders_bundles(pid, kids, need[pid], final[pid]):
+                got = _greedy_bundles(pid, order, need[pid], final[pid])
+                if len(got[0]) < len(best[0]):
+                    best = got
+                if not got[0]:
+                    break
+        conflicts.update(best[0])
+        schedule[pid] = best[1]
+    return conflicts, schedule
+
+
+def _disjoint(group):
+    """Do the bundles of group have pairwise disjoint slots?  (Cost: all but the largest.)"""
+    big = max(group, key=lambda b: len(b.slots))
+    rest = set()
+    n = 0
+    for b in group:
+        if b is not big:
+            rest.update(b.slot_set)
+            n += len(b.slots)
+    return len(rest) == n and rest.isdisjoint(big.slot_set)
+
+
+def _greedy_bundles(pid, order, need, final):
+    """_greedy over bundles: own bundles are written whole, in unit order, before the
+    first fork that needs them; an inherited unit at a slot already written conflicts."""
+    written = set()
+    done = set()
+    conflicts, seq = [], []
+
+    def provide(bundles):
+        new = []
+        for b in bundles:
+            if b.creator == pid:
+                if id(b) not in done:
+                    done.add(id(b))
+                    new.append(b)
+        inherited = [b for b in bundles if b.creator != pid]
+        if new:
+            units = new[0].units if len(new) == 1 else sorted(u for b in new for u in b.units)
+            seq.extend(zip(repeat("w"), units))
+            for b in new:
+                written.update(b.slot_set)
+        if written:
+            for b in inherited:
+                conflicts.extend(b.inherited_at(written))
+
+    for c in order:
+        provide(need.get(c, ()))
+        seq.append(("f", c))
+    provide(final)
+    return conflicts, seq
+
+
+def _other_orders_bundles(pid, kids, need, final):
+    """_other_orders over bundles."""
+    writes_here = set()
+    for bundles in [*need.values(), final]:
+        for b in bundles:
+            if b.creator == pid:
+                writes_here.update(b.slot_set)
+    early = {c: -sum(len(b.inherited_at(writes_here)) for b in need.get(c, ()) if b.creator != pid)
+             for c in kids}
+    return [sorted(kids, key=lambda c: early[c]), kids[::-1]]
+
+
+def _schedule_slots(images, units):
+    """Per process: the order of writes and forks; the units that conflict (one dict entry
+    per unit and place: the general case)."""
     parent = images.parent
     final = {pid: {} for pid in images.pids}
     need = {pid: {} for pid in images.pids}
@@ -423,13 +559,18 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
         g, p = place[n]
         rid, lo = group_rid[g]
         # an aligned frame's slot is its own page's slot: only relocated frames move elsewhere
-        src = list(zip(repeat(rid), range(p - lo, p - lo + v.npages)))
+        pieces = [[rid, p - lo, v.npages, 0]]
         if relocated and v.ids is not None:
+            src = None
             for i, f in enumerate(v.ids):
                 if f and canon[f] in relocated:
+                    if src is None:
+                        src = expand(pieces)
                     u = units.of_relocated[(v.pid, canon[f])]
                     src[i] = where(units.slot[u])
-        draft.sources[v.pid][v.index] = src
+            if src is not None:
+                pieces = pieces_of(src)
+        draft.sources[v.pid][v.index] = pieces
     return draft
 
 
