@@ -305,10 +305,9 @@ class _Bundle:
 
 
 def _schedule_bundles(images, units):
-    """_schedule_slots's result without a dict entry per held page: units are kept in
-    bundles; valid when no two units meet at one slot in any dict _schedule_slots would
-    build and no creator writes two units at one slot (then every write is kept whole and
-    a conflict is only an inherited unit at a slot its parent wrote first).  Else None."""
+    """_schedule_slots's result without a dict entry per held page and place: units are
+    kept in bundles.  Valid when no two units meet at one slot in any dict
+    _schedule_slots would build (each holder's final slots, each fork edge); else None."""
     parent = images.parent
     slot_key = {}
     bundles = {}
@@ -322,7 +321,7 @@ def _schedule_bundles(images, units):
         b.slots.append(slot_key.setdefault(s, len(slot_key)))
     final = {pid: [] for pid in images.pids}  # pid -> bundles it holds
     need = {pid: {} for pid in images.pids}  # pid -> {child: bundles the fork of child needs}
-    own_slots = {}
+    own = {}  # creator -> its bundles
     for b in bundles.values():
         b.slot_set = frozenset(b.slots)
         if len(b.slot_set) != len(b.slots):
@@ -336,20 +335,19 @@ def _schedule_bundles(images, units):
                 seen.add(c)
                 need[parent[c]].setdefault(c, []).append(b)
                 c = parent[c]
-        mine = own_slots.setdefault(b.creator, [])
-        mine.append(b)
-    for group in [*final.values(), *(e for edges in need.values() for e in edges.values()),
-                  *own_slots.values()]:
+        own.setdefault(b.creator, []).append(b)
+    for group in [*final.values(), *(e for edges in need.values() for e in edges.values())]:
         if len(group) > 1 and not _disjoint(group):
             return None
     conflicts = set()
     schedule = {}
     for pid in images.pids:
         kids = images.children[pid]
-        best = _greedy_bundles(pid, kids, need[pid], final[pid])
+        contested = _contested(own.get(pid, ()))
+        best = _greedy_bundles(pid, kids, need[pid], final[pid], contested)
         if best[0] and len(kids) > 1:
             for order in _other_orders_bundles(pid, kids, need[pid], final[pid]):
-                got = _greedy_bundles(pid, order, need[pid], final[pid])
+                got = _greedy_bundles(pid, order, need[pid], final[pid], contested)
                 if len(got[0]) < len(best[0]):
                     best = got
                 if not got[0]:
@@ -371,29 +369,66 @@ def _disjoint(group):
     return len(rest) == n and rest.isdisjoint(big.slot_set)
 
 
-def _greedy_bundles(pid, order, need, final):
-    """_greedy over bundles: own bundles are written whole, in unit order, before the
-    first fork that needs them; an inherited unit at a slot already written conflicts."""
-    written = set()
-    done = set()
+def _contested(bundles):
+    """Slots where a creator writes more than one unit (say an old version before a fork
+    and its own after it)."""
+    seen, contested = set(), set()
+    for b in bundles:
+        contested |= b.slot_set & seen
+        seen |= b.slot_set
+    return contested
+
+
+def _greedy_bundles(pid, order, need, final, contested):
+    """_greedy over bundles.  An own bundle without contested slots is written whole,
+    in unit order, before the first fork that needs it; units at contested slots are
+    followed one by one (which one the slot holds now); an inherited unit at a slot this
+    process has written conflicts."""
+    written = set()  # slots written so far
+    whole = set()  # ids of own bundles whose units are all in place
+    cur = {}  # contested slot -> the unit it holds now
+    holder_of = {}  # unit at a contested slot -> id of its bundle
+    done = set()  # units written (in bundles with contested slots)
     conflicts, seq = [], []
 
     def provide(bundles):
-        new = []
+        writes = []
         for b in bundles:
-            if b.creator == pid:
-                if id(b) not in done:
-                    done.add(id(b))
-                    new.append(b)
-        inherited = [b for b in bundles if b.creator != pid]
-        if new:
-            units = new[0].units if len(new) == 1 else sorted(u for b in new for u in b.units)
-            seq.extend(zip(repeat("w"), units))
-            for b in new:
+            if b.creator != pid or id(b) in whole:
+                continue
+            if contested.isdisjoint(b.slot_set):
+                writes.extend(b.units)
                 written.update(b.slot_set)
+                whole.add(id(b))
+                continue
+            intact = True
+            for u, s in zip(b.units, b.slots):
+                if s in contested:
+                    if cur.get(s) == u:
+                        continue
+                    if u in done:
+                        conflicts.append(u)
+                        intact = False
+                        continue
+                    was = cur.get(s)
+                    if was is not None:
+                        whole.discard(holder_of[was])
+                    cur[s] = u
+                    holder_of[u] = id(b)
+                elif u in done:
+                    continue
+                done.add(u)
+                writes.append(u)
+                written.add(s)
+            if intact:
+                whole.add(id(b))
+        if writes:
+            writes.sort()
+            seq.extend(zip(repeat("w"), writes))
         if written:
-            for b in inherited:
-                conflicts.extend(b.inherited_at(written))
+            for b in bundles:
+                if b.creator != pid:
+                    conflicts.extend(b.inherited_at(written))
 
     for c in order:
         provide(need.get(c, ()))
