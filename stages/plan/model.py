@@ -206,7 +206,7 @@ def check_images(images):
         if pid not in images.order:
             raise PlanError(f"vmas record for pid {pid}, which has no process record")
     for pid in images.pids:
-        seen = {}
+        seen = set()  # frames of this process's plannable VMAs so far
         prev_end = 0
         for v in images.vmas[pid]:
             where = f"process {pid}: vma {v.index} [{v.start:#x}-{v.end:#x})"
@@ -233,10 +233,29 @@ def check_images(images):
                 if any(v.ids):
                     raise PlanError(f"{where}: a {v.body['kind']} {'shared ' if v.body['shared'] else ''}VMA has frames")
                 continue
-            for i, f in enumerate(v.ids):
-                if f:
-                    if f > n:
-                        raise PlanError(f"{where}: frame {f} is not in the images' pages (they hold 1..{n})")
-                    if f in seen:
-                        raise PlanError(f"{where}: frame {f} is mapped twice in one process (also at {seen[f]:#x})")
-                    seen[f] = v.start + i * PAGE
+            # whole-array checks in C; the page-by-page loop only to name a fault
+            mine = set(v.ids)
+            mine.discard(0)
+            if max(v.ids) <= n and len(mine) == v.npages - v.ids.count(0) and seen.isdisjoint(mine):
+                seen |= mine
+                continue
+            _name_bad_frame(images, pid, v, where, n)
+
+
+def _name_bad_frame(images, pid, v, where, n):
+    """Raise the PlanError for the first page of v whose frame is out of range or already
+    mapped in process pid (the VMAs before v passed the checks)."""
+    at = {}
+    for w in images.vmas[pid]:
+        if w is v:
+            break
+        if w.ids is not None and w.plannable:
+            at.update((f, w.start + i * PAGE) for i, f in enumerate(w.ids) if f)
+    for i, f in enumerate(v.ids):
+        if f:
+            if f > n:
+                raise PlanError(f"{where}: frame {f} is not in the images' pages (they hold 1..{n})")
+            if f in at:
+                raise PlanError(f"{where}: frame {f} is mapped twice in one process (also at {at[f]:#x})")
+            at[f] = v.start + i * PAGE
+    raise AssertionError(f"{where}: no bad frame found")
