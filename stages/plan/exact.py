@@ -81,25 +81,40 @@ def plan_exact(images):
     nframes = images.nframes
     first_node = array("i", [-1]) * (nframes + 1)
     first_page = array("i", [0]) * (nframes + 1)
+    firsts = []  # per node: at each page, the frame first seen there (else 0)
+    zeros = array("I", [0]) * max((v.npages for v in nodes), default=0)
     for n, v in enumerate(nodes):
-        if v.ids is None:
+        ids = v.ids
+        firsts.append(zeros[:v.npages] if ids is not None else None)
+        if ids is None:
             continue
-        last = None  # (node, delta) of the previous page's link: the same link needs no union
-        for i, f in enumerate(v.ids):
+        mine = firsts[n]
+        npages = len(ids)
+        last = None  # (node, delta) of the last link united: the same link needs no union
+        i = 0
+        while i < npages:
+            f = ids[i]
             if not f:
+                i += _common_prefix(ids, i, zeros, 0, npages - i)
                 continue
             m = first_node[f]
             if m < 0:
                 first_node[f] = n
                 first_page[f] = i
+                mine[i] = f
+                i += 1
                 continue
-            link = (m, first_page[f] - i)
-            if link == last:
-                continue
-            if groups.union(m, first_page[f], n, i):
-                last = link
-            else:
-                misaligned.add(f)
+            # the pages from i on whose frames were first seen on the following pages of
+            # node m all have this page's link: one union (or one failure) for the run
+            j = first_page[f]
+            run = _common_prefix(ids, i, firsts[m], j, min(npages - i, nodes[m].npages - j))
+            link = (m, j - i)
+            if link != last:
+                if groups.union(m, j, n, i):
+                    last = link
+                else:
+                    misaligned.update(filter(None, ids[i:i + run]))
+            i += run
     node_of = {(v.pid, v.index): n for n, v in enumerate(nodes)}
     for n, v in enumerate(nodes):
         pp = parent[v.pid]
@@ -126,24 +141,8 @@ def plan_exact(images):
     # 2. equal content at the slot the nearest ancestor holds (only classes of 2+ frames matter)
     canon = _merge_equal(images, nodes, place, node_of, cls, misaligned)
 
-    # 3. holders of every canonical frame
-    holders = [None] * (nframes + 1)
-    for v in nodes:
-        if v.ids is None:
-            continue
-        pid = v.pid
-        for c in map(canon.__getitem__, filter(None, v.ids)):
-            h = holders[c]
-            if h is None:
-                holders[c] = [pid]
-            else:
-                h.append(pid)
-    # one list object per distinct holder set: _schedule caches per list
-    same_holders = {}
-    for c in range(1, nframes + 1):
-        h = holders[c]
-        if h is not None:
-            holders[c] = same_holders.setdefault(tuple(h), h)
+    # 3. holders of every canonical frame: one list object per distinct holder set
+    holders = _holders(nodes, canon, nframes, zeros)
     slot_of = {}
     for c in range(1, nframes + 1):
         if holders[c] is not None:
@@ -158,6 +157,80 @@ def plan_exact(images):
             break
         relocated.update(units.frame[u] for u in conflicts)
     return _draft(images, nodes, place, units, schedule, canon, relocated)
+
+
+def _holders(nodes, canon, nframes, zeros):
+    """canonical frame -> the pids holding it, in node order (None: nobody); equal holder
+    lists are one object (_schedule groups units by it).  Each frame carries the id of its
+    holder set so far; a VMA moves the sets of its frames on in runs of consecutive frame
+    ids, by slice."""
+    iota = array("I", range(nframes + 1))
+    identity = canon == iota
+    sets = [()]  # holder set id -> pids
+    set_id = {(): 0}
+    of = array("I", [0]) * (nframes + 1)  # canonical frame -> holder set id
+
+    class Step(dict):
+        """set id -> set id with pid added (looked up in C; made on first use)."""
+
+        def __init__(self, pid):
+            self.pid = pid
+
+        def __missing__(self, h):
+            pids = sets[h] + (self.pid,)
+            got = self[h] = set_id.setdefault(pids, len(sets))
+            if got == len(sets):
+                sets.append(pids)
+            return got
+
+    steps = {}
+    for v in nodes:
+        if v.ids is None:
+            continue
+        step = steps.get(v.pid)
+        if step is None:
+            step = steps[v.pid] = Step(v.pid)
+        cs = v.ids if identity else array("I", map(canon.__getitem__, v.ids))
+        npages = len(cs)
+        i = 0
+        while i < npages:
+            c = cs[i]
+            if not c:
+                i += _common_prefix(cs, i, zeros, 0, npages - i)
+                continue
+            run = _common_prefix(cs, i, iota, c, min(npages - i, nframes + 1 - c))
+            old = of[c:c + run]
+            h = old[0]
+            if old.count(h) == run:
+                of[c:c + run] = array("I", [step[h]]) * run
+            else:
+                of[c:c + run] = array("I", map(step.__getitem__, old))
+            i += run
+    lists = [None] + [list(pids) for pids in sets[1:]]
+    return list(map(lists.__getitem__, of))
+
+
+def _common_prefix(a, i, b, j, n):
+    """How many of a[i:i+n] equal b[j:j+n] from the start (arrays): slice compares in C,
+    growing while they match, then halving to the first difference."""
+    done, step = 0, 64
+    while done < n:
+        k = min(step, n - done)
+        if a[i + done:i + done + k] == b[j + done:j + done + k]:
+            done += k
+            step = min(2 * step, 1 << 16)
+            continue
+        lo, hi = done, done + k  # a and b agree up to lo; they differ before hi
+        while hi - lo > 8:
+            mid = (lo + hi) // 2
+            if a[i + lo:i + mid] == b[j + lo:j + mid]:
+                lo = mid
+            else:
+                hi = mid
+        while a[i + lo] == b[j + lo]:
+            lo += 1
+        return lo
+    return n
 
 
 def _merge_equal(images, nodes, place, node_of, cls, misaligned):
