@@ -115,6 +115,7 @@ def plan_exact(images):
                 else:
                     misaligned.update(filter(None, ids[i:i + run]))
             i += run
+    del firsts  # 4 bytes per page: not kept past alignment
     node_of = {(v.pid, v.index): n for n, v in enumerate(nodes)}
     for n, v in enumerate(nodes):
         pp = parent[v.pid]

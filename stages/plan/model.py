@@ -6,8 +6,9 @@ to a temporary file and copied through to the plan afterwards.
 
 import struct
 import tempfile
+from array import array
 
-from stages.stream import StreamReader, unpack_u32
+from stages.stream import StreamReader, unpack_u32, view_u32
 
 PAGE = 4096
 # VMA kinds whose private pages the plan restores; the others apply handles by kind.
@@ -22,6 +23,15 @@ ADDRESS_LIMIT = 1 << 47
 MAX_PLANNABLE_PAGES = 1 << 24
 
 
+def count_zeros(ids):
+    """How many pages of a frame map (array or view) have no frame."""
+    if isinstance(ids, array):
+        return ids.count(0)
+    copy = array("I")
+    copy.frombytes(ids.cast("B"))  # a memcpy; array.count runs in C
+    return copy.count(0)
+
+
 class PlanError(Exception):
     """The images are valid but the plan cannot handle them."""
 
@@ -34,7 +44,8 @@ class Vma:
         self.start, self.end = body["start"], body["end"]
         self.npages = (self.end - self.start) // PAGE
         frames = body["frames"]
-        self.ids = unpack_u32(frames, f"process {pid} vma {index} frames") if frames is not None else None
+        # a view of the record's bytes, not a copy: they go into the plan too
+        self.ids = view_u32(frames, f"process {pid} vma {index} frames") if frames is not None else None
         self.plannable = not body["shared"] and body["kind"] in PLANNABLE_KINDS
         self.inheritable = self.plannable and not (NOT_INHERITED_FLAGS & set(body["vmflags"]))
 
@@ -236,7 +247,7 @@ def check_images(images):
             # whole-array checks in C; the page-by-page loop only to name a fault
             mine = set(v.ids)
             mine.discard(0)
-            if max(v.ids) <= n and len(mine) == v.npages - v.ids.count(0) and seen.isdisjoint(mine):
+            if max(v.ids) <= n and len(mine) + count_zeros(v.ids) == v.npages and seen.isdisjoint(mine):
                 seen |= mine
                 continue
             _name_bad_frame(images, pid, v, where, n)

@@ -24,3 +24,13 @@ def unpack_u32(blob, what="array"):
     if not _LITTLE:
         arr.byteswap()
     return arr
+
+
+def view_u32(blob, what="array"):
+    """The u32 values of blob without a copy (a read-only memoryview) where the host is
+    little endian, else an array like unpack_u32: for large arrays kept while in use."""
+    if len(blob) % 4:
+        raise StreamError(f"{what}: length {len(blob)} is not a multiple of 4")
+    if not _LITTLE:
+        return unpack_u32(blob, what)
+    return memoryview(blob).cast("B").cast("I")
