@@ -18,7 +18,7 @@
 """
 
 from array import array
-from itertools import repeat
+from itertools import compress, repeat
 
 from .layout import Draft, expand, pieces_of, without_gc
 from .model import PAGE
@@ -263,9 +263,8 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
     holders = {}  # frame of a class of 2+ -> set of pids
     for v in nodes:
         if v.ids is not None:
-            for f in v.ids:
-                if multi[f]:
-                    holders.setdefault(f, set()).add(v.pid)
+            for f in compress(v.ids, map(multi.__getitem__, v.ids)):
+                holders.setdefault(f, set()).add(v.pid)
 
     def merge(g, a, same_slot):
         if a == g or cls[a] != cls[g] or holders[a] & holders[g]:
@@ -278,6 +277,7 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
 
     parent = images.parent
     view = {0: {}}
+    left = {pid: len(images.children[pid]) for pid in images.pids}  # children not yet seen
     for pid in images.pids:
         inherited = view[parent[pid]]
         mine = dict(inherited)
@@ -291,9 +291,9 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
             same_bounds = (w is not None and w.ids is not None and w.inheritable and v.inheritable
                            and w.body["kind"] == v.body["kind"] and w.body["path"] == v.body["path"]
                            and w.body["pgoff"] == v.body["pgoff"])
-            for i, f in enumerate(v.ids):
-                if not multi[f]:
-                    continue
+            ids = v.ids
+            for i in compress(range(len(ids)), map(multi.__getitem__, ids)):
+                f = ids[i]
                 s = (g0, p0 + i)
                 g = resolve(f)
                 a = inherited.get(s)
@@ -303,6 +303,13 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
                     g = merge(g, resolve(w.ids[i]), False)
                 mine[s] = g
         view[pid] = mine
+        # a view is needed until the last child has taken its copy
+        if not images.children[pid]:
+            del view[pid]
+        if pp:
+            left[pp] -= 1
+            if not left[pp]:
+                del view[pp]
     for f in range(1, nframes + 1):
         canon[f] = resolve(f)
     return canon
@@ -321,16 +328,21 @@ class _Units:
         return len(self.frame) - 1
 
 
+def _relocated_pages(ids, canon, relocated):
+    """The pages of a frame map whose canonical frame is relocated (filtered in C)."""
+    return compress(range(len(ids)), map(relocated.__contains__, map(canon.__getitem__, ids)))
+
+
 def _relocation_keys(nodes, canon, relocated):
     """canonical relocated frame -> {key: [pids]}: one slot per backing (anon, or file page)."""
     keys = {}
     for v in nodes:
         if v.ids is None:
             continue
-        for i, f in enumerate(v.ids):
-            if f and canon[f] in relocated:
-                key = ("file", v.body["path"], v.body["pgoff"] // PAGE + i) if v.is_file else ("anon",)
-                keys.setdefault(canon[f], {}).setdefault(key, []).append(v.pid)
+        for i in _relocated_pages(v.ids, canon, relocated):
+            f = v.ids[i]
+            key = ("file", v.body["path"], v.body["pgoff"] // PAGE + i) if v.is_file else ("anon",)
+            keys.setdefault(canon[f], {}).setdefault(key, []).append(v.pid)
     return keys
 
 
@@ -671,12 +683,11 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
         pieces = [[rid, p - lo, v.npages, 0]]
         if relocated and v.ids is not None:
             src = None
-            for i, f in enumerate(v.ids):
-                if f and canon[f] in relocated:
-                    if src is None:
-                        src = expand(pieces)
-                    u = units.of_relocated[(v.pid, canon[f])]
-                    src[i] = where(units.slot[u])
+            for i in _relocated_pages(v.ids, canon, relocated):
+                if src is None:
+                    src = expand(pieces)
+                u = units.of_relocated[(v.pid, canon[v.ids[i]])]
+                src[i] = where(units.slot[u])
             if src is not None:
                 pieces = pieces_of(src)
         draft.sources[v.pid][v.index] = pieces
