@@ -95,7 +95,7 @@ def plan_exact(images):
         while i < npages:
             f = ids[i]
             if not f:
-                i += _common_prefix(ids, i, zeros, 0, npages - i)
+                i += 1 if i + 1 < npages and ids[i + 1] else _common_prefix(ids, i, zeros, 0, npages - i)
                 continue
             m = first_node[f]
             if m < 0:
@@ -197,9 +197,13 @@ def _holders(nodes, canon, nframes, zeros):
         while i < npages:
             c = cs[i]
             if not c:
-                i += _common_prefix(cs, i, zeros, 0, npages - i)
+                i += 1 if i + 1 < npages and cs[i + 1] else _common_prefix(cs, i, zeros, 0, npages - i)
                 continue
             run = _common_prefix(cs, i, iota, c, min(npages - i, nframes + 1 - c))
+            if run == 1:
+                of[c] = step[of[c]]
+                i += 1
+                continue
             old = of[c:c + run]
             h = old[0]
             if old.count(h) == run:
@@ -214,7 +218,11 @@ def _holders(nodes, canon, nframes, zeros):
 def _common_prefix(a, i, b, j, n):
     """How many of a[i:i+n] equal b[j:j+n] from the start (arrays): slice compares in C,
     growing while they match, then halving to the first difference."""
-    done, step = 0, 64
+    head = min(n, 8)
+    for k in range(head):  # short runs (pages alternating) end here, cheaply
+        if a[i + k] != b[j + k]:
+            return k
+    done, step = head, 64
     while done < n:
         k = min(step, n - done)
         if a[i + done:i + done + k] == b[j + done:j + done + k]:
