@@ -17,9 +17,10 @@ PLANNABLE_KINDS = {"anon", "file", "heap", "stack"}
 NOT_INHERITED_FLAGS = {"dc", "wf"}
 # x86-64 user addresses end here; only the kernel's fixed [vsyscall] page lies above.
 ADDRESS_LIMIT = 1 << 47
-# The planner keeps a per-page source list for every page of a private VMA (frame or
-# not), so its memory and time grow with the address space, not the frames: refuse
-# before that turns into minutes of work or an OOM (64 GiB of private VMAs in one tree).
+# The planner still looks at every page of a private VMA (frame or not), in C for the
+# most part but in Python for VMAs with pages without a frame, so its time grows with
+# the address space, not the frames: refuse before that turns into minutes of work
+# (64 GiB of private VMAs in one tree).
 MAX_PLANNABLE_PAGES = 1 << 24
 
 
