@@ -18,9 +18,9 @@
 """
 
 from array import array
-from itertools import repeat
+from itertools import compress, repeat
 
-from .layout import Draft, without_gc
+from .layout import Draft, expand, pieces_of, without_gc
 from .model import PAGE
 
 
@@ -81,25 +81,41 @@ def plan_exact(images):
     nframes = images.nframes
     first_node = array("i", [-1]) * (nframes + 1)
     first_page = array("i", [0]) * (nframes + 1)
+    firsts = []  # per node: at each page, the frame first seen there (else 0)
+    zeros = array("I", [0]) * max((v.npages for v in nodes), default=0)
     for n, v in enumerate(nodes):
-        if v.ids is None:
+        ids = v.ids
+        firsts.append(zeros[:v.npages] if ids is not None else None)
+        if ids is None:
             continue
-        last = None  # (node, delta) of the previous page's link: the same link needs no union
-        for i, f in enumerate(v.ids):
+        mine = firsts[n]
+        npages = len(ids)
+        last = None  # (node, delta) of the last link united: the same link needs no union
+        i = 0
+        while i < npages:
+            f = ids[i]
             if not f:
+                i += 1 if i + 1 < npages and ids[i + 1] else _common_prefix(ids, i, zeros, 0, npages - i)
                 continue
             m = first_node[f]
             if m < 0:
                 first_node[f] = n
                 first_page[f] = i
+                mine[i] = f
+                i += 1
                 continue
-            link = (m, first_page[f] - i)
-            if link == last:
-                continue
-            if groups.union(m, first_page[f], n, i):
-                last = link
-            else:
-                misaligned.add(f)
+            # the pages from i on whose frames were first seen on the following pages of
+            # node m all have this page's link: one union (or one failure) for the run
+            j = first_page[f]
+            run = _common_prefix(ids, i, firsts[m], j, min(npages - i, nodes[m].npages - j))
+            link = (m, j - i)
+            if link != last:
+                if groups.union(m, j, n, i):
+                    last = link
+                else:
+                    misaligned.update(filter(None, ids[i:i + run]))
+            i += run
+    del firsts  # 4 bytes per page: not kept past alignment
     node_of = {(v.pid, v.index): n for n, v in enumerate(nodes)}
     for n, v in enumerate(nodes):
         pp = parent[v.pid]
@@ -126,24 +142,8 @@ def plan_exact(images):
     # 2. equal content at the slot the nearest ancestor holds (only classes of 2+ frames matter)
     canon = _merge_equal(images, nodes, place, node_of, cls, misaligned)
 
-    # 3. holders of every canonical frame
-    holders = [None] * (nframes + 1)
-    for v in nodes:
-        if v.ids is None:
-            continue
-        pid = v.pid
-        for c in map(canon.__getitem__, filter(None, v.ids)):
-            h = holders[c]
-            if h is None:
-                holders[c] = [pid]
-            else:
-                h.append(pid)
-    # one list object per distinct holder set: _schedule caches per list
-    same_holders = {}
-    for c in range(1, nframes + 1):
-        h = holders[c]
-        if h is not None:
-            holders[c] = same_holders.setdefault(tuple(h), h)
+    # 3. holders of every canonical frame: one list object per distinct holder set
+    holders = _holders(nodes, canon, nframes, zeros)
     slot_of = {}
     for c in range(1, nframes + 1):
         if holders[c] is not None:
@@ -158,6 +158,88 @@ def plan_exact(images):
             break
         relocated.update(units.frame[u] for u in conflicts)
     return _draft(images, nodes, place, units, schedule, canon, relocated)
+
+
+def _holders(nodes, canon, nframes, zeros):
+    """canonical frame -> the pids holding it, in node order (None: nobody); equal holder
+    lists are one object (_schedule groups units by it).  Each frame carries the id of its
+    holder set so far; a VMA moves the sets of its frames on in runs of consecutive frame
+    ids, by slice."""
+    iota = array("I", range(nframes + 1))
+    identity = canon == iota
+    sets = [()]  # holder set id -> pids
+    set_id = {(): 0}
+    of = array("I", [0]) * (nframes + 1)  # canonical frame -> holder set id
+
+    class Step(dict):
+        """set id -> set id with pid added (looked up in C; made on first use)."""
+
+        def __init__(self, pid):
+            self.pid = pid
+
+        def __missing__(self, h):
+            pids = sets[h] + (self.pid,)
+            got = self[h] = set_id.setdefault(pids, len(sets))
+            if got == len(sets):
+                sets.append(pids)
+            return got
+
+    steps = {}
+    for v in nodes:
+        if v.ids is None:
+            continue
+        step = steps.get(v.pid)
+        if step is None:
+            step = steps[v.pid] = Step(v.pid)
+        cs = v.ids if identity else array("I", map(canon.__getitem__, v.ids))
+        npages = len(cs)
+        i = 0
+        while i < npages:
+            c = cs[i]
+            if not c:
+                i += 1 if i + 1 < npages and cs[i + 1] else _common_prefix(cs, i, zeros, 0, npages - i)
+                continue
+            run = _common_prefix(cs, i, iota, c, min(npages - i, nframes + 1 - c))
+            if run == 1:
+                of[c] = step[of[c]]
+                i += 1
+                continue
+            old = of[c:c + run]
+            h = old[0]
+            if old.count(h) == run:
+                of[c:c + run] = array("I", [step[h]]) * run
+            else:
+                of[c:c + run] = array("I", map(step.__getitem__, old))
+            i += run
+    lists = [None] + [list(pids) for pids in sets[1:]]
+    return list(map(lists.__getitem__, of))
+
+
+def _common_prefix(a, i, b, j, n):
+    """How many of a[i:i+n] equal b[j:j+n] from the start (arrays): slice compares in C,
+    growing while they match, then halving to the first difference."""
+    head = min(n, 8)
+    for k in range(head):  # short runs (pages alternating) end here, cheaply
+        if a[i + k] != b[j + k]:
+            return k
+    done, step = head, 64
+    while done < n:
+        k = min(step, n - done)
+        if a[i + done:i + done + k] == b[j + done:j + done + k]:
+            done += k
+            step = min(2 * step, 1 << 16)
+            continue
+        lo, hi = done, done + k  # a and b agree up to lo; they differ before hi
+        while hi - lo > 8:
+            mid = (lo + hi) // 2
+            if a[i + lo:i + mid] == b[j + lo:j + mid]:
+                lo = mid
+            else:
+                hi = mid
+        while a[i + lo] == b[j + lo]:
+            lo += 1
+        return lo
+    return n
 
 
 def _merge_equal(images, nodes, place, node_of, cls, misaligned):
@@ -189,9 +271,8 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
     holders = {}  # frame of a class of 2+ -> set of pids
     for v in nodes:
         if v.ids is not None:
-            for f in v.ids:
-                if multi[f]:
-                    holders.setdefault(f, set()).add(v.pid)
+            for f in compress(v.ids, map(multi.__getitem__, v.ids)):
+                holders.setdefault(f, set()).add(v.pid)
 
     def merge(g, a, same_slot):
         if a == g or cls[a] != cls[g] or holders[a] & holders[g]:
@@ -204,6 +285,7 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
 
     parent = images.parent
     view = {0: {}}
+    left = {pid: len(images.children[pid]) for pid in images.pids}  # children not yet seen
     for pid in images.pids:
         inherited = view[parent[pid]]
         mine = dict(inherited)
@@ -217,9 +299,9 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
             same_bounds = (w is not None and w.ids is not None and w.inheritable and v.inheritable
                            and w.body["kind"] == v.body["kind"] and w.body["path"] == v.body["path"]
                            and w.body["pgoff"] == v.body["pgoff"])
-            for i, f in enumerate(v.ids):
-                if not multi[f]:
-                    continue
+            ids = v.ids
+            for i in compress(range(len(ids)), map(multi.__getitem__, ids)):
+                f = ids[i]
                 s = (g0, p0 + i)
                 g = resolve(f)
                 a = inherited.get(s)
@@ -229,6 +311,13 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
                     g = merge(g, resolve(w.ids[i]), False)
                 mine[s] = g
         view[pid] = mine
+        # a view is needed until the last child has taken its copy
+        if not images.children[pid]:
+            del view[pid]
+        if pp:
+            left[pp] -= 1
+            if not left[pp]:
+                del view[pp]
     for f in range(1, nframes + 1):
         canon[f] = resolve(f)
     return canon
@@ -247,16 +336,21 @@ class _Units:
         return len(self.frame) - 1
 
 
+def _relocated_pages(ids, canon, relocated):
+    """The pages of a frame map whose canonical frame is relocated (filtered in C)."""
+    return compress(range(len(ids)), map(relocated.__contains__, map(canon.__getitem__, ids)))
+
+
 def _relocation_keys(nodes, canon, relocated):
     """canonical relocated frame -> {key: [pids]}: one slot per backing (anon, or file page)."""
     keys = {}
     for v in nodes:
         if v.ids is None:
             continue
-        for i, f in enumerate(v.ids):
-            if f and canon[f] in relocated:
-                key = ("file", v.body["path"], v.body["pgoff"] // PAGE + i) if v.is_file else ("anon",)
-                keys.setdefault(canon[f], {}).setdefault(key, []).append(v.pid)
+        for i in _relocated_pages(v.ids, canon, relocated):
+            f = v.ids[i]
+            key = ("file", v.body["path"], v.body["pgoff"] // PAGE + i) if v.is_file else ("anon",)
+            keys.setdefault(canon[f], {}).setdefault(key, []).append(v.pid)
     return keys
 
 
@@ -281,6 +375,177 @@ def _units(images, nodes, canon, holders, slot_of, relocated):
 
 def _schedule(images, units):
     """Per process: the order of writes and forks; the units that conflict."""
+    got = _schedule_bundles(images, units)
+    return got if got is not None else _schedule_slots(images, units)
+
+
+class _Bundle:
+    """The units of one (creator, holders) key, in unit order: they go into the same
+    places (each holder's final slots, the fork edges from the creator down to them)."""
+
+    __slots__ = ("creator", "holders", "units", "slots", "slot_set", "unit_at")
+
+    def __init__(self, creator):
+        self.creator = creator
+        self.units, self.slots = [], []
+        self.slot_set = self.unit_at = self.holders = None
+
+    def inherited_at(self, written):
+        """The units of this bundle whose slot is in ``written`` (in unit order)."""
+        common = self.slot_set & written if len(written) < len(self.slot_set) else written & self.slot_set
+        if not common:
+            return []
+        return sorted(map(self.unit_at.__getitem__, common))
+
+
+def _schedule_bundles(images, units):
+    """_schedule_slots's result without a dict entry per held page and place: units are
+    kept in bundles.  Valid when no two units meet at one slot in any dict
+    _schedule_slots would build (each holder's final slots, each fork edge); else None."""
+    parent = images.parent
+    slot_key = {}
+    bundles = {}
+    for u, s, top, holders in zip(range(len(units.frame)), units.slot, units.creator, units.holders):
+        key = (top, id(holders))
+        b = bundles.get(key)
+        if b is None:
+            b = bundles[key] = _Bundle(top)
+            b.holders = holders
+        b.units.append(u)
+        b.slots.append(slot_key.setdefault(s, len(slot_key)))
+    final = {pid: [] for pid in images.pids}  # pid -> bundles it holds
+    need = {pid: {} for pid in images.pids}  # pid -> {child: bundles the fork of child needs}
+    own = {}  # creator -> its bundles
+    for b in bundles.values():
+        b.slot_set = frozenset(b.slots)
+        if len(b.slot_set) != len(b.slots):
+            return None
+        b.unit_at = dict(zip(b.slots, b.units))
+        seen = set()
+        for h in b.holders:
+            final[h].append(b)
+            c = h
+            while c != b.creator and c not in seen:
+                seen.add(c)
+                need[parent[c]].setdefault(c, []).append(b)
+                c = parent[c]
+        own.setdefault(b.creator, []).append(b)
+    for group in [*final.values(), *(e for edges in need.values() for e in edges.values())]:
+        if len(group) > 1 and not _disjoint(group):
+            return None
+    conflicts = set()
+    schedule = {}
+    for pid in images.pids:
+        kids = images.children[pid]
+        contested = _contested(own.get(pid, ()))
+        best = _greedy_bundles(pid, kids, need[pid], final[pid], contested)
+        if best[0] and len(kids) > 1:
+            for order in _other_orders_bundles(pid, kids, need[pid], final[pid]):
+                got = _greedy_bundles(pid, order, need[pid], final[pid], contested)
+                if len(got[0]) < len(best[0]):
+                    best = got
+                if not got[0]:
+                    break
+        conflicts.update(best[0])
+        schedule[pid] = best[1]
+    return conflicts, schedule
+
+
+def _disjoint(group):
+    """Do the bundles of group have pairwise disjoint slots?  (Cost: all but the largest.)"""
+    big = max(group, key=lambda b: len(b.slots))
+    rest = set()
+    n = 0
+    for b in group:
+        if b is not big:
+            rest.update(b.slot_set)
+            n += len(b.slots)
+    return len(rest) == n and rest.isdisjoint(big.slot_set)
+
+
+def _contested(bundles):
+    """Slots where a creator writes more than one unit (say an old version before a fork
+    and its own after it)."""
+    seen, contested = set(), set()
+    for b in bundles:
+        contested |= b.slot_set & seen
+        seen |= b.slot_set
+    return contested
+
+
+def _greedy_bundles(pid, order, need, final, contested):
+    """_greedy over bundles.  An own bundle without contested slots is written whole,
+    in unit order, before the first fork that needs it; units at contested slots are
+    followed one by one (which one the slot holds now); an inherited unit at a slot this
+    process has written conflicts."""
+    written = set()  # slots written so far
+    whole = set()  # ids of own bundles whose units are all in place
+    cur = {}  # contested slot -> the unit it holds now
+    holder_of = {}  # unit at a contested slot -> id of its bundle
+    done = set()  # units written (in bundles with contested slots)
+    conflicts, seq = [], []
+
+    def provide(bundles):
+        writes = []
+        for b in bundles:
+            if b.creator != pid or id(b) in whole:
+                continue
+            if contested.isdisjoint(b.slot_set):
+                writes.extend(b.units)
+                written.update(b.slot_set)
+                whole.add(id(b))
+                continue
+            intact = True
+            for u, s in zip(b.units, b.slots):
+                if s in contested:
+                    if cur.get(s) == u:
+                        continue
+                    if u in done:
+                        conflicts.append(u)
+                        intact = False
+                        continue
+                    was = cur.get(s)
+                    if was is not None:
+                        whole.discard(holder_of[was])
+                    cur[s] = u
+                    holder_of[u] = id(b)
+                elif u in done:
+                    continue
+                done.add(u)
+                writes.append(u)
+                written.add(s)
+            if intact:
+                whole.add(id(b))
+        if writes:
+            writes.sort()
+            seq.extend(zip(repeat("w"), writes))
+        if written:
+            for b in bundles:
+                if b.creator != pid:
+                    conflicts.extend(b.inherited_at(written))
+
+    for c in order:
+        provide(need.get(c, ()))
+        seq.append(("f", c))
+    provide(final)
+    return conflicts, seq
+
+
+def _other_orders_bundles(pid, kids, need, final):
+    """_other_orders over bundles."""
+    writes_here = set()
+    for bundles in [*need.values(), final]:
+        for b in bundles:
+            if b.creator == pid:
+                writes_here.update(b.slot_set)
+    early = {c: -sum(len(b.inherited_at(writes_here)) for b in need.get(c, ()) if b.creator != pid)
+             for c in kids}
+    return [sorted(kids, key=lambda c: early[c]), kids[::-1]]
+
+
+def _schedule_slots(images, units):
+    """Per process: the order of writes and forks; the units that conflict (one dict entry
+    per unit and place: the general case)."""
     parent = images.parent
     final = {pid: {} for pid in images.pids}
     need = {pid: {} for pid in images.pids}
@@ -423,13 +688,17 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
         g, p = place[n]
         rid, lo = group_rid[g]
         # an aligned frame's slot is its own page's slot: only relocated frames move elsewhere
-        src = list(zip(repeat(rid), range(p - lo, p - lo + v.npages)))
+        pieces = [[rid, p - lo, v.npages, 0]]
         if relocated and v.ids is not None:
-            for i, f in enumerate(v.ids):
-                if f and canon[f] in relocated:
-                    u = units.of_relocated[(v.pid, canon[f])]
-                    src[i] = where(units.slot[u])
-        draft.sources[v.pid][v.index] = src
+            src = None
+            for i in _relocated_pages(v.ids, canon, relocated):
+                if src is None:
+                    src = expand(pieces)
+                u = units.of_relocated[(v.pid, canon[v.ids[i]])]
+                src[i] = where(units.slot[u])
+            if src is not None:
+                pieces = pieces_of(src)
+        draft.sources[v.pid][v.index] = pieces
     return draft
 
 

@@ -1,8 +1,8 @@
 """From a strategy's draft to plan records: hole ranges, pieces, drops, the window, stats.
 
 A strategy fills a Draft: the staging ranges each process creates, each process's
-ordered writes and forks, and for every page of every plannable VMA the staging
-slot (range, page) it is moved from.  This module turns that into what
+ordered writes and forks, and for every plannable VMA the pieces (runs of staging
+slots) its pages are moved from.  This module turns that into what
 docs/FORMAT.md describes, and makes pages with no frame (id 0) read clean: when
 their slot was written on the way, the process maps them from a fresh range of
 its own instead.
@@ -10,6 +10,9 @@ its own instead.
 
 import functools
 import gc
+from array import array
+from itertools import compress
+from operator import ne
 
 from stages.stream import pack_u32
 
@@ -43,7 +46,8 @@ class Draft:
         self.ranges = {}  # rid -> dict(creator, npages, backing, path, pgoff, dev, ino)
         self.created = {pid: [] for pid in images.pids}  # pid -> [rid]
         self.events = {pid: [] for pid in images.pids}  # pid -> [("w", rid, page, frame) | ("f", child)]
-        self.sources = {pid: {} for pid in images.pids}  # pid -> {vma index: [(rid, page) | None]}
+        # pid -> {vma index: pieces [[rid, range page, count, vma page], ...] covering the VMA}
+        self.sources = {pid: {} for pid in images.pids}
 
     def creation_order(self):
         """Processes in the order they are created: depth first, children in fork-step order."""
@@ -68,6 +72,49 @@ class Draft:
         return rid
 
 
+UNSET = 0xFFFFFFFF
+
+
+class Written:
+    """What each staging page holds in one process while the plan runs: range id -> array
+    of values per page (0: untouched).  A fork shares the arrays with the child; whoever
+    writes to a shared array first copies it (so a wide fork costs no copy per child)."""
+
+    __slots__ = ("arrays", "own", "sizes")
+
+    def __init__(self, sizes, arrays=None):
+        self.sizes = sizes  # rid -> npages
+        self.arrays = {} if arrays is None else arrays
+        self.own = set()  # rids whose array only this process has
+
+    def fork(self):
+        self.own = set()
+        return Written(self.sizes, dict(self.arrays))
+
+    def set(self, rid, page, value):
+        if rid not in self.own:
+            a = self.arrays.get(rid)
+            self.arrays[rid] = a = array("I", a) if a is not None else array("I", [0]) * self.sizes[rid]
+            self.own.add(rid)
+        else:
+            a = self.arrays[rid]
+        a[page] = value
+
+    def get(self, rid, page):
+        a = self.arrays.get(rid)
+        return a[page] if a is not None else 0
+
+    def run(self, rid, page, count):
+        """The values of pages page..page+count of range rid (an array)."""
+        a = self.arrays.get(rid)
+        return a[page:page + count] if a is not None else array("I", [0]) * count
+
+
+def expand(pieces):
+    """Per VMA page, its staging slot (rid, range page)."""
+    return [(rid, rpage + k) for rid, rpage, count, _ in pieces for k in range(count)]
+
+
 def _clean_slot_ok(rng, vma, page, rpage):
     """Does an unwritten page of range ``rng`` at rpage read as page ``page`` of ``vma`` should?"""
     if vma.is_file:
@@ -79,38 +126,41 @@ def _clean_slot_ok(rng, vma, page, rpage):
 def _add_holes(draft):
     """Give pages with no frame whose slot is written (or wrongly backed) a clean range."""
     images = draft.images
-    state = {images.root: (set(), {})}  # pid -> (mapped rids, written {(rid, page): frame}) at start
+    sizes = {rid: r["npages"] for rid, r in draft.ranges.items()}
+    state = {images.root: Written(sizes)}  # pid -> pages written before it runs its steps
     for pid in draft.creation_order():
-        mapped, written = state.pop(pid)
-        mapped = set(mapped)
-        written = dict(written)
-        mapped.update(draft.created[pid])
+        written = state.pop(pid)
         for ev in draft.events[pid]:
             if ev[0] == "w":
-                written[(ev[1], ev[2])] = ev[3]
+                written.set(ev[1], ev[2], 1)
             else:
-                state[ev[1]] = (frozenset(mapped), written.copy())
+                state[ev[1]] = written.fork()
         for v in images.vmas[pid]:
-            src = draft.sources[pid].get(v.index)
-            if src is None:
+            pieces = draft.sources[pid].get(v.index)
+            if pieces is None:
                 continue
             ids = v.ids
             if ids is not None and 0 not in ids:
                 continue  # every page has a frame: no hole to find
+            src = expand(pieces)
             hole = None
             for i in range(v.npages):
                 f = ids[i] if ids is not None else 0
                 if f:
                     continue
                 s = src[i]
-                if s is not None and s not in written and _clean_slot_ok(draft.ranges[s[0]], v, i, s[1]):
+                if not written.get(*s) and _clean_slot_ok(draft.ranges[s[0]], v, i, s[1]):
                     continue
                 if hole is None:
                     hole = draft.new_range(pid, v.npages, v, v.body["pgoff"])
+                    sizes[hole] = v.npages
                 src[i] = (hole, i)
+            if hole is not None:
+                draft.sources[pid][v.index] = pieces_of(src)
 
 
-def _pieces(src):
+def pieces_of(src):
+    """Per-page slots (rid, range page) -> pieces [rid, range page, count, vma page]."""
     pieces = []
     for i, (rid, rpage) in enumerate(src):
         if pieces:
@@ -144,6 +194,24 @@ def _window(images, size):
     return aligned if aligned >= a else (base & ~(PAGE - 1))
 
 
+def _note_units(first_unit, more_units, frames, writes):
+    """Page k maps frame frames[k] from the page written by write writes[k] (0: unwritten):
+    remember each frame's first write, and any other write of it (a duplicated frame)."""
+    seen = array("I", map(first_unit.__getitem__, frames))
+    if seen == writes:
+        return  # every frame already noted with this write (the common case), checked in C
+    for k in compress(range(len(frames)), map(ne, seen, writes)):
+        f = frames[k]
+        if not f:
+            continue
+        u = writes[k]
+        first = first_unit[f]
+        if first == UNSET:
+            first_unit[f] = u
+        elif first != u:
+            more_units.setdefault(f, {first}).add(u)
+
+
 @without_gc
 def build(draft, strategy):
     """Plan header (minus stream fields) and process records, from a complete draft."""
@@ -159,14 +227,16 @@ def build(draft, strategy):
 
     records = []
     # image frame -> the write whose page its holders map (first seen; more_units: any others)
-    first_unit = [0] * (images.nframes + 1)
+    first_unit = array("I", [UNSET]) * (images.nframes + 1)
+    first_unit[0] = 0  # a page with no frame maps an unwritten slot (0)
     more_units = {}
     writes_total = 0
     moves = 0
     mapped_at_start = {images.root: set()}
-    state = {images.root: {}}  # pid -> {(rid, page): write id} at start
+    sizes = {rid: r["npages"] for rid, r in draft.ranges.items()}
+    state = {images.root: Written(sizes)}  # pid -> write id of each staging page, at start
     for pid in draft.creation_order():
-        values = state.pop(pid)  # a copy made at the fork
+        values = state.pop(pid)  # shared with the parent at the fork
         mapped = set(mapped_at_start.pop(pid))
         mapped.update(draft.created[pid])
         steps = []
@@ -174,35 +244,28 @@ def build(draft, strategy):
             if ev[0] == "w":
                 _, rid, page, frame = ev
                 writes_total += 1
-                values[(rid, page)] = writes_total
+                values.set(rid, page, writes_total)
                 if steps and steps[-1]["op"] == "write" and steps[-1]["range"] == rid:
                     steps[-1]["_pairs"].extend((page, frame))
                 else:
                     steps.append({"op": "write", "range": rid, "_pairs": [page, frame]})
             else:
                 child = ev[1]
-                state[child] = values.copy()
+                state[child] = values.fork()
                 mapped_at_start[child] = set(mapped)
                 steps.append({"op": "fork", "pid": child})
         layout = []
         used = set()
         for v in images.vmas[pid]:
             body = dict(v.body)
-            src = draft.sources[pid].get(v.index)
-            body["pieces"] = _pieces(src) if src is not None else []
+            pieces = draft.sources[pid].get(v.index)
+            body["pieces"] = [list(p) for p in pieces] if pieces is not None else []
             moves += len(body["pieces"])
             for piece in body["pieces"]:
                 used.add(piece[0])
-            if src is not None and v.ids is not None:
-                vget = values.get
-                for f, s in zip(v.ids, src):
-                    if f:
-                        u = vget(s, -1)
-                        first = first_unit[f]
-                        if first == 0:
-                            first_unit[f] = u
-                        elif first != u:
-                            more_units.setdefault(f, {first}).add(u)
+            if pieces is not None and v.ids is not None:
+                for rid, rpage, count, vpage in pieces:
+                    _note_units(first_unit, more_units, v.ids[vpage:vpage + count], values.run(rid, rpage, count))
             layout.append(body)
         for rid in sorted(mapped - used):
             steps.append({"op": "drop", "range": rid})
@@ -223,7 +286,7 @@ def build(draft, strategy):
                         "stats": {"pages_written": own_writes,
                                   "moves": sum(len(v["pieces"]) for v in layout)}})
 
-    frames_in_images = sum(1 for u in first_unit if u)
+    frames_in_images = images.nframes - first_unit.count(UNSET)
     duplicated = sum(len(u) - 1 for u in more_units.values())
     stats = {
         "frames_in_images": frames_in_images,

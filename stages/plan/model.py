@@ -6,8 +6,9 @@ to a temporary file and copied through to the plan afterwards.
 
 import struct
 import tempfile
+from array import array
 
-from stages.stream import StreamReader, unpack_u32
+from stages.stream import StreamReader, unpack_u32, view_u32
 
 from .shared import SharedError, SharedObjects
 
@@ -18,10 +19,20 @@ PLANNABLE_KINDS = {"anon", "file", "heap", "stack"}
 NOT_INHERITED_FLAGS = {"dc", "wf"}
 # x86-64 user addresses end here; only the kernel's fixed [vsyscall] page lies above.
 ADDRESS_LIMIT = 1 << 47
-# The planner keeps a per-page source list for every page of a private VMA (frame or
-# not), so its memory and time grow with the address space, not the frames: refuse
-# before that turns into minutes of work or an OOM (64 GiB of private VMAs in one tree).
+# The planner still looks at every page of a private VMA (frame or not), in C for the
+# most part but in Python for VMAs with pages without a frame, so its time grows with
+# the address space, not the frames: refuse before that turns into minutes of work
+# (64 GiB of private VMAs in one tree).
 MAX_PLANNABLE_PAGES = 1 << 24
+
+
+def count_zeros(ids):
+    """How many pages of a frame map (array or view) have no frame."""
+    if isinstance(ids, array):
+        return ids.count(0)
+    copy = array("I")
+    copy.frombytes(ids.cast("B"))  # a memcpy; array.count runs in C
+    return copy.count(0)
 
 
 class PlanError(Exception):
@@ -36,7 +47,8 @@ class Vma:
         self.start, self.end = body["start"], body["end"]
         self.npages = (self.end - self.start) // PAGE
         frames = body["frames"]
-        self.ids = unpack_u32(frames, f"process {pid} vma {index} frames") if frames is not None else None
+        # a view of the record's bytes, not a copy: they go into the plan too
+        self.ids = view_u32(frames, f"process {pid} vma {index} frames") if frames is not None else None
         self.plannable = not body["shared"] and body["kind"] in PLANNABLE_KINDS
         self.inheritable = self.plannable and not (NOT_INHERITED_FLAGS & set(body["vmflags"]))
 
@@ -65,6 +77,7 @@ class Images:
         self.pages_bodies = []  # the pages records' bodies (first, count, same, hashes): no bytes
         self.spooled = 0
         self.shared = SharedObjects()  # MAP_SHARED anonymous memory and memfds (shmem records)
+        self.strings = {}  # shared strings and flag lists of the VMA bodies
 
     # -- tree -------------------------------------------------------------
     def finish_tree(self):
@@ -151,6 +164,18 @@ class Images:
             self.spool = None
 
 
+def _share_strings(body, strings):
+    """One object for equal flag lists, kinds and paths across VMAs (msgpack makes new
+    ones each time: 20,000 VMAs would hold 120,000 copies of "rd", "wr", ...)."""
+    flags = body["vmflags"]
+    body["vmflags"] = strings.setdefault(tuple(flags), flags)  # read only, never changed
+    for key in ("kind", "path"):
+        value = body.get(key)
+        if isinstance(value, str):
+            body[key] = strings.setdefault(value, value)
+    return body
+
+
 def read_images(fileobj):
     """Read and check a whole image stream; raise StreamError / PlanError with a message."""
     images = Images()
@@ -165,7 +190,8 @@ def read_images(fileobj):
             pid = rec.body["pid"]
             if pid in images.vmas:
                 raise PlanError(f"process {pid}: two vmas records")
-            images.vmas[pid] = [Vma(pid, i, v) for i, v in enumerate(rec.body["vmas"])]
+            images.vmas[pid] = [Vma(pid, i, _share_strings(v, images.strings))
+                                for i, v in enumerate(rec.body["vmas"])]
         elif rec.kind == "pages":
             body = rec.body
             first, count = body["first"], body["count"]
@@ -219,7 +245,7 @@ def check_images(images):
         if pid not in images.order:
             raise PlanError(f"vmas record for pid {pid}, which has no process record")
     for pid in images.pids:
-        seen = {}
+        seen = set()  # frames of this process's plannable VMAs so far
         prev_end = 0
         for v in images.vmas[pid]:
             where = f"process {pid}: vma {v.index} [{v.start:#x}-{v.end:#x})"
@@ -246,10 +272,29 @@ def check_images(images):
                 if any(v.ids):
                     raise PlanError(f"{where}: a {v.body['kind']} {'shared ' if v.body['shared'] else ''}VMA has frames")
                 continue
-            for i, f in enumerate(v.ids):
-                if f:
-                    if f > n:
-                        raise PlanError(f"{where}: frame {f} is not in the images' pages (they hold 1..{n})")
-                    if f in seen:
-                        raise PlanError(f"{where}: frame {f} is mapped twice in one process (also at {seen[f]:#x})")
-                    seen[f] = v.start + i * PAGE
+            # whole-array checks in C; the page-by-page loop only to name a fault
+            mine = set(v.ids)
+            mine.discard(0)
+            if max(v.ids) <= n and len(mine) + count_zeros(v.ids) == v.npages and seen.isdisjoint(mine):
+                seen |= mine
+                continue
+            _name_bad_frame(images, pid, v, where, n)
+
+
+def _name_bad_frame(images, pid, v, where, n):
+    """Raise the PlanError for the first page of v whose frame is out of range or already
+    mapped in process pid (the VMAs before v passed the checks)."""
+    at = {}
+    for w in images.vmas[pid]:
+        if w is v:
+            break
+        if w.ids is not None and w.plannable:
+            at.update((f, w.start + i * PAGE) for i, f in enumerate(w.ids) if f)
+    for i, f in enumerate(v.ids):
+        if f:
+            if f > n:
+                raise PlanError(f"{where}: frame {f} is not in the images' pages (they hold 1..{n})")
+            if f in at:
+                raise PlanError(f"{where}: frame {f} is mapped twice in one process (also at {at[f]:#x})")
+            at[f] = v.start + i * PAGE
+    raise AssertionError(f"{where}: no bad frame found")

@@ -7,12 +7,12 @@ differs from the parent's page there.  Every process writes before it forks, so 
 child sees its parent's final pages, as with the reference tool.
 """
 
-from .layout import Draft
+from .layout import Draft, expand
 
 
 def _own_range(draft, pid, v):
     rid = draft.new_range(pid, v.npages, v, v.body["pgoff"])
-    draft.sources[pid][v.index] = [(rid, i) for i in range(v.npages)]
+    draft.sources[pid][v.index] = [[rid, 0, v.npages, 0]]
     return rid
 
 
@@ -55,10 +55,11 @@ def plan_address(images):
                         if f:
                             draft.events[pid].append(("w", rid, i, f))
                 continue
-            src = list(draft.sources[parent][pv.index])
-            draft.sources[pid][v.index] = src
+            pieces = draft.sources[parent][pv.index]
+            draft.sources[pid][v.index] = [list(p) for p in pieces]
             if v.ids is None:
                 continue
+            src = expand(pieces)
             pids = pv.ids
             for i, f in enumerate(v.ids):
                 if not f:
