@@ -2,8 +2,10 @@
 registers, remote-syscall state and frame maps (for the records)."""
 
 import os
+import struct
 
 from stages.linux import procfs, ptrace, remote
+from stages.linux.memory import ProcessMemory
 from stages.stream import pack_u32
 
 O_CLOEXEC = 0o2000000
@@ -34,10 +36,10 @@ def fd_record(fd, pipe_fields=None):
 
 
 def thread_records(view):
-    """Registers, mask, rseq and robust list of every thread (the process is single-threaded
-    once refusals passed; the loop keeps the record honest if that changes)."""
+    """Registers, mask, rseq and robust list of every thread, main thread first (the tid
+    address and alternate stack need the thread itself: remote_thread_state)."""
     out = []
-    for tid in view.tids:
+    for tid in sorted(view.tids, key=lambda t: (t != view.pid, t)):
         rec = {
             "tid": tid,
             "regs": ptrace.get_regs_raw(tid),
@@ -66,6 +68,36 @@ def remote_state(view):
     if brk < 0:
         raise OSError(-brk, f"process {pid}: remote brk(0) failed: {os.strerror(-brk)}")
     return brk, sigactions, tid_address
+
+
+def remote_thread_state(view, tid):
+    """(tid address, sigaltstack) of one thread other than the main one: both are per thread
+    and only the thread itself can read them, so the calls run in that thread."""
+    addr = remote.find_syscall_insn(view.pid, view.vmas)
+    rsp = ptrace.get_regs(tid)["rsp"]
+    with remote.RemoteSyscalls(tid, addr) as rs:
+        return remote.remote_tid_address(rs, tid, rsp), remote.remote_sigaltstack(rs, tid, rsp)
+
+
+RSEQ_CS = struct.Struct("<IIQQQ")  # struct rseq_cs: version, flags, start_ip, post_commit_offset, abort_ip
+
+
+def rseq_reason(pid, thread):
+    """Why a thread cannot be dumped as it is: stopped inside an rseq critical section (the
+    kernel would move it to the abort handler on its next return to user space; we refuse
+    rather than guess)."""
+    rseq = thread.get("rseq")
+    if not rseq:
+        return None
+    rip = ptrace.regs_from_bytes(thread["regs"])["rip"]
+    with ProcessMemory(pid) as mem:
+        cs = struct.unpack("<Q", mem.read(rseq["addr"] + 8, 8))[0]
+        if not cs:
+            return None
+        _version, _flags, start, length, _abort = RSEQ_CS.unpack(mem.read(cs, RSEQ_CS.size))
+    if start <= rip < start + length:
+        return f"thread {thread['tid']} is inside an rseq critical section (rip {rip:#x})"
+    return None
 
 
 def process_record(view, threads, brk, sigactions, pipes=None):

@@ -226,9 +226,10 @@ class FrozenTree:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        # as tracer we are told about each thread's death; collecting that detaches it
+        # as tracer we are told about each thread's death; collecting that detaches it.
+        # The leader last: its death is not reported while other threads are unreaped.
         for pid in self.order:
-            for tid in self.threads.get(pid, []):
+            for tid in sorted(self.threads.get(pid, []), key=lambda t: t == pid):
                 try:
                     ptrace.waitpid(tid)
                 except ChildProcessError:

@@ -1,0 +1,251 @@
+"""Multi-threaded processes: every thread dumped and recreated with its tid, its registers,
+TLS, memory and kernel registrations, blocked system calls going on (tests/workloads/threadwl.c,
+and python3 threading), checked from inside the restored threads and from /proc."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from stages.linux import ptrace
+from stages.linux.memstat import tree_frames
+from stages.stream import StreamReader
+from tests.support.commands import run, tool
+from tests.support.workloads import become_subreaper, build, proc_state, reap
+from tests.test_apply_e2e import apply, outer, plan, restored  # noqa: F401 (fixture)
+
+NTHREADS = 8
+
+
+class ThreadTree:
+    """A running threadwl tree; killed (every pid ever seen) at teardown."""
+
+    def __init__(self, tmp_path, children):
+        become_subreaper()
+        self.outdir = str(tmp_path / "threadwl")
+        os.mkdir(self.outdir)
+        self.popen = subprocess.Popen([build("threadwl"), self.outdir, str(children)], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                                      cwd="/", start_new_session=True)
+        self.known = {self.popen.pid}
+        ready = os.path.join(self.outdir, "ready")
+        deadline = time.monotonic() + 20
+        while not os.path.exists(ready):
+            error = os.path.join(self.outdir, "error")
+            assert not os.path.exists(error), open(error).read()
+            assert self.popen.poll() is None and time.monotonic() < deadline, "threadwl did not start"
+            time.sleep(0.005)
+        with open(ready) as f:
+            self.pids = [int(x) for x in f.read().split()]
+        self.known.update(self.pids)
+
+    def check(self, ns_pid, outer_pid):
+        """The process's own report: ({thread index: fields}, first line, dataset line)."""
+        path = os.path.join(self.outdir, f"{ns_pid}.check")
+        if os.path.exists(path):
+            os.unlink(path)
+        os.kill(outer_pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(path):
+            assert time.monotonic() < deadline, f"no check from {outer_pid} (state {proc_state(outer_pid)})"
+            time.sleep(0.005)
+        with open(path) as f:
+            lines = f.read().splitlines()
+        threads = {}
+        for line in lines[1:-1]:
+            words = line.split()
+            threads[int(words[1])] = {words[i]: int(words[i + 1]) for i in range(2, len(words), 2)}
+        return lines[0], threads, lines[-1]
+
+    def kill(self):
+        for pid in self.known:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.popen.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(reap(p) for p in self.known) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+@pytest.fixture
+def threadwl(tmp_path):
+    trees = []
+
+    def start(children=0):
+        trees.append(ThreadTree(tmp_path, children))
+        return trees[-1]
+
+    yield start
+    for tree in trees:
+        tree.kill()
+
+
+def task_tids(pid):
+    return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def ns_tid(outer_pid, tid):
+    """The innermost NSpid of a thread seen from here."""
+    with open(f"/proc/{outer_pid}/task/{tid}/status") as f:
+        return int([line.split()[-1] for line in f if line.startswith("NSpid:")][0])
+
+
+def image_threads(images):
+    return {r.body["pid"]: [t["tid"] for t in r.body["threads"]]
+            for r in StreamReader(__import__("io").BytesIO(images)) if r.kind == "process"}
+
+
+def assert_threads_run_on(tree, ns_pid, outer_pid, before):
+    """Restored threads report good memory, TLS and tids; every counter goes on from where it
+    was (it never restarts from 0) and keeps increasing."""
+    head, first, dataset = tree.check(ns_pid, outer_pid)
+    assert head == "ok" and dataset == "dataset 1", (head, first, dataset)
+    time.sleep(0.7)
+    head, second, dataset = tree.check(ns_pid, outer_pid)
+    assert head == "ok", second
+    for i in range(NTHREADS):
+        assert first[i]["tid"] == before[i]["tid"] == first[i]["now"], (i, first[i], before[i])
+        assert first[i]["count"] >= before[i]["count"], (i, first[i], before[i])
+        assert second[i]["count"] > first[i]["count"], (i, first[i], second[i])
+    return first
+
+
+def test_eight_threads_restored_with_their_tids_memory_and_counters(threadwl, restored, tmp_path):
+    tree = threadwl()
+    pid = tree.pids[0]
+    head, before, _ = tree.check(pid, pid)
+    assert head == "ok", before
+    tids = task_tids(pid)
+    assert len(tids) == NTHREADS + 1
+    assert sorted([pid] + [before[i]["tid"] for i in range(NTHREADS)]) == tids
+    images = run([tool("cow-collect"), "--tree", str(pid), "--kill"]).stdout
+    assert image_threads(images) == {pid: [pid] + sorted(set(tids) - {pid})}
+    tree.popen.wait(timeout=10)
+    shown = run([tool("cow-show")], images).stdout.decode()
+    assert shown.count("  thread ") == NTHREADS + 1 and "tid address" in shown, shown[:3000]
+    rep = apply(plan(images), tmp_path, restored)
+    assert outer(rep, pid) == pid
+    assert task_tids(pid) == tids
+    assert_threads_run_on(tree, pid, pid, before)
+    # the per-thread kernel registrations glibc made are back, each pointing into its thread
+    records = [r.body for r in StreamReader(__import__("io").BytesIO(images)) if r.kind == "process"][0]["threads"]
+    for rec in records:
+        tid = rec["tid"]
+        assert list(ptrace.get_robust_list(tid)) == list(rec["robust_list"]), tid
+        assert rec["robust_list"][0] and rec["tid_address"], rec
+    with open(f"/proc/{pid}/task/{tids[-1]}/wchan") as f:
+        wchan = f.read()
+    assert "nanosleep" in wchan or "futex" in wchan or wchan == "0", wchan
+
+
+def test_threads_blocked_in_futex_and_nanosleep_go_on(threadwl, restored, tmp_path):
+    """The futex waiter (thread 6) and the 300 ms sleeper (thread 7) are inside their system
+    calls at the dump; after restore they wait again and wake as before."""
+    tree = threadwl()
+    pid = tree.pids[0]
+    _, before, _ = tree.check(pid, pid)
+    time.sleep(0.2)
+    with open(f"/proc/{pid}/task/{before[6]['tid']}/wchan") as f:
+        assert "futex" in f.read()
+    images = run([tool("cow-collect"), "--tree", str(pid), "--kill"]).stdout
+    regs = {}
+    for rec in [r.body for r in StreamReader(__import__("io").BytesIO(images)) if r.kind == "process"][0]["threads"]:
+        regs[rec["tid"]] = ptrace.regs_from_bytes(rec["regs"])
+    assert regs[before[6]["tid"]]["orig_rax"] == 202  # futex
+    assert regs[before[7]["tid"]]["orig_rax"] == 230  # clock_nanosleep
+    tree.popen.wait(timeout=10)
+    apply(plan(images), tmp_path, restored)
+    time.sleep(0.3)
+    for i in (6, 7):
+        with open(f"/proc/{pid}/task/{before[i]['tid']}/wchan") as f:
+            assert ("futex" if i == 6 else "nanosleep") in f.read(), i
+    assert_threads_run_on(tree, pid, pid, before)
+
+
+def test_forked_multithreaded_tree_in_pidns_keeps_sharing(threadwl, restored, tmp_path):
+    tree = threadwl(children=3)
+    befores = {}
+    for pid in tree.pids:
+        head, befores[pid], _ = tree.check(pid, pid)
+        assert head == "ok"
+    tids = {pid: task_tids(pid) for pid in tree.pids}
+    frames_before = tree_frames(tree.pids[0])["distinct_frames"]
+    images = run([tool("cow-collect"), "--tree", str(tree.pids[0]), "--kill"]).stdout
+    tree.popen.wait(timeout=10)
+    rep = apply(plan(images), tmp_path, restored, "--pidns")
+    for pid in tree.pids:
+        out = outer(rep, pid)
+        assert sorted(ns_tid(out, t) for t in task_tids(out)) == tids[pid]
+        assert_threads_run_on(tree, pid, out, befores[pid])
+    frames_after = tree_frames(outer(rep, tree.pids[0]))["distinct_frames"]
+    # the 4 MiB dataset is shared by all four processes again: far below 4 private copies
+    assert frames_after <= frames_before + 16, (frames_after, frames_before)
+
+
+PY_THREADS = """
+import hashlib, os, sys, threading, time
+out = sys.argv[1]
+counts = [0] * 4
+ok = [True] * 4
+def work(i):
+    data = bytes((i * 7 + k) % 251 for k in range(200000))
+    digest = hashlib.sha256(data).hexdigest()
+    while True:
+        counts[i] += 1
+        ok[i] = ok[i] and hashlib.sha256(data).hexdigest() == digest and threading.get_native_id() == tids[i]
+        time.sleep(0.01)
+tids = [0] * 4
+threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(4)]
+for i, t in enumerate(threads):
+    t.start()
+    while not t.native_id:
+        time.sleep(0.001)
+    tids[i] = t.native_id
+while True:
+    with open(out + ".tmp", "w") as f:
+        f.write(" ".join(f"{tids[i]}:{counts[i]}:{int(ok[i])}" for i in range(4)) + "\\n")
+    os.replace(out + ".tmp", out)
+    time.sleep(0.05)
+"""
+
+
+def read_py_report(path):
+    with open(path) as f:
+        return [tuple(int(x) for x in w.split(":")) for w in f.read().split()]
+
+
+def test_python3_threads_restored_and_running(restored, tmp_path):
+    become_subreaper()
+    script = tmp_path / "threads.py"
+    script.write_text(PY_THREADS)
+    out = tmp_path / "threads.out"
+    orig = subprocess.Popen(["python3", str(script), str(out)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/")
+    try:
+        deadline = time.monotonic() + 10
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        before = read_py_report(out)
+        tids = task_tids(orig.pid)
+        assert len(tids) == 5 and all(ok for _, _, ok in before)
+        images = run([tool("cow-collect"), "--tree", str(orig.pid), "--kill"]).stdout
+        orig.wait(timeout=10)
+        rep = apply(plan(images), tmp_path, restored, "--pidns")
+        pid = outer(rep, orig.pid)
+        time.sleep(0.5)
+        first = read_py_report(out)
+        time.sleep(0.5)
+        second = read_py_report(out)
+        assert sorted(ns_tid(pid, t) for t in task_tids(pid)) == tids
+        for b, f, s in zip(before, first, second):
+            assert b[0] == f[0] == s[0]  # the tid python knows is the thread's tid
+            assert f[2] == s[2] == 1  # its data and tid checks hold
+            assert b[1] <= f[1] < s[1]  # it counts on from where it was
+    finally:
+        orig.kill()
+        orig.wait(timeout=10)
