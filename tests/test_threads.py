@@ -249,3 +249,42 @@ def test_python3_threads_restored_and_running(restored, tmp_path):
     finally:
         orig.kill()
         orig.wait(timeout=10)
+
+
+SPAWNER = (
+    # keeps starting threads while we freeze it: long-lived ones, and short ones that exit
+    "import threading, time\n"
+    "for i in range(120):\n"
+    "    threading.Thread(target=time.sleep, args=(600 if i % 2 else 0.005,), daemon=True).start()\n"
+    "    time.sleep(0.005)\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_threads_created_and_exiting_while_frozen(tmp_path):
+    """collect freezes until no new thread shows up: every thread that lived through the dump
+    is in the image, each frozen (the tree runs on untraced afterwards)."""
+    become_subreaper()
+    p = subprocess.Popen(["python3", "-c", SPAWNER], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    try:
+        time.sleep(0.1)
+        grew = False
+        for i in range(4):
+            alive_before = set(task_tids(p.pid))
+            images = run([tool("cow-collect"), "--tree", str(p.pid)]).stdout
+            order = image_threads(images)[p.pid]
+            dumped = set(order)
+            alive_after = set(task_tids(p.pid))
+            long_lived = alive_before & alive_after
+            assert order[0] == p.pid and len(order) == len(dumped)
+            assert long_lived <= dumped, long_lived - dumped
+            grew = grew or len(alive_after) > len(dumped)
+            for tid in long_lived:  # these do not exit
+                with open(f"/proc/{p.pid}/task/{tid}/status") as f:
+                    assert "TracerPid:\t0" in f.read()
+        assert grew, "the process had stopped starting threads: this test froze a still process"
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.wait(timeout=10)
