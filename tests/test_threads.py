@@ -59,6 +59,14 @@ class ThreadTree:
             threads[int(words[1])] = {words[i]: int(words[i + 1]) for i in range(2, len(words), 2)}
         return lines[0], threads, lines[-1]
 
+    def wait_gone(self):
+        """After collect --kill: reap the tree (its children come to us) so its pids are free."""
+        self.popen.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(reap(p) for p in self.known):
+            assert time.monotonic() < deadline, "the killed tree was not reaped"
+            time.sleep(0.01)
+
     def kill(self):
         for pid in self.known:
             try:
@@ -288,3 +296,53 @@ def test_threads_created_and_exiting_while_frozen(tmp_path):
     finally:
         p.kill()
         p.wait(timeout=10)
+
+
+def test_failing_thread_operation_kills_the_partial_tree(threadwl, tmp_path):
+    """A thread whose own restorer operation fails (an rseq area the kernel refuses): cow-apply
+    names the thread and the operation, and kills every process it created."""
+    from tests.test_apply_e2e import rewrite_plan
+
+    tree = threadwl(children=2)
+    last = tree.pids[-1]
+    images = run([tool("cow-collect"), "--tree", str(tree.pids[0]), "--kill"]).stdout
+    tree.wait_gone()
+    bad_tid = []
+
+    def bad_rseq(proc):
+        if proc["pid"] == last:
+            thread = proc["image"]["threads"][-1]
+            thread["rseq"] = {"addr": 8, "len": 32, "sig": 0x53053053}  # not mapped
+            bad_tid.append(thread["tid"])
+
+    proc = run([tool("cow-apply")], rewrite_plan(plan(images), bad_rseq), check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert f"process {last}: thread {bad_tid[0]}: restorer operation" in err and "OP_SYSCALL" in err, err
+    deadline = time.monotonic() + 10
+    while any(proc_state(p) not in (None, "Z") for p in tree.pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all(proc_state(p) in (None, "Z") for p in tree.pids), {p: proc_state(p) for p in tree.pids}
+
+
+def test_thread_ids_in_use_or_twice_are_refused_before_anything_runs(threadwl, tmp_path):
+    from tests.test_apply_e2e import rewrite_plan
+
+    tree = threadwl()
+    pid = tree.pids[0]
+    images = run([tool("cow-collect"), "--tree", str(pid), "--kill"]).stdout
+    tree.popen.wait(timeout=10)
+    planned = plan(images)
+    taken = os.getpid()  # a pid in use: ours
+
+    def tid_taken(proc):
+        proc["image"]["threads"][3]["tid"] = taken
+
+    def tid_twice(proc):
+        proc["image"]["threads"][3]["tid"] = proc["image"]["threads"][2]["tid"]
+
+    for change, words in ((tid_taken, [str(taken), "in use"]), (tid_twice, ["is also a thread of process"])):
+        proc = run([tool("cow-apply")], rewrite_plan(planned, change), check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and all(w in err for w in words), err
+        assert proc_state(pid) is None  # nothing was created

@@ -5,8 +5,10 @@
   fill     each process maps its staging ranges and runs its steps (writes from
            the spool with process_vm_writev, forks, drops), depth first;
   handover each process gets the restorer blob and its program and jumps into it;
-           it stops (SIGSTOP) when its layout is the dumped one;
-  resume   registers, xstate and signal mask as dumped (syscall restart applied),
+           the blob clones the other threads with their tids (each traced from its
+           first instruction: PTRACE_O_TRACECLONE); every thread stops (SIGSTOP) when
+           done, the main thread when its layout is the dumped one;
+  resume   registers, xstate and signal mask of every thread as dumped (syscall restart applied),
            the blob unmapped by a syscall injected into the process, then the
            whole tree is detached together.
 Anything failing after the first process exists kills every process created.
@@ -459,6 +461,8 @@ class Restore:
             "pidns": self.pidns,
             "init_pid": self.init.pid if self.init else None,
             "pids": {str(p["pid"]): self.agents[p["pid"]].pid for p in self.plan.processes if p["pid"] in self.agents},
+            # the other threads of each process, as this side sees their tids (image order)
+            "threads": {str(pid): tids for pid, tids in self.threads.items() if tids},
             "phases": self.phases,
             "pages_written": self.pages_written,
             "bytes_written": self.pages_written * PAGE,
