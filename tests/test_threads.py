@@ -346,3 +346,38 @@ def test_thread_ids_in_use_or_twice_are_refused_before_anything_runs(threadwl, t
         err = proc.stderr.decode()
         assert proc.returncode == 1 and all(w in err for w in words), err
         assert proc_state(pid) is None  # nothing was created
+
+
+LEADERLESS_C = r"""
+#include <pthread.h>
+#include <unistd.h>
+static void *spin(void *a) { for (;;) sleep(100); return a; }
+int main(void) { pthread_t t; pthread_create(&t, 0, spin, 0); pthread_exit(0); }
+"""
+
+
+def test_process_whose_main_thread_exited_is_refused_by_name(tmp_path):
+    """pthread_exit in main leaves a zombie leader with live threads: refused, not mistaken for
+    an exited process or a zombie, and its thread runs on untraced."""
+    src = tmp_path / "leaderless.c"
+    src.write_text(LEADERLESS_C)
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(tmp_path / "leaderless"), str(src)], check=True)
+    become_subreaper()
+    p = subprocess.Popen([str(tmp_path / "leaderless")], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while proc_state(p.pid) != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc = run([tool("cow-collect"), "--tree", str(p.pid)], check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 2, err
+        assert f"cow-collect: process {p.pid}: its main thread has exited (1 other threads run on): not supported" \
+            in err.splitlines(), err
+        (other,) = [t for t in task_tids(p.pid) if t != p.pid]
+        with open(f"/proc/{p.pid}/task/{other}/status") as f:
+            assert "TracerPid:\t0" in f.read()
+    finally:
+        p.kill()
+        p.wait(timeout=10)

@@ -91,6 +91,8 @@ class Collection:
     def inspect(self):
         """Step 2: the /proc view of every process, and refusals."""
         reasons = [(pid, "is a zombie (exited, not reaped by its parent)") for pid in self.tree.zombies]
+        reasons += [(pid, f"its main thread has exited ({n} other threads run on)")
+                    for pid, n in self.tree.leaderless.items()]
         for pid in self.tree.order:
             try:
                 view = state.ProcView(pid, self.tree.threads[pid])
