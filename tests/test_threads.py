@@ -381,3 +381,52 @@ def test_process_whose_main_thread_exited_is_refused_by_name(tmp_path):
     finally:
         p.kill()
         p.wait(timeout=10)
+
+
+def test_thread_inside_an_rseq_critical_section_goes_to_its_abort_handler(restored, tmp_path):
+    """rseqwl's worker spins inside an rseq critical section and leaves it only through the
+    abort handler.  collect moves it there (as the kernel would): the original goes on
+    aborting after the dump, the image's registers are at the handler (right after the
+    signature), and the restored thread goes on aborting too."""
+    become_subreaper()
+    outdir = tmp_path / "rseqwl"
+    outdir.mkdir()
+    p = subprocess.Popen([build("rseqwl"), str(outdir)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/")
+
+    def aborts(ns_pid, outer_pid):
+        path = outdir / f"{ns_pid}.check"
+        if path.exists():
+            path.unlink()
+        os.kill(outer_pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            assert time.monotonic() < deadline, f"no check from {outer_pid}"
+            time.sleep(0.005)
+        return int(path.read_text().split()[1])
+
+    def goes_on(ns_pid, outer_pid):
+        first = aborts(ns_pid, outer_pid)
+        time.sleep(0.3)
+        return aborts(ns_pid, outer_pid) > first
+
+    try:
+        deadline = time.monotonic() + 10
+        while not (outdir / "ready").exists():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.005)
+        assert goes_on(p.pid, p.pid)
+        images = run([tool("cow-collect"), "--tree", str(p.pid)]).stdout
+        assert goes_on(p.pid, p.pid), "the original thread is stuck in its critical section after the dump"
+        worker = [r.body for r in StreamReader(__import__("io").BytesIO(images)) if r.kind == "process"][0]["threads"][1]
+        rip = ptrace.regs_from_bytes(worker["regs"])["rip"]
+        with open(f"/proc/{p.pid}/mem", "rb") as mem:
+            mem.seek(rip - 4)
+            assert mem.read(4) == (0x53053053).to_bytes(4, "little"), "the dumped thread is not at the abort handler"
+        images = run([tool("cow-collect"), "--tree", str(p.pid), "--kill"]).stdout
+        p.wait(timeout=10)
+        rep = apply(plan(images), tmp_path, restored, "--pidns")
+        assert goes_on(p.pid, outer(rep, p.pid)), "the restored thread does not abort any more"
+    finally:
+        p.kill()
+        p.wait(timeout=10)

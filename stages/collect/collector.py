@@ -116,17 +116,15 @@ class Collection:
         for index, view in enumerate(self.views):
             pid = view.pid
             try:
+                state.abort_rseq_sections(view)
                 threads = state.thread_records(view)
                 brk, sigactions, tid_address = state.remote_state(view)
                 threads[0]["tid_address"] = tid_address  # the injected calls ran in the main thread
                 for thread in threads[1:]:
                     thread["tid_address"], thread["sigaltstack"] = state.remote_thread_state(view, thread["tid"])
-                rseq = [text for text in map(lambda t: state.rseq_reason(pid, t), threads) if text]
             except OSError as exc:
                 self.check_alive()
                 raise CollectError(f"process {pid}: {exc}")
-            if rseq:
-                raise Refused([(pid, text) for text in rseq])
             self.records.append(state.process_record(view, threads, brk, sigactions, pipes))
             try:
                 fd = pagemap.open_pagemap(pid)

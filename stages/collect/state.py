@@ -82,22 +82,29 @@ def remote_thread_state(view, tid):
 RSEQ_CS = struct.Struct("<IIQQQ")  # struct rseq_cs: version, flags, start_ip, post_commit_offset, abort_ip
 
 
-def rseq_reason(pid, thread):
-    """Why a thread cannot be dumped as it is: stopped inside an rseq critical section (the
-    kernel would move it to the abort handler on its next return to user space; we refuse
-    rather than guess)."""
-    rseq = thread.get("rseq")
-    if not rseq:
-        return None
-    rip = ptrace.regs_from_bytes(thread["regs"])["rip"]
-    with ProcessMemory(pid) as mem:
-        cs = struct.unpack("<Q", mem.read(rseq["addr"] + 8, 8))[0]
-        if not cs:
-            return None
-        _version, _flags, start, length, _abort = RSEQ_CS.unpack(mem.read(cs, RSEQ_CS.size))
-    if start <= rip < start + length:
-        return f"thread {thread['tid']} is inside an rseq critical section (rip {rip:#x})"
-    return None
+def abort_rseq_sections(view):
+    """Every thread stopped inside an rseq critical section is moved to the section's abort
+    handler now, before anything else runs in the tree (the kernel does the same on the
+    thread's next return to user space, after a preemption or a stop like ours).
+
+    Needed before our remote system calls: the kernel would see the thread return to user
+    space outside the section (at our syscall instruction), clear the section pointer, and
+    the thread, put back in the section afterwards, could never be aborted again.  The
+    dumped registers are then the aborted ones, and the restored thread starts there."""
+    for tid in view.tids:
+        addr, _size, _sig = ptrace.get_rseq_configuration(tid)
+        if not addr:
+            continue
+        regs = ptrace.get_regs(tid)
+        with ProcessMemory(view.pid, write=True) as mem:
+            cs = struct.unpack("<Q", mem.read(addr + 8, 8))[0]
+            if not cs:
+                continue
+            _version, _flags, start, length, abort = RSEQ_CS.unpack(mem.read(cs, RSEQ_CS.size))
+            if start <= regs["rip"] < start + length:
+                regs["rip"] = abort
+                ptrace.set_regs(tid, regs)
+                mem.write(addr + 8, bytes(8))  # rseq_cs = NULL, as the kernel leaves it
 
 
 def process_record(view, threads, brk, sigactions, pipes=None):
