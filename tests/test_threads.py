@@ -200,6 +200,7 @@ out = sys.argv[1]
 counts = [0] * 4
 ok = [True] * 4
 def work(i):
+    tids[i] = threading.get_native_id()
     data = bytes((i * 7 + k) % 251 for k in range(200000))
     digest = hashlib.sha256(data).hexdigest()
     while True:
@@ -208,11 +209,10 @@ def work(i):
         time.sleep(0.01)
 tids = [0] * 4
 threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(4)]
-for i, t in enumerate(threads):
+for t in threads:
     t.start()
-    while not t.native_id:
-        time.sleep(0.001)
-    tids[i] = t.native_id
+while not all(tids):
+    time.sleep(0.001)
 while True:
     with open(out + ".tmp", "w") as f:
         f.write(" ".join(f"{tids[i]}:{counts[i]}:{int(ok[i])}" for i in range(4)) + "\\n")
