@@ -102,6 +102,17 @@ def ns_tid(outer_pid, tid):
         return int([line.split()[-1] for line in f if line.startswith("NSpid:")][0])
 
 
+def names_and_nice(pid):
+    """{tid: (comm, nice)} of every thread of pid."""
+    out = {}
+    for tid in task_tids(pid):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            out[tid] = (f.read().strip(), int(fields[16]))
+    return out
+
+
 def image_threads(images):
     return {r.body["pid"]: [t["tid"] for t in r.body["threads"]]
             for r in StreamReader(__import__("io").BytesIO(images)) if r.kind == "process"}
@@ -128,6 +139,7 @@ def test_eight_threads_restored_with_their_tids_memory_and_counters(threadwl, re
     head, before, _ = tree.check(pid, pid)
     assert head == "ok", before
     tids = task_tids(pid)
+    named = names_and_nice(pid)
     assert len(tids) == NTHREADS + 1
     assert sorted([pid] + [before[i]["tid"] for i in range(NTHREADS)]) == tids
     images = run([tool("cow-collect"), "--tree", str(pid), "--kill"]).stdout
@@ -138,6 +150,7 @@ def test_eight_threads_restored_with_their_tids_memory_and_counters(threadwl, re
     rep = apply(plan(images), tmp_path, restored)
     assert outer(rep, pid) == pid
     assert task_tids(pid) == tids
+    assert names_and_nice(pid) == named and named[before[5]["tid"]] == ("wl-5", 7), named
     assert_threads_run_on(tree, pid, pid, before)
     # the per-thread kernel registrations glibc made are back, each pointing into its thread
     records = [r.body for r in StreamReader(__import__("io").BytesIO(images)) if r.kind == "process"][0]["threads"]

@@ -168,6 +168,10 @@ def _thread_ops(prog, thread):
     if rseq and rseq["addr"]:
         prog.add(R.OP_SYSCALL, SYS_RSEQ, rseq["addr"], rseq["len"], 0, rseq["sig"])
     _sigaltstack(prog, thread)
+    if "comm" in thread:
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NAME, prog.string(thread["comm"][:15]))
+    if "nice" in thread:  # nice is per thread: PRIO_PROCESS with who = 0 is the calling thread
+        prog.add(R.OP_SYSCALL, SYS_SETPRIORITY, PRIO_PROCESS, 0, thread["nice"])
 
 
 def _threads(prog, threads, state):

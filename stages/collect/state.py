@@ -50,6 +50,8 @@ def thread_records(view):
         addr, size, sig = ptrace.get_rseq_configuration(tid)
         if addr:
             rec["rseq"] = {"addr": addr, "len": size, "sig": sig}
+        stat = procfs.read_stat(f"{view.pid}/task/{tid}")
+        rec["comm"], rec["nice"] = stat["comm"], stat["nice"]
         out.append(rec)
     return out
 

@@ -144,7 +144,8 @@ class Printer:
             if not self.norm.enabled and ("tid_address" in t or "robust_list" in t or "rseq" in t):
                 head, length = t.get("robust_list") or (0, 0)
                 rseq = t.get("rseq")
-                self.line(f"{indent}    tid address {t.get('tid_address', 0):#x}  robust list {head:#x}+{length}  rseq "
+                named = f"  comm {t['comm']} nice {t.get('nice', 0)}" if "comm" in t else ""
+                self.line(f"{indent}    tid address {t.get('tid_address', 0):#x}  robust list {head:#x}+{length}{named}  rseq "
                           + (f"{rseq['addr']:#x}+{rseq['len']} sig {rseq['sig']:#x}" if rseq else "none"))
         if not self.norm.enabled:
             mm = p["mm"]

@@ -7,7 +7,8 @@
  * (malloc'd by the thread: glibc gives it its own arena), filled with a pattern of its
  * own, and a __thread copy of its index (its TLS, through fs_base).  It counts in
  * counter[i] and keeps its tid in tid_now[i] (gettid on every round).  Threads differ in
- * how they wait, so a dump finds them blocked in different system calls:
+ * how they wait, so a dump finds them blocked in different system calls (each is named
+ * "wl-I"; thread 5 runs at nice 7, the others at the process's):
  *   0..5  nanosleep 2 ms per round
  *   6     pthread_cond_wait (a futex wait with no timeout), woken by every check
  *   7     clock_nanosleep 300 ms per round
@@ -21,6 +22,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -65,6 +67,11 @@ static void *thread_main(void *arg)
 		die("malloc");
 	fill(buf, BUF, (uint64_t)getpid() * 131 + i);
 	uint64_t sum = checksum(buf, BUF);
+	char name[16];
+	snprintf(name, sizeof name, "wl-%d", i);
+	pthread_setname_np(pthread_self(), name);
+	if (i == 5 && setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 7) < 0)
+		die("setpriority");
 	tid_first[i] = tid_now[i] = (int)syscall(SYS_gettid);
 	int seen = 0;
 	for (;;) {
