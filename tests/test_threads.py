@@ -443,3 +443,31 @@ def test_thread_inside_an_rseq_critical_section_goes_to_its_abort_handler(restor
     finally:
         p.kill()
         p.wait(timeout=10)
+
+
+def test_thread_records_survive_a_round_trip(threadwl, restored, tmp_path):
+    """Dump, restore, dump again: every thread's kernel-side state is what it was (tid, name,
+    nice, registrations, alternate stack, mask, TLS base); only what the threads did since
+    (their registers but fs_base) may differ."""
+    import io
+
+    tree = threadwl(children=1)
+    root = tree.pids[0]
+    first = run([tool("cow-collect"), "--tree", str(root), "--kill"]).stdout
+    tree.wait_gone()
+    apply(plan(first), tmp_path, restored)
+    second = run([tool("cow-collect"), "--tree", str(root)]).stdout
+
+    def threads(images):
+        out = {}
+        for rec in StreamReader(io.BytesIO(images)):
+            if rec.kind == "process":
+                for t in rec.body["threads"]:
+                    out[(rec.body["pid"], t["tid"])] = (
+                        t["comm"], t["nice"], t.get("rseq"), list(t["robust_list"]), t["tid_address"],
+                        list(t.get("sigaltstack") or []), t["sigmask"], ptrace.regs_from_bytes(t["regs"])["fs_base"])
+        return out
+
+    before, after = threads(first), threads(second)
+    assert len(before) == 2 * (NTHREADS + 1)
+    assert after == before
