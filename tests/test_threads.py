@@ -128,6 +128,8 @@ def assert_threads_run_on(tree, ns_pid, outer_pid, before):
     assert head == "ok", second
     for i in range(NTHREADS):
         assert first[i]["tid"] == before[i]["tid"] == first[i]["now"], (i, first[i], before[i])
+        # thread 3's own pending SIGWINCH, and nothing else pending anywhere
+        assert first[i]["pend"] == before[i]["pend"] == (1 << signal.SIGWINCH if i == 3 else 0), (i, first[i])
         assert first[i]["count"] >= before[i]["count"], (i, first[i], before[i])
         assert second[i]["count"] > first[i]["count"], (i, first[i], second[i])
     return first

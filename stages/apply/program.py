@@ -17,7 +17,7 @@ Order (each step depends on the previous ones):
      sets its own registrations and credentials and stops (the main thread waits);
      groups, gids, uids (the process loses root's capabilities here); then pdeathsig,
      dumpable, no_new_privs;
- 10. sigaltstack, pending signals (queued to itself and to each thread), interval timers.
+ 10. sigaltstack, pending signals (queued to itself; each thread queues its own), interval timers.
 The inherited rseq registration (glibc's, in cow-apply's TLS) is unregistered
 by the agent just before it jumps here.
 The registers, xstate and signal mask are set by cow-apply afterwards.
@@ -148,11 +148,10 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
         prog.add(R.OP_SYSCALL, SYS_RSEQ, rseq["addr"], rseq["len"], 0, rseq["sig"])
     state = image.get("state") or {}
     _process_limits(prog, state)
-    _threads(prog, image["threads"][1:], state)
+    _threads(prog, proc["pid"], image["threads"][1:], state)
     _credentials(prog, state)
     _process_flags(prog, state, is_root)
     _signals_and_timers(prog, proc["pid"], thread, state)
-    _thread_signals(prog, proc["pid"], image["threads"][1:])
     return prog
 
 
@@ -174,7 +173,7 @@ def _thread_ops(prog, thread):
         prog.add(R.OP_SYSCALL, SYS_SETPRIORITY, PRIO_PROCESS, 0, thread["nice"])
 
 
-def _threads(prog, threads, state):
+def _threads(prog, pid, threads, state):
     """Every other thread, with its dumped tid (clone3 set_tid), once memory, limits, nice and
     personality are the dumped ones (a thread is born with those of the main thread), and
     before the credentials change (set_tid needs CAP_CHECKPOINT_RESTORE).  Each thread sets
@@ -188,19 +187,20 @@ def _threads(prog, threads, state):
         _credentials(prog, state)
         if state.get("no_new_privs"):
             prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        _thread_signals(prog, pid, thread)
         prog.end_thread()
     for area in areas:
         prog.add(R.OP_WAIT_THREAD, area)
 
 
-def _thread_signals(prog, pid, threads):
-    """Each other thread's own pending signals, queued to it by the main thread (the kernel
-    lets a process give any siginfo to its own threads)."""
-    for thread in threads:
-        for info in thread.get("pending", ()):
-            signo = struct.unpack_from("<i", info)[0]
-            if signo not in (SIGKILL, SIGSTOP):
-                prog.add(R.OP_SYSCALL, SYS_RT_TGSIGQUEUEINFO, pid, thread["tid"], signo, prog.struct(info))
+def _thread_signals(prog, pid, thread):
+    """A thread's own pending signals, queued by the thread to itself: the kernel takes a
+    siginfo with any si_code (a tgkill's SI_TKILL too) only from the target thread itself.
+    Every signal is blocked in the thread until cow-apply sets its dumped mask."""
+    for info in thread.get("pending", ()):
+        signo = struct.unpack_from("<i", info)[0]
+        if signo not in (SIGKILL, SIGSTOP):
+            prog.add(R.OP_SYSCALL, SYS_RT_TGSIGQUEUEINFO, pid, thread["tid"], signo, prog.struct(info))
 
 
 def _signals_and_timers(prog, pid, thread, state):

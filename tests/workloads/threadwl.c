@@ -8,7 +8,8 @@
  * own, and a __thread copy of its index (its TLS, through fs_base).  It counts in
  * counter[i] and keeps its tid in tid_now[i] (gettid on every round).  Threads differ in
  * how they wait, so a dump finds them blocked in different system calls (each is named
- * "wl-I"; thread 5 runs at nice 7, the others at the process's):
+ * "wl-I"; thread 5 runs at nice 7, the others at the process's; thread 3 has a SIGWINCH
+ * pending in its own queue, blocked):
  *   0..5  nanosleep 2 ms per round
  *   6     pthread_cond_wait (a futex wait with no timeout), woken by every check
  *   7     clock_nanosleep 300 ms per round
@@ -38,6 +39,7 @@ static uint64_t dataset_sum;
 static volatile uint64_t counter[NTHREADS];
 static volatile int tid_first[NTHREADS], tid_now[NTHREADS], tls_ok[NTHREADS], sum_ok[NTHREADS];
 static volatile int generation, ack[NTHREADS];
+static volatile unsigned long long pend[NTHREADS];
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
 static __thread int my_index = -1;
@@ -72,6 +74,14 @@ static void *thread_main(void *arg)
 	pthread_setname_np(pthread_self(), name);
 	if (i == 5 && setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 7) < 0)
 		die("setpriority");
+	if (i == 3) {
+		sigset_t winch;
+		sigemptyset(&winch);
+		sigaddset(&winch, SIGWINCH);
+		pthread_sigmask(SIG_BLOCK, &winch, NULL);
+		if (syscall(SYS_tgkill, getpid(), syscall(SYS_gettid), SIGWINCH) < 0)
+			die("tgkill");
+	}
 	tid_first[i] = tid_now[i] = (int)syscall(SYS_gettid);
 	int seen = 0;
 	for (;;) {
@@ -81,6 +91,13 @@ static void *thread_main(void *arg)
 		if (gen != seen) {
 			tls_ok[i] = my_index == i;
 			sum_ok[i] = checksum(buf, BUF) == sum;
+			sigset_t p;
+			sigpending(&p);
+			unsigned long long bits = 0;
+			for (int s = 1; s < 64; s++)
+				if (sigismember(&p, s))
+					bits |= 1ULL << s;
+			pend[i] = bits;
 			seen = gen;
 			__atomic_store_n(&ack[i], gen, __ATOMIC_RELEASE);
 		}
@@ -120,8 +137,9 @@ static void check(void)
 		ok &= ack[i] == gen && tls_ok[i] && sum_ok[i] && tid_now[i] == tid_first[i];
 	p += snprintf(p, end - p, "%s\n", ok ? "ok" : "bad");
 	for (int i = 0; i < NTHREADS; i++)
-		p += snprintf(p, end - p, "thread %d tid %d now %d tls %d sum %d count %llu ack %d\n", i, tid_first[i],
-			      tid_now[i], tls_ok[i], sum_ok[i], (unsigned long long)counter[i], ack[i] == gen);
+		p += snprintf(p, end - p, "thread %d tid %d now %d tls %d sum %d count %llu ack %d pend %llu\n", i,
+			      tid_first[i], tid_now[i], tls_ok[i], sum_ok[i], (unsigned long long)counter[i], ack[i] == gen,
+			      pend[i]);
 	p += snprintf(p, end - p, "dataset %d\n", checksum(dataset, DATASET) == dataset_sum);
 	char name[64];
 	snprintf(name, sizeof name, "%d.check", (int)getpid());
