@@ -473,3 +473,39 @@ def test_thread_records_survive_a_round_trip(threadwl, restored, tmp_path):
     before, after = threads(first), threads(second)
     assert len(before) == 2 * (NTHREADS + 1)
     assert after == before
+
+
+def test_threads_of_a_process_of_another_user_get_its_credentials(restored, tmp_path):
+    """Credentials are per thread in the kernel: every restored thread has the dumped uids and
+    gids (each thread sets them itself), not only the main thread."""
+    become_subreaper()
+    code = ("import os, threading, time\n"
+            "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
+            "for i in range(3): threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+            "time.sleep(600)\n")
+    p = subprocess.Popen(["python3", "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/")
+
+    def creds(pid):
+        out = {}
+        for tid in task_tids(pid):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                out[tid] = [line.split()[1:] for line in f if line.startswith(("Uid:", "Gid:"))]
+        return out
+
+    try:
+        deadline = time.monotonic() + 10
+        while len(task_tids(p.pid)) < 4:
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.01)
+        before = creds(p.pid)
+        assert all(c == [["65534"] * 4, ["65534"] * 4] for c in before.values()), before
+        images = run([tool("cow-collect"), "--tree", str(p.pid), "--kill"]).stdout
+        p.wait(timeout=10)
+        pid = outer(apply(plan(images), tmp_path, restored, "--pidns"), p.pid)
+        after = creds(pid)
+        assert sorted(ns_tid(pid, t) for t in after) == sorted(before)
+        assert list(after.values()) == list(before.values()), after
+    finally:
+        p.kill()
+        p.wait(timeout=10)
