@@ -360,7 +360,7 @@ def test_thread_ids_in_use_or_twice_are_refused_before_anything_runs(threadwl, t
         proc = run([tool("cow-apply")], rewrite_plan(planned, change), check=False)
         err = proc.stderr.decode()
         assert proc.returncode == 1 and all(w in err for w in words), err
-        assert proc_state(pid) is None  # nothing was created
+        assert proc_state(pid) is None, f"process {pid} exists: {proc_state(pid)}"  # nothing was created
 
 
 LEADERLESS_C = r"""
