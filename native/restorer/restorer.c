@@ -38,6 +38,18 @@ enum {
 	OP_UMASK = 13,     /* mask */
 	OP_SYSCALL = 14,   /* nr, a0..a5: anything else, result must be >= 0 */
 	OP_REAP = 15,      /* root pid: be pid 1 of a pid namespace, never returns */
+	OP_THREAD = 16,    /* tid, area, area size, nops: clone3 a thread with that tid; it runs the
+			      next nops ops (which the caller skips) on a stack at the top of area,
+			      records its outcome at the start of area, and stops itself */
+	OP_WAIT_THREAD = 17,/* area: wait until that thread has run its ops; its error, if any */
+};
+
+/* The outcome of a thread's ops, at the start of its area (stages/apply/restorer.py). */
+struct thread_status {
+	u64 done;      /* ops completed */
+	s64 error;     /* 0 or -errno of op `done` */
+	u64 finished;  /* 1 when the thread reached its final stop */
+	u64 tid;       /* the thread's tid, written by the thread */
 };
 
 /* The program header cow-apply writes; ops follow at ops. */
@@ -71,6 +83,10 @@ struct program {
 #define SYS_wait4 61
 #define SYS_exit_group 231
 #define SYS_close_range 436
+#define SYS_clone3 435
+#define SYS_gettid 186
+#define SYS_tgkill 234
+#define SYS_sched_yield 24
 #define WALL 0x40000000
 #define EINTR 4
 
@@ -194,6 +210,93 @@ static s64 run_op(const u64 *op)
 	return -22; /* EINVAL: unknown operation */
 }
 
+/* Stop this thread (not the process: another thread could take a process-wide SIGSTOP)
+ * for the tracer, forever. */
+static void __attribute__((noreturn)) stop_forever(void)
+{
+	for (;;)
+		sys6(SYS_tgkill, (u64)sys6(SYS_getpid, 0, 0, 0, 0, 0, 0), (u64)sys6(SYS_gettid, 0, 0, 0, 0, 0, 0),
+		     19 /* SIGSTOP */, 0, 0, 0);
+}
+
+/* A restored thread starts here, on its own stack in its area: run its ops, record the
+ * outcome, stop.  cow-apply then gives it its dumped registers. */
+static void __attribute__((noreturn, used, noinline)) thread_main(const u64 *op, u64 nops, struct thread_status *st)
+{
+	u64 i;
+	st->tid = (u64)sys6(SYS_gettid, 0, 0, 0, 0, 0, 0);
+	for (i = 0; i < nops; i++, op += 8) {
+		s64 r = run_op(op);
+		if (r < 0) {
+			st->error = r;
+			break;
+		}
+		st->done = i + 1;
+	}
+	__atomic_store_n(&st->finished, 1, __ATOMIC_RELEASE);
+	stop_forever();
+}
+
+#define CLONE_VM 0x100
+#define CLONE_FS 0x200
+#define CLONE_FILES 0x400
+#define CLONE_SIGHAND 0x800
+#define CLONE_THREAD 0x10000
+#define CLONE_SYSVSEM 0x40000
+
+/* clone3 a thread of this process with tid op[1]: it shares everything a pthread shares
+ * (its TLS base and clear_child_tid come later: registers, and its own ops).  The child
+ * leaves the syscall on the new stack with every other register as the parent's, so the
+ * thread's arguments travel in callee-saved registers and it calls thread_main through
+ * a register (no relocation).  Returns the new tid, or -errno. */
+static s64 start_thread(const u64 *op)
+{
+	volatile u64 args[11];
+	s64 tid = (s64)op[1];
+	struct thread_status *st = (struct thread_status *)op[2];
+	u64 i;
+	for (i = 0; i < 11; i++)
+		args[i] = 0;
+	args[0] = CLONE_VM | CLONE_FS | CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM;
+	args[5] = op[2];                   /* stack: the area; the status words sit at its bottom, */
+	args[6] = op[3];                   /* far below where the stack grows down to */
+	args[8] = (u64)&tid;               /* set_tid */
+	args[9] = 1;                       /* set_tid_size: the tid in our own pid namespace */
+	st->done = 0;
+	st->error = 0;
+	st->finished = 0;
+	register u64 r12 __asm__("r12") = (u64)(op + 8);
+	register u64 r13 __asm__("r13") = op[4];
+	register u64 r14 __asm__("r14") = (u64)st;
+	register u64 r15 __asm__("r15") = (u64)&thread_main;
+	s64 ret;
+	__asm__ volatile("syscall\n\t"
+			 "test %%rax, %%rax\n\t"
+			 "jnz 1f\n\t"
+			 "xor %%ebp, %%ebp\n\t"
+			 "and $-16, %%rsp\n\t"
+			 "mov %%r12, %%rdi\n\t"
+			 "mov %%r13, %%rsi\n\t"
+			 "mov %%r14, %%rdx\n\t"
+			 "call *%%r15\n\t"
+			 "ud2\n"
+			 "1:"
+			 : "=a"(ret)
+			 : "a"((u64)SYS_clone3), "D"((u64)args), "S"((u64)sizeof(args)), "r"(r12), "r"(r13), "r"(r14),
+			   "r"(r15)
+			 : "rcx", "r11", "memory");
+	if (ret >= 0 && ret != tid)
+		return -17; /* EEXIST: not the tid asked for */
+	return ret;
+}
+
+static s64 wait_thread(const struct thread_status *st)
+{
+	while (!__atomic_load_n(&st->finished, __ATOMIC_ACQUIRE))
+		sys6(SYS_sched_yield, 0, 0, 0, 0, 0, 0);
+	return st->error;
+}
+
 __attribute__((noreturn, used)) void cow_restorer_main(struct program *prog)
 {
 	const u64 *op = (const u64 *)prog->ops;
@@ -201,14 +304,24 @@ __attribute__((noreturn, used)) void cow_restorer_main(struct program *prog)
 
 	prog->error = 0;
 	for (i = 0; i < prog->nops; i++, op += 8) {
-		s64 r = run_op(op);
+		s64 r;
+		u64 skip = 0;
+		if (op[0] == OP_THREAD) {
+			r = start_thread(op);
+			skip = op[4]; /* the thread's own ops */
+		} else if (op[0] == OP_WAIT_THREAD) {
+			r = wait_thread((const struct thread_status *)op[1]);
+		} else {
+			r = run_op(op);
+		}
 		if (r < 0) {
 			prog->error = r;
 			break;
 		}
+		i += skip;
+		op += 8 * skip;
 		prog->done = i + 1;
 	}
 	prog->finished = 1;
-	for (;;)
-		sys6(SYS_kill, (u64)sys6(SYS_getpid, 0, 0, 0, 0, 0, 0), 19 /* SIGSTOP */, 0, 0, 0, 0);
+	stop_forever();
 }

@@ -28,11 +28,12 @@ def check_plan(plan, pidns=False, pid_wait=3.0):
     check_shared(plan)
     check_state(plan)
     check_files(plan)
+    check_tids_unique(plan)
     if pidns:
-        if 1 in plan.by_pid:
+        if any(t["tid"] == 1 for p in plan.processes for t in p["image"]["threads"]):
             raise Refusal("the plan has a pid 1: --pidns needs pid 1 for its own init")
-    else:
-        check_pids_free([p["pid"] for p in plan.processes], pid_wait)
+    if not pidns:
+        check_pids_free([t["tid"] for p in plan.processes for t in p["image"]["threads"]], pid_wait)
 
 
 def check_header(header):
@@ -73,8 +74,9 @@ def check_semantics(plan):
 def check_process(proc):
     image = proc["image"]
     pid = proc["pid"]
-    if len(image["threads"]) != 1:
-        raise Refusal(f"process {pid}: {len(image['threads'])} threads: multi-threaded processes are not supported yet")
+    tids = [t["tid"] for t in image["threads"]]
+    if not tids or tids[0] != pid:
+        raise Refusal(f"process {pid}: its first thread must be the main thread (tid {pid}), not {tids[:1]}")
     for fd in image["fds"]:
         if fd["kind"] == "pipe":
             if "pipe" not in fd or "desc" not in fd:
@@ -181,6 +183,17 @@ def check_pipes(plan):
                 raise Refusal(f"{where}: a pipe end opened neither for reading nor for writing")
             if descs.setdefault(fd["desc"], (fd["pipe"], fd["flags"] & 3)) != (fd["pipe"], fd["flags"] & 3):
                 raise Refusal(f"{where}: description {fd['desc']} is of two pipes or two ends")
+
+
+def check_tids_unique(plan):
+    """A tid (a pid for the kernel) belongs to one thread of one process in the whole tree."""
+    owner = {}
+    for proc in plan.processes:
+        for thread in proc["image"]["threads"]:
+            tid = thread["tid"]
+            if tid in owner:
+                raise Refusal(f"process {proc['pid']}: thread {tid} is also a thread of process {owner[tid]}")
+            owner[tid] = proc["pid"]
 
 
 def check_pids_free(pids, wait):

@@ -103,7 +103,7 @@ def main(argv=None):
     ap = Parser(
         prog="cow-apply",
         description="Restore the process tree described by a plan (cow-plan's output) with its "
-        "original pids, memory, sharing and state. The whole plan is read and checked before any "
+        "original pids and thread ids, memory, sharing and state. The whole plan is read and checked before any "
         "process is created. Prints the restored root's pid and leaves the tree running.",
         epilog="exit codes: 0 restored (with --wait: the root's exit status), 1 refused or failed "
         "(a partly created tree is killed), 64 bad usage.",
@@ -112,7 +112,7 @@ def main(argv=None):
                     "used in place (no copy): do not change it while cow-apply runs")
     ap.add_argument("--pidns", action="store_true", help="restore into a fresh pid namespace (same pid numbers inside)")
     ap.add_argument("--wait", action="store_true", help="stay until the root exits; exit with its status")
-    ap.add_argument("--report", metavar="FILE", help="write a JSON report (pids, times, bytes) to FILE")
+    ap.add_argument("--report", metavar="FILE", help="write a JSON report (pids, thread ids, times, bytes) to FILE")
     ap.add_argument("--progress", action="store_true",
                     help="pages, bytes and rate on stderr while memory is written (default when stderr is a terminal)")
     args = ap.parse_args(argv)

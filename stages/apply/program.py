@@ -13,9 +13,11 @@ Order (each step depends on the previous ones):
   7. the rest of the window goes; mm fields and exe (PR_SET_MM_MAP); comm, cwd, umask;
   8. tid address, robust list and rseq registration as dumped (they point into
      restored memory, so only now);
-  9. rlimits, nice, personality, subreaper; groups, gids, uids (the process loses
-     root's capabilities here); then pdeathsig, dumpable, no_new_privs;
- 10. sigaltstack, pending signals (queued to itself), interval timers.
+  9. rlimits, nice, personality, subreaper; every other thread, cloned with its tid,
+     sets its own registrations and credentials and stops (the main thread waits);
+     groups, gids, uids (the process loses root's capabilities here); then pdeathsig,
+     dumpable, no_new_privs;
+ 10. sigaltstack, pending signals (queued to itself; each thread queues its own), interval timers.
 The inherited rseq registration (glibc's, in cow-apply's TLS) is unregistered
 by the agent just before it jumps here.
 The registers, xstate and signal mask are set by cow-apply afterwards.
@@ -160,9 +162,61 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
     rseq = thread.get("rseq")
     if rseq and rseq["addr"]:
         prog.add(R.OP_SYSCALL, SYS_RSEQ, rseq["addr"], rseq["len"], 0, rseq["sig"])
-    _process_state(prog, image.get("state") or {}, is_root)
-    _signals_and_timers(prog, proc["pid"], thread, image.get("state") or {})
+    state = image.get("state") or {}
+    _process_limits(prog, state)
+    _threads(prog, proc["pid"], image["threads"][1:], state)
+    _credentials(prog, state)
+    _process_flags(prog, state, is_root)
+    _signals_and_timers(prog, proc["pid"], thread, state)
     return prog
+
+
+def _thread_ops(prog, thread):
+    """What one thread sets for itself: its kernel pointers into restored memory and its
+    alternate stack are per thread, and only the thread itself can set them."""
+    if thread.get("tid_address"):
+        prog.add(R.OP_TID_ADDRESS, thread["tid_address"])
+    head, length = thread.get("robust_list") or (0, 0)
+    if head:
+        prog.add(R.OP_ROBUST_LIST, head, length)
+    rseq = thread.get("rseq")
+    if rseq and rseq["addr"]:
+        prog.add(R.OP_SYSCALL, SYS_RSEQ, rseq["addr"], rseq["len"], 0, rseq["sig"])
+    _sigaltstack(prog, thread)
+    if "comm" in thread:
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NAME, prog.string(thread["comm"][:15]))
+    if "nice" in thread:  # nice is per thread: PRIO_PROCESS with who = 0 is the calling thread
+        prog.add(R.OP_SYSCALL, SYS_SETPRIORITY, PRIO_PROCESS, 0, thread["nice"])
+
+
+def _threads(prog, pid, threads, state):
+    """Every other thread, with its dumped tid (clone3 set_tid), once memory, limits, nice and
+    personality are the dumped ones (a thread is born with those of the main thread), and
+    before the credentials change (set_tid needs CAP_CHECKPOINT_RESTORE).  Each thread sets
+    its own registrations and credentials (per thread in the kernel), then stops; the main
+    thread waits for them all before it changes its own credentials and dumpable (another
+    thread's uid change would reset dumpable afterwards)."""
+    areas = []
+    for thread in threads:
+        areas.append(prog.thread(thread["tid"]))
+        _thread_ops(prog, thread)
+        _credentials(prog, state)
+        if state.get("no_new_privs"):
+            prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        _thread_signals(prog, pid, thread)
+        prog.end_thread()
+    for area in areas:
+        prog.add(R.OP_WAIT_THREAD, area)
+
+
+def _thread_signals(prog, pid, thread):
+    """A thread's own pending signals, queued by the thread to itself: the kernel takes a
+    siginfo with any si_code (a tgkill's SI_TKILL too) only from the target thread itself.
+    Every signal is blocked in the thread until cow-apply sets its dumped mask."""
+    for info in thread.get("pending", ()):
+        signo = struct.unpack_from("<i", info)[0]
+        if signo not in (SIGKILL, SIGSTOP):
+            prog.add(R.OP_SYSCALL, SYS_RT_TGSIGQUEUEINFO, pid, thread["tid"], signo, prog.struct(info))
 
 
 def _signals_and_timers(prog, pid, thread, state):
@@ -171,11 +225,7 @@ def _signals_and_timers(prog, pid, thread, state):
     blocked here, the dumped mask is set by cow-apply at resume), then the interval
     timers, last, so that they lose as little time as possible before the release.
     pid is the process's pid in its own namespace: the dumped one."""
-    if thread.get("sigaltstack"):
-        sp, flags, size = thread["sigaltstack"]
-        flags &= ~SS_ONSTACK  # a state, not a setting
-        if not flags & SS_DISABLE:
-            prog.add(R.OP_SYSCALL, SYS_SIGALTSTACK, prog.struct(struct.pack("<QIiQ", sp, flags, 0, size)), 0)
+    _sigaltstack(prog, thread)
     for info in thread.get("pending", ()):
         signo = struct.unpack_from("<i", info)[0]
         if signo not in (SIGKILL, SIGSTOP):
@@ -189,10 +239,17 @@ def _signals_and_timers(prog, pid, thread, state):
             prog.add(R.OP_SYSCALL, SYS_SETITIMER, which, prog.struct(struct.pack("<4q", *timer)), 0)
 
 
-def _process_state(prog, state, is_root):
-    """Limits, priority, personality and prctl flags, then credentials, last: after
-    setresuid to another user the process has no capabilities left, and a change of
-    credentials resets pdeathsig and dumpable, so those two follow it."""
+def _sigaltstack(prog, thread):
+    if thread.get("sigaltstack"):
+        sp, flags, size = thread["sigaltstack"]
+        flags &= ~SS_ONSTACK  # a state, not a setting
+        if not flags & SS_DISABLE:
+            prog.add(R.OP_SYSCALL, SYS_SIGALTSTACK, prog.struct(struct.pack("<QIiQ", sp, flags, 0, size)), 0)
+
+
+def _process_limits(prog, state):
+    """Limits, priority, personality and the subreaper flag, before the credentials: after
+    setresuid to another user the process has no capabilities left."""
     for resource, (soft, hard) in enumerate(state.get("rlimits", ())):
         # raising a hard limit above cow-apply's needs CAP_SYS_RESOURCE: check.py refuses that first
         prog.add(R.OP_SYSCALL, SYS_PRLIMIT64, 0, resource, prog.struct(struct.pack("<QQ", soft, hard)), 0)
@@ -202,6 +259,10 @@ def _process_state(prog, state, is_root):
         prog.add(R.OP_SYSCALL, SYS_PERSONALITY, state["personality"])
     if "subreaper" in state:
         prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_CHILD_SUBREAPER, int(state["subreaper"]))
+
+
+def _credentials(prog, state):
+    """Groups, gids, uids of the calling thread (credentials are per thread in the kernel)."""
     if "groups" in state:
         groups = state["groups"]
         prog.add(R.OP_SYSCALL, SYS_SETGROUPS, len(groups), prog.struct(struct.pack(f"<{len(groups)}I", *groups) or b"\0"))
@@ -213,6 +274,10 @@ def _process_state(prog, state, is_root):
         ruid, euid, suid, fsuid = state["uids"]
         prog.add(R.OP_SYSCALL, SYS_SETRESUID, ruid, euid, suid)
         prog.add(R.OP_SYSCALL, SYS_SETFSUID, fsuid)
+
+
+def _process_flags(prog, state, is_root):
+    """pdeathsig and dumpable after the credentials (a change of credentials resets them)."""
     # Every agent runs with pdeathsig SIGKILL (so a killed cow-apply takes the whole partial
     # tree with it); here it becomes the dumped value.  The root's parent (cow-apply, or the
     # namespace's init) is not the dumped one: its pdeathsig would fire when cow-apply exits,

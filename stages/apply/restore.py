@@ -5,8 +5,10 @@
   fill     each process maps its staging ranges and runs its steps (writes from
            the spool with process_vm_writev, forks, drops), depth first;
   handover each process gets the restorer blob and its program and jumps into it;
-           it stops (SIGSTOP) when its layout is the dumped one;
-  resume   registers, xstate and signal mask as dumped (syscall restart applied),
+           the blob clones the other threads with their tids (each traced from its
+           first instruction: PTRACE_O_TRACECLONE); every thread stops (SIGSTOP) when
+           done, the main thread when its layout is the dumped one;
+  resume   registers, xstate and signal mask of every thread as dumped (syscall restart applied),
            the blob unmapped by a syscall injected into the process, then the
            whole tree is detached together.
 Anything failing after the first process exists kills every process created.
@@ -31,8 +33,11 @@ SYS_MUNMAP = 11
 SYS_SETSID, SYS_SETPGID, SYS_GETPGID = 112, 109, 121
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
 SIGTRAP_SYSCALL = signal.SIGTRAP | 0x80
-SEIZE_OPTIONS = ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_EXITKILL
+# TRACECLONE: a thread the restorer clones is ours from its first instruction (the agents'
+# forks use exit signal SIGCHLD: fork events, which we do not trace)
+SEIZE_OPTIONS = ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE
 U64 = (1 << 64) - 1
+PTRACE_EVENT_CLONE = 3
 
 
 class ApplyError(Exception):
@@ -96,6 +101,7 @@ class Restore:
         self.pipe_fds = {}  # pipe description -> fd in cow-apply (inherited by the whole tree)
         self.shmem_fds = {}  # shared memory object id -> fd in cow-apply (inherited likewise)
         self.shmem_desc_fds = {}  # memfd open file description id -> fd in cow-apply
+        self.threads = {}  # plan pid -> [outer tid of each thread but the main one], image order
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -286,6 +292,7 @@ class Restore:
 
     def _wait_restorer(self, pid, prog_addr):
         ag = self.agents[pid]
+        threads = self.threads.setdefault(pid, [])
         while True:
             _, status = ptrace.waitpid(ag.pid)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
@@ -295,31 +302,83 @@ class Restore:
             sig = os.WSTOPSIG(status)
             if sig == signal.SIGSTOP:
                 break
+            if status >> 8 == signal.SIGTRAP | PTRACE_EVENT_CLONE << 8:
+                threads.append(self._thread_born(pid, ptrace.geteventmsg(ag.pid)))
+                ptrace.cont(ag.pid)
+                continue
             if ptrace.is_group_stop(status):
                 ptrace.cont(ag.pid)
                 continue
             regs = ptrace.get_regs(ag.pid)
             raise ApplyError(f"process {pid}: signal {sig} in the restorer at rip {regs['rip']:#x}")
         finished, done, error = restorer.read_outcome(agent_mod.vm_read(ag.pid, prog_addr, restorer.HEADER.size))
+        prog = self.programs[pid]
+        if error and done < len(prog.ops) and prog.ops[done][0] == restorer.OP_WAIT_THREAD:
+            self._check_threads(pid)  # says which thread's operation failed
         if error or not finished:
-            prog = self.programs[pid]
             what = prog.describe(done) if done < len(prog.ops) else "?"
             raise ApplyError(f"process {pid}: restorer operation {done} {what} failed: "
                              f"{os.strerror(-error) if error < 0 else error}")
+        self._check_threads(pid)
+
+    def _thread_born(self, pid, tid):
+        """A thread the restorer just cloned, in its first stop: let it run its own ops
+        (it stops itself when done).  Returns its tid (as cow-apply sees it)."""
+        while True:
+            _, status = ptrace.waitpid(tid)
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                raise ApplyError(f"process {pid}: thread {tid} died as it was created")
+            if ptrace.is_group_stop(status):
+                ptrace.cont(tid)
+                return tid
+            raise ApplyError(f"process {pid}: thread {tid}: unexpected first stop {status:#x}")
+
+    def _check_threads(self, pid):
+        """Every thread ran its ops and stopped itself, with the dumped tid."""
+        prog = self.programs[pid]
+        made = self.threads.get(pid, [])
+        want = prog.threads(self.blob_region[0])
+        ag_pid = self.agents[pid].pid
+        for outer, (tid, status_addr, first) in zip(made, want):
+            while True:
+                _, status = ptrace.waitpid(outer)
+                if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                    raise ApplyError(f"process {pid}: thread {tid} died in the restorer")
+                if os.WSTOPSIG(status) == signal.SIGSTOP and not ptrace.is_group_stop(status):
+                    break
+                if ptrace.is_group_stop(status):
+                    ptrace.cont(outer)
+                    continue
+                regs = ptrace.get_regs(outer)
+                raise ApplyError(f"process {pid}: thread {tid}: signal {os.WSTOPSIG(status)} in the restorer "
+                                 f"at rip {regs['rip']:#x}")
+            done, error, finished, ns_tid = restorer.THREAD_STATUS.unpack(
+                agent_mod.vm_read(ag_pid, status_addr, restorer.THREAD_STATUS.size))
+            if error or not finished:
+                raise ApplyError(f"process {pid}: thread {tid}: restorer operation {first + done} "
+                                 f"{prog.describe(first + done)} failed: {os.strerror(-error) if error < 0 else error}")
+            if ns_tid != tid:
+                raise ApplyError(f"process {pid}: thread {tid} was created with tid {ns_tid} (process {ag_pid})")
+        if len(made) != len(want):
+            raise ApplyError(f"process {pid}: {len(made)} of {len(want)} threads were created")
 
     def resume(self):
+        """The blob goes (no thread runs in it: each is stopped, and gets its dumped
+        registers here), then every thread of every process is let go together."""
         blob_base, blob_size = self.blob_region
         for proc in self.plan.processes:
             pid = proc["pid"]
             ag = self.agents[pid]
-            thread = proc["image"]["threads"][0]
             syscall_at = self._syscall_insn(proc, ag)
             self._inject(ag, syscall_at, SYS_MUNMAP, blob_base, blob_size)
-            ptrace.set_regs(ag.pid, resume_regs(ptrace.regs_from_bytes(thread["regs"])))
-            ptrace.set_xstate(ag.pid, thread["xstate"])
-            ptrace.set_sigmask(ag.pid, thread["sigmask"])
+            for tid, thread in zip([ag.pid] + self.threads.get(pid, []), proc["image"]["threads"]):
+                ptrace.set_regs(tid, resume_regs(ptrace.regs_from_bytes(thread["regs"])))
+                ptrace.set_xstate(tid, thread["xstate"])
+                ptrace.set_sigmask(tid, thread["sigmask"])
         for proc in self.plan.processes:  # the whole tree goes at once
             ag = self.agents[proc["pid"]]
+            for tid in self.threads.get(proc["pid"], []):
+                ptrace.detach(tid)
             ptrace.detach(ag.pid)
             self.traced.discard(ag.pid)
 
@@ -411,6 +470,8 @@ class Restore:
             "pidns": self.pidns,
             "init_pid": self.init.pid if self.init else None,
             "pids": {str(p["pid"]): self.agents[p["pid"]].pid for p in self.plan.processes if p["pid"] in self.agents},
+            # the other threads of each process, as this side sees their tids (image order)
+            "threads": {str(pid): tids for pid, tids in self.threads.items() if tids},
             "phases": self.phases,
             "pages_written": self.pages_written,
             "bytes_written": self.pages_written * PAGE,

@@ -27,9 +27,12 @@ STACK_SIZE = 64 * 1024
 
 OP_UNMAP, OP_MREMAP, OP_MMAP, OP_MPROTECT, OP_MADVISE, OP_SIGACTION, OP_OPEN_FD = range(1, 8)
 OP_MM_MAP, OP_TID_ADDRESS, OP_ROBUST_LIST, OP_CLOSE_RANGE, OP_CHDIR, OP_UMASK, OP_SYSCALL, OP_REAP = range(8, 16)
+OP_THREAD, OP_WAIT_THREAD = 16, 17
 OP_NAMES = {v: k for k, v in globals().items() if k.startswith("OP_") and isinstance(v, int)}
 
 HEADER = struct.Struct("<QQQQqQ")  # magic, nops, ops, done, error, finished
+THREAD_STATUS = struct.Struct("<QqQQ")  # at the start of a thread's area: done, error, finished, tid
+THREAD_AREA = 16 * 1024  # a restored thread's status words and the stack its ops run on
 OP = struct.Struct("<8Q")
 
 
@@ -113,6 +116,18 @@ class Program:
     def struct(self, blob):
         return self._ref(blob)
 
+    def thread(self, tid):
+        """Start a thread with this tid (OP_THREAD): ops added until end_thread() are the
+        thread's own, run by it.  Returns the reference of its area (status + stack)."""
+        area = self._ref(bytes(THREAD_AREA))
+        self.add(OP_THREAD, tid, area, THREAD_AREA, 0)
+        self._thread_start = len(self.ops)
+        return area
+
+    def end_thread(self):
+        code, args = self.ops[self._thread_start - 1]
+        args[3] = len(self.ops) - self._thread_start  # nops: the ops the thread runs, the caller skips
+
     def patch(self, ref, offset, target):
         """Store the address of data item `target` at `offset` inside data item `ref`."""
         self.patches.append((ref, offset, target))
@@ -125,6 +140,21 @@ class Program:
     def describe(self, index):
         code, args = self.ops[index]
         return f"{OP_NAMES.get(code, code)}({', '.join(hex(a) if isinstance(a, int) else 'ptr' for a in args)})"
+
+    def threads(self, base):
+        """[(tid, address of its status words, index of its first op)] of the threads this
+        program starts, for a program at base."""
+        places = self._places(base)
+        return [(args[0], places[args[1][1]], i + 1) for i, (code, args) in enumerate(self.ops) if code == OP_THREAD]
+
+    def _places(self, base):
+        at = base + _align(len(load().code), 16) + HEADER.size + OP.size * len(self.ops)
+        places = []
+        for item in self.data:
+            at = _align(at, 8)
+            places.append(at)
+            at += len(item)
+        return places
 
     def image(self, base):
         """(region bytes, entry address, program address, stack top, total size) at base."""

@@ -93,6 +93,8 @@ class Collection:
     def inspect(self):
         """Step 2: the /proc view of every process, and refusals."""
         reasons = [(pid, "is a zombie (exited, not reaped by its parent)") for pid in self.tree.zombies]
+        reasons += [(pid, f"its main thread has exited ({n} other threads run on)")
+                    for pid, n in self.tree.leaderless.items()]
         for pid in self.tree.order:
             try:
                 view = state.ProcView(pid, self.tree.threads[pid])
@@ -124,9 +126,12 @@ class Collection:
         for index, view in enumerate(self.views):
             pid = view.pid
             try:
+                state.abort_rseq_sections(view)
                 threads = state.thread_records(view)
                 brk, sigactions, tid_address = state.remote_state(view)
                 threads[0]["tid_address"] = tid_address  # the injected calls ran in the main thread
+                for thread in threads[1:]:
+                    thread["tid_address"], thread["sigaltstack"] = state.remote_thread_state(view, thread["tid"])
             except OSError as exc:
                 self.check_alive()
                 raise CollectError(f"process {pid}: {exc}")

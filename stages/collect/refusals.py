@@ -72,9 +72,6 @@ def vma_reason(vma):
 
 def process_reasons(pid, status, vmas, fds):
     reasons = []
-    threads = int(status.get("Threads", "1"))
-    if threads > 1:
-        reasons.append(f"has {threads} threads")
     if status.get("Seccomp", "0") != "0":
         reasons.append("has a seccomp filter")
     for fd in fds:

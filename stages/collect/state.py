@@ -2,8 +2,10 @@
 registers, remote-syscall state and frame maps (for the records)."""
 
 import os
+import struct
 
 from stages.linux import procfs, ptrace, remote
+from stages.linux.memory import ProcessMemory
 from stages.stream import pack_u32
 
 O_CLOEXEC = 0o2000000
@@ -34,10 +36,10 @@ def fd_record(fd, pipe_fields=None):
 
 
 def thread_records(view):
-    """Registers, mask, rseq and robust list of every thread (the process is single-threaded
-    once refusals passed; the loop keeps the record honest if that changes)."""
+    """Registers, mask, rseq and robust list of every thread, main thread first (the tid
+    address and alternate stack need the thread itself: remote_thread_state)."""
     out = []
-    for tid in view.tids:
+    for tid in sorted(view.tids, key=lambda t: (t != view.pid, t)):
         rec = {
             "tid": tid,
             "regs": ptrace.get_regs_raw(tid),
@@ -48,6 +50,8 @@ def thread_records(view):
         addr, size, sig = ptrace.get_rseq_configuration(tid)
         if addr:
             rec["rseq"] = {"addr": addr, "len": size, "sig": sig}
+        stat = procfs.read_stat(f"{view.pid}/task/{tid}")
+        rec["comm"], rec["nice"] = stat["comm"], stat["nice"]
         out.append(rec)
     return out
 
@@ -66,6 +70,43 @@ def remote_state(view):
     if brk < 0:
         raise OSError(-brk, f"process {pid}: remote brk(0) failed: {os.strerror(-brk)}")
     return brk, sigactions, tid_address
+
+
+def remote_thread_state(view, tid):
+    """(tid address, sigaltstack) of one thread other than the main one: both are per thread
+    and only the thread itself can read them, so the calls run in that thread."""
+    addr = remote.find_syscall_insn(view.pid, view.vmas)
+    rsp = ptrace.get_regs(tid)["rsp"]
+    with remote.RemoteSyscalls(tid, addr) as rs:
+        return remote.remote_tid_address(rs, tid, rsp), remote.remote_sigaltstack(rs, tid, rsp)
+
+
+RSEQ_CS = struct.Struct("<IIQQQ")  # struct rseq_cs: version, flags, start_ip, post_commit_offset, abort_ip
+
+
+def abort_rseq_sections(view):
+    """Every thread stopped inside an rseq critical section is moved to the section's abort
+    handler now, before anything else runs in the tree (the kernel does the same on the
+    thread's next return to user space, after a preemption or a stop like ours).
+
+    Needed before our remote system calls: the kernel would see the thread return to user
+    space outside the section (at our syscall instruction), clear the section pointer, and
+    the thread, put back in the section afterwards, could never be aborted again.  The
+    dumped registers are then the aborted ones, and the restored thread starts there."""
+    for tid in view.tids:
+        addr, _size, _sig = ptrace.get_rseq_configuration(tid)
+        if not addr:
+            continue
+        regs = ptrace.get_regs(tid)
+        with ProcessMemory(view.pid, write=True) as mem:
+            cs = struct.unpack("<Q", mem.read(addr + 8, 8))[0]
+            if not cs:
+                continue
+            _version, _flags, start, length, abort = RSEQ_CS.unpack(mem.read(cs, RSEQ_CS.size))
+            if start <= regs["rip"] < start + length:
+                regs["rip"] = abort
+                ptrace.set_regs(tid, regs)
+                mem.write(addr + 8, bytes(8))  # rseq_cs = NULL, as the kernel leaves it
 
 
 def process_record(view, threads, brk, sigactions, pipes=None):

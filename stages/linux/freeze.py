@@ -3,8 +3,11 @@
 freeze_tree(root): PTRACE_SEIZE + PTRACE_INTERRUPT every thread of every process
 below root, walking /proc/PID/task/*/children again until no new process or
 thread shows up (a fork in flight when we stopped the parent has created its
-child by the time the parent traps, so the next walk sees it).  A process that
-exits while being frozen is dropped.
+child by the time the parent traps, so the next walk sees it; a thread cloned by
+a thread not yet stopped shows up in the next listing of the process's tasks).
+A process that exits while being frozen is dropped; one whose main thread has
+exited while others run on is not seized but listed in ``leaderless`` (the
+caller refuses it).
 
 FrozenTree.resume() / leave_stopped() / kill() end the ptrace session; every
 path detaches every thread, so a tree is never left frozen by us.
@@ -75,6 +78,7 @@ class FrozenTree:
         self.order = []      # pids, parents before children
         self.threads = {}    # pid -> [tid, ...]
         self.zombies = []    # pids of exited, unreaped children in the tree (not seized)
+        self.leaderless = {}  # pid -> threads left: processes whose main thread has exited (not seized)
         self.released = False
 
     @property
@@ -123,6 +127,12 @@ class FrozenTree:
         except OSError:
             return False
         if state in ("Z", "X"):
+            try:
+                left = int(procfs.read_status(pid).get("Threads", "1"))
+            except (OSError, ValueError):
+                left = 1
+            if left > 1:  # pthread_exit in main: the process lives on in its other threads
+                self.leaderless[pid] = left - 1
             return False
         seized = self.threads.setdefault(pid, [])
         tried = set()
@@ -164,14 +174,14 @@ class FrozenTree:
             for pid in new:
                 seen.add(pid)
                 self._freeze_process(pid)
-        if self.root not in self.threads:
+        if self.root not in self.threads and self.root not in self.leaderless:
             raise FreezeError(f"process {self.root}: exited while being frozen")
         # keep the walk's order (parents first) for the processes we hold
         walk = procfs.walk_tree(self.root)
         self.order = [pid for pid in walk if pid in self.threads]
         # zombies: children that exited and that their (now frozen) parent has not reaped
-        self.zombies = [pid for pid in walk if pid not in self.threads and _exiting(pid)
-                        and os.path.exists(f"/proc/{pid}")]
+        self.zombies = [pid for pid in walk if pid not in self.threads and pid not in self.leaderless
+                        and _exiting(pid) and os.path.exists(f"/proc/{pid}")]
         for pid in self.threads:
             if pid not in self.order:
                 self.order.append(pid)
@@ -226,9 +236,10 @@ class FrozenTree:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        # as tracer we are told about each thread's death; collecting that detaches it
+        # as tracer we are told about each thread's death; collecting that detaches it.
+        # The leader last: its death is not reported while other threads are unreaped.
         for pid in self.order:
-            for tid in self.threads.get(pid, []):
+            for tid in sorted(self.threads.get(pid, []), key=lambda t: t == pid):
                 try:
                     ptrace.waitpid(tid)
                 except ChildProcessError:

@@ -216,13 +216,25 @@ def remote_timers_and_altstack(rs, pid, rsp):
                 if res < 0:
                     raise RemoteError(f"process {pid}: getitimer({which}) failed: {os.strerror(-res)}")
                 timers.append(list(ITIMERVAL.unpack(mem.read(scratch, ITIMERVAL.size))))
+        finally:
+            mem.write(scratch, saved)
+    return timers, remote_sigaltstack(rs, pid, rsp)
+
+
+def remote_sigaltstack(rs, pid, rsp):
+    """The calling thread's alternate signal stack as [sp, flags, size] (per thread: run it in
+    each thread), through scratch below the red zone."""
+    scratch = (rsp - 128 - 256) & ~15
+    with ProcessMemory(pid, write=True) as mem:
+        saved = mem.read(scratch, STACK_T.size)
+        try:
             res = rs.call(SYS_SIGALTSTACK, 0, scratch)
             if res < 0:
                 raise RemoteError(f"process {pid}: sigaltstack failed: {os.strerror(-res)}")
             sp, flags, _pad, size = STACK_T.unpack(mem.read(scratch, STACK_T.size))
         finally:
             mem.write(scratch, saved)
-    return timers, [sp, flags & 0xFFFFFFFF, size]
+    return [sp, flags & 0xFFFFFFFF, size]
 
 
 PTRACE_PEEKSIGINFO_SHARED = 1

@@ -57,6 +57,9 @@ THREAD = Map(
         "tid_address": ADDR,
         "sigaltstack": Tuple(ADDR, UInt(), UInt()),  # ss_sp, ss_flags, ss_size
         "pending": ListOf(Bin(max_len=128), max_len=1 << 16),  # the thread's own queue: raw siginfo
+        # the thread's own name and nice value (/proc/PID/task/TID/comm and stat)
+        "comm": Str(max_len=64),
+        "nice": Int(-20, 19),
     },
 )
 

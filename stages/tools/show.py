@@ -144,6 +144,12 @@ class Printer:
                 alt = "none" if flags & 2 else f"{sp:#x}+{size:#x} flags {flags:#x}"
                 self.line(f"{indent}    sigaltstack {alt}  pending "
                           f"{' '.join(str(int.from_bytes(i[:4], 'little')) for i in t.get('pending', ())) or 'none'}")
+            if not self.norm.enabled and ("tid_address" in t or "robust_list" in t or "rseq" in t):
+                head, length = t.get("robust_list") or (0, 0)
+                rseq = t.get("rseq")
+                named = f"  comm {t['comm']} nice {t.get('nice', 0)}" if "comm" in t else ""
+                self.line(f"{indent}    tid address {t.get('tid_address', 0):#x}  robust list {head:#x}+{length}{named}  rseq "
+                          + (f"{rseq['addr']:#x}+{rseq['len']} sig {rseq['sig']:#x}" if rseq else "none"))
         if not self.norm.enabled:
             mm = p["mm"]
             self.line(
