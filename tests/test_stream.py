@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from stages.stream import StreamError, StreamReader, StreamWriter, envelope, pack_u32, unpack_u32
+from stages.stream import images
 
 PAGE = 4096
 
@@ -114,8 +115,8 @@ def test_record_out_of_phase_is_refused():
 def test_newer_version_is_named():
     out = io.BytesIO()
     w = StreamWriter(out, "cowtree-images", tiny_header(), validate=False)
-    # forge a header claiming version 2 with a valid checksum
-    body = dict(tiny_header(), format="cowtree-images", version=2)
+    # forge a header claiming the next version with a valid checksum
+    body = dict(tiny_header(), format="cowtree-images", version=images.VERSION + 1)
     parts, _ = envelope.encode_record("header", 0, envelope.pack_meta(body), None)
     blob = b"".join(parts)
     with pytest.raises(StreamError, match="newer than this cowtree"):
