@@ -154,14 +154,7 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
 
     # per-thread kernel pointers into restored memory, now that it is in place
     thread = image["threads"][0]
-    if thread.get("tid_address"):
-        prog.add(R.OP_TID_ADDRESS, thread["tid_address"])
-    head, length = thread.get("robust_list") or (0, 0)
-    if head:
-        prog.add(R.OP_ROBUST_LIST, head, length)
-    rseq = thread.get("rseq")
-    if rseq and rseq["addr"]:
-        prog.add(R.OP_SYSCALL, SYS_RSEQ, rseq["addr"], rseq["len"], 0, rseq["sig"])
+    _kernel_pointers(prog, thread)
     state = image.get("state") or {}
     _process_limits(prog, state)
     _threads(prog, proc["pid"], image["threads"][1:], state)
@@ -171,9 +164,8 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
     return prog
 
 
-def _thread_ops(prog, thread):
-    """What one thread sets for itself: its kernel pointers into restored memory and its
-    alternate stack are per thread, and only the thread itself can set them."""
+def _kernel_pointers(prog, thread):
+    """tid address, robust list and rseq registration of the thread that runs these ops."""
     if thread.get("tid_address"):
         prog.add(R.OP_TID_ADDRESS, thread["tid_address"])
     head, length = thread.get("robust_list") or (0, 0)
@@ -182,6 +174,12 @@ def _thread_ops(prog, thread):
     rseq = thread.get("rseq")
     if rseq and rseq["addr"]:
         prog.add(R.OP_SYSCALL, SYS_RSEQ, rseq["addr"], rseq["len"], 0, rseq["sig"])
+
+
+def _thread_ops(prog, thread):
+    """What one thread sets for itself: its kernel pointers into restored memory and its
+    alternate stack are per thread, and only the thread itself can set them."""
+    _kernel_pointers(prog, thread)
     _sigaltstack(prog, thread)
     if "comm" in thread:
         prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NAME, prog.string(thread["comm"][:15]))

@@ -20,6 +20,8 @@ import ctypes
 import fcntl
 import os
 
+from .pipes import close_all  # noqa: F401 (restore.py closes shmem fds through it too)
+
 PAGE = 4096
 PROT_READ, PROT_WRITE = 1, 2
 MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
@@ -132,11 +134,3 @@ def _descriptions(plan, objects, base):
         raise
     return out
 
-
-def close_all(fds):
-    for fd in fds.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    fds.clear()
