@@ -10,6 +10,8 @@ import time
 from stages.linux import procfs
 from stages.linux import vdso as vdso_mod
 
+from . import caps as caps_mod
+
 SUPPORTED_FD_KINDS = {"file", "chr", "dir", "pipe"}
 SUPPORTED_VMA_KINDS = {"anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vsyscall"}
 
@@ -89,7 +91,7 @@ def check_process(proc):
             raise Refusal(f"{where}: shared anonymous memory cannot be restored yet")
 
 
-CAP_SYS_RESOURCE = 24
+CAP_SYS_RESOURCE, CAP_SYS_NICE = 24, 23
 RLIMIT_NAMES = ("CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE", "MEMLOCK", "AS",
                 "LOCKS", "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO", "RTTIME")
 
@@ -113,6 +115,10 @@ def check_state(plan):
     mine_u, mine_g = set(os.getresuid()), set(os.getresgid())
     mine_groups = set(os.getgroups()) | mine_g
     can_raise = _has_cap(CAP_SYS_RESOURCE)
+    mine_caps = caps_mod.own()
+    with open("/proc/self/oom_score_adj") as f:
+        own_oom = int(f.read())
+    own_cpus = os.sched_getaffinity(0)
     for proc in plan.processes:
         state = proc["image"].get("state") or {}
         pid = proc["pid"]
@@ -121,6 +127,9 @@ def check_state(plan):
             if not uids <= mine_u or not gids <= mine_g or not set(state.get("groups", ())) <= mine_groups:
                 raise Refusal(f"process {pid}: uids {state.get('uids')} gids {state.get('gids')} groups "
                               f"{state.get('groups')}: only root may restore credentials other than its own")
+        why = state_refusal(state, mine_caps, own_oom, own_cpus)
+        if why:
+            raise Refusal(f"process {pid}: {why}")
         if not can_raise:
             for res, (soft, hard) in enumerate(state.get("rlimits", ())):
                 have = resource.getrlimit(res)[1] & 0xFFFFFFFFFFFFFFFF
@@ -128,6 +137,32 @@ def check_state(plan):
                     name = RLIMIT_NAMES[res] if res < len(RLIMIT_NAMES) else str(res)
                     raise Refusal(f"process {pid}: hard limit RLIMIT_{name} {hard} is above cow-apply's {have} "
                                   "(raising it needs CAP_SYS_RESOURCE)")
+
+
+SCHED_FIFO, SCHED_RR, SCHED_RESET_ON_FORK = 1, 2, 0x40000000
+SCHED_POLICIES = {0, 1, 2, 3, 5}  # OTHER, FIFO, RR, BATCH, IDLE
+
+
+def state_refusal(state, mine_caps, own_oom, own_cpus):
+    """Capabilities (stages.apply.caps.refusal), scheduler policy, CPU affinity and
+    oom_score_adj the restorer could not set as the caller: why not, or None."""
+    if state.get("caps"):
+        why = caps_mod.refusal(state["caps"], state.get("securebits", 0), mine_caps)
+        if why:
+            return why
+    if "sched" in state:
+        policy = state["sched"][0] & ~SCHED_RESET_ON_FORK
+        if policy not in SCHED_POLICIES:
+            return f"scheduler policy {policy} cannot be restored"
+        if policy in (SCHED_FIFO, SCHED_RR) and not mine_caps.get("effective", 0) >> CAP_SYS_NICE & 1:
+            return "a real-time scheduler policy needs CAP_SYS_NICE, cow-apply lacks it"
+    if state.get("affinity") and not set(state["affinity"]) & own_cpus:
+        return f"CPU affinity {state['affinity']}: none of these CPUs is available to cow-apply"
+    oom = state.get("oom_score_adj")
+    if oom is not None and oom < own_oom and not mine_caps.get("effective", 0) >> CAP_SYS_RESOURCE & 1:
+        return (f"oom_score_adj {oom} is below cow-apply's {own_oom} "
+                "(lowering it needs CAP_SYS_RESOURCE)")
+    return None
 
 
 def check_pipes(plan):

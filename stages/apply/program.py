@@ -13,8 +13,9 @@ Order (each step depends on the previous ones):
   7. the rest of the window goes; mm fields and exe (PR_SET_MM_MAP); comm, cwd, umask;
   8. tid address, robust list and rseq registration as dumped (they point into
      restored memory, so only now);
-  9. rlimits, nice, personality, subreaper; groups, gids, uids (the process loses
-     root's capabilities here); then pdeathsig, dumpable, no_new_privs;
+  9. rlimits, scheduler policy, nice, CPU affinity, personality, subreaper;
+     inheritable and bounding capabilities, keep-caps; groups, gids, uids; the dumped
+     capability sets, ambient set and securebits; then pdeathsig, dumpable, no_new_privs;
  10. sigaltstack, pending signals (queued to itself), interval timers.
 The inherited rseq registration (glibc's, in cow-apply's TLS) is unregistered
 by the agent just before it jumps here.
@@ -24,6 +25,7 @@ The registers, xstate and signal mask are set by cow-apply afterwards.
 import os
 import struct
 
+from . import caps as caps_mod
 from . import restorer as R
 from .addresses import TASK_SIZE
 
@@ -37,6 +39,7 @@ SYS_DUP3 = 292
 SYS_SIGALTSTACK, SYS_SETITIMER, SYS_RT_SIGQUEUEINFO, SYS_RT_TGSIGQUEUEINFO = 131, 38, 129, 297
 SS_ONSTACK, SS_DISABLE = 1, 2
 SYS_PRLIMIT64, SYS_SETPRIORITY, SYS_PERSONALITY, PRIO_PROCESS = 302, 141, 135, 0
+SYS_SCHED_SETSCHEDULER, SYS_SCHED_SETAFFINITY = 144, 203
 SYS_SETGROUPS, SYS_SETRESGID, SYS_SETFSGID, SYS_SETRESUID, SYS_SETFSUID = 116, 119, 123, 117, 122
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 O_CLOEXEC = 0o2000000
@@ -174,18 +177,32 @@ def _signals_and_timers(prog, pid, thread, state):
 
 
 def _process_state(prog, state, is_root):
-    """Limits, priority, personality and prctl flags, then credentials, last: after
-    setresuid to another user the process has no capabilities left, and a change of
-    credentials resets pdeathsig and dumpable, so those two follow it."""
+    """Limits, scheduler policy, nice, CPU affinity, personality and prctl flags, then
+    credentials, last: capabilities around the uid change (stages.apply.caps: the bounding
+    set and keep-caps before it, the dumped sets after it), and a change of credentials
+    resets pdeathsig and dumpable, so those two follow it."""
     for resource, (soft, hard) in enumerate(state.get("rlimits", ())):
         # raising a hard limit above cow-apply's needs CAP_SYS_RESOURCE: check.py refuses that first
         prog.add(R.OP_SYSCALL, SYS_PRLIMIT64, 0, resource, prog.struct(struct.pack("<QQ", soft, hard)), 0)
+    if "sched" in state:  # before nice: a change of policy may set it
+        policy, priority = state["sched"]
+        prog.add(R.OP_SYSCALL, SYS_SCHED_SETSCHEDULER, 0, policy, prog.struct(struct.pack("<i", priority)))
     if "nice" in state:
         prog.add(R.OP_SYSCALL, SYS_SETPRIORITY, PRIO_PROCESS, 0, state["nice"])
+    if state.get("affinity"):
+        mask = 0
+        for cpu in state["affinity"]:
+            mask |= 1 << cpu
+        size = max(8, (max(state["affinity"]) // 64 + 1) * 8)
+        prog.add(R.OP_SYSCALL, SYS_SCHED_SETAFFINITY, 0, size, prog.struct(mask.to_bytes(size, "little")))
     if "personality" in state:
         prog.add(R.OP_SYSCALL, SYS_PERSONALITY, state["personality"])
     if "subreaper" in state:
         prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_CHILD_SUBREAPER, int(state["subreaper"]))
+    caps = state.get("caps")
+    mine = caps_mod.own() if caps else None
+    if caps:
+        caps_mod.before_uid_change(prog, caps, mine)
     if "groups" in state:
         groups = state["groups"]
         prog.add(R.OP_SYSCALL, SYS_SETGROUPS, len(groups), prog.struct(struct.pack(f"<{len(groups)}I", *groups) or b"\0"))
@@ -197,6 +214,8 @@ def _process_state(prog, state, is_root):
         ruid, euid, suid, fsuid = state["uids"]
         prog.add(R.OP_SYSCALL, SYS_SETRESUID, ruid, euid, suid)
         prog.add(R.OP_SYSCALL, SYS_SETFSUID, fsuid)
+    if caps:
+        caps_mod.after_uid_change(prog, caps, state.get("securebits", 0), mine)
     # Every agent runs with pdeathsig SIGKILL (so a killed cow-apply takes the whole partial
     # tree with it); here it becomes the dumped value.  The root's parent (cow-apply, or the
     # namespace's init) is not the dumped one: its pdeathsig would fire when cow-apply exits,

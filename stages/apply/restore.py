@@ -299,6 +299,13 @@ class Restore:
             what = prog.describe(done) if done < len(prog.ops) else "?"
             raise ApplyError(f"process {pid}: restorer operation {done} {what} failed: "
                              f"{os.strerror(-error) if error < 0 else error}")
+        oom = (self.plan.by_pid[pid]["image"].get("state") or {}).get("oom_score_adj")
+        if oom is not None:  # written from outside: the restorer has no write op (check.py allowed it)
+            try:
+                with open(f"/proc/{ag.pid}/oom_score_adj", "w") as f:
+                    f.write(str(oom))
+            except OSError as exc:
+                raise ApplyError(f"process {pid}: setting oom_score_adj {oom}: {exc.strerror}")
 
     def resume(self):
         blob_base, blob_size = self.blob_region

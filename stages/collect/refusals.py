@@ -26,6 +26,56 @@ def _a(noun):
     return ("an " if noun[:1] in "aeiouAEIO" else "a ") + noun
 
 
+# character device majors of terminals (Documentation/admin-guide/devices.txt)
+TTY_MAJORS = {2: "BSD pseudo-terminal master", 3: "BSD pseudo-terminal", 4: "terminal",
+              136: "pseudo-terminal", 204: "serial terminal"}
+TTY_NAMES_5 = {0: "controlling terminal (/dev/tty)", 1: "console", 2: "pseudo-terminal master"}
+LOCK_KINDS = {"FLOCK": "flock", "POSIX": "POSIX (fcntl)", "OFDLCK": "open file description (OFD)",
+              "LEASE": "lease", "DELEG": "delegation"}
+
+
+def tty_name(rdev):
+    """What kind of terminal a character device (major, minor) is, or None."""
+    if not rdev:
+        return None
+    major, minor = rdev
+    if major == 5:
+        return TTY_NAMES_5.get(minor, "terminal")
+    if 136 <= major <= 143:
+        return "pseudo-terminal"
+    return TTY_MAJORS.get(major)
+
+
+def lock_reasons(fd):
+    """fdinfo "lock:" lines (["1:", "FLOCK", "ADVISORY", "WRITE", pid, dev:ino, start, end])."""
+    out = []
+    for lock in fd.get("locks", ()):
+        kind = LOCK_KINDS.get(lock[1] if len(lock) > 1 else "", lock[1] if len(lock) > 1 else "unknown")
+        what = lock[3].lower() if len(lock) > 3 else "?"
+        out.append(f"fd {fd['fd']} holds {_a(kind)} {what} lock on {fd.get('path') or '?'}")
+    return out
+
+
+SCHED_DEADLINE = 6
+
+
+def state_reasons(pid, stat_policy=None):
+    """Process state that cannot be restored yet: POSIX timers, SCHED_DEADLINE, a root
+    directory other than /."""
+    reasons = []
+    timers = [line.split()[1] for line in procfs.read_text(f"/proc/{pid}/timers").splitlines()
+              if line.startswith("ID:")]
+    if timers:
+        reasons.append(f"has POSIX timers (timer_create) with ids {', '.join(timers)}")
+    fields = procfs.read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+    if int(fields[38]) == SCHED_DEADLINE:  # field 41 of stat: policy
+        reasons.append("runs under SCHED_DEADLINE")
+    root = procfs.readlink(f"/proc/{pid}/root")
+    if root != "/":
+        reasons.append(f"has a changed root directory ({root})")
+    return reasons
+
+
 def fd_reason(pid, fd):
     """Why fd (a procfs.describe_fd dict) cannot be dumped, or None when it can."""
     kind, path = fd["kind"], fd.get("path") or ""
@@ -34,6 +84,9 @@ def fd_reason(pid, fd):
             return f"fd {fd['fd']} is a deleted file ({path})"
         return None
     if kind == "chr":
+        tty = tty_name(fd.get("rdev"))
+        if tty:
+            return f"fd {fd['fd']} is {_a(tty)} ({path})"
         return None
     if kind == "socket":
         return f"fd {fd['fd']} is {_a(procfs.socket_kind(pid, fd['ino']))}"
@@ -76,6 +129,8 @@ def process_reasons(pid, status, vmas, fds):
         text = fd_reason(pid, fd)
         if text:
             reasons.append(text)
+        reasons.extend(lock_reasons(fd))
+    reasons.extend(state_reasons(pid))
     for vma in vmas:
         text = vma_reason(vma)
         if text:

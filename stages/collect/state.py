@@ -99,10 +99,13 @@ def process_record(view, threads, brk, sigactions, pipes=None):
 
 
 RLIMIT_NLIMITS = 16
+CAP_SETS = (("effective", "CapEff"), ("permitted", "CapPrm"), ("inheritable", "CapInh"),
+            ("bounding", "CapBnd"), ("ambient", "CapAmb"))
 
 
 def process_state(view):
-    """Credentials, rlimits, nice, personality and prctl flags of one frozen process."""
+    """Credentials and capabilities, rlimits, nice, scheduler policy and CPU affinity,
+    oom_score_adj, personality and prctl flags of one frozen process."""
     pid, status = view.pid, view.status
     ids = lambda key: [int(x) for x in status[key].split()]  # noqa: E731 (real, effective, saved, fs)
     state = {
@@ -112,7 +115,11 @@ def process_state(view):
         "no_new_privs": status.get("NoNewPrivs", "0") != "0",
         "personality": int(procfs.read_text(f"/proc/{pid}/personality").strip(), 16),
     }
-    state.update(getattr(view, "prctl", {}))
+    state["caps"] = {name: int(status[key], 16) for name, key in CAP_SETS}
+    state.update(getattr(view, "prctl", {}))  # securebits among them
+    state["oom_score_adj"] = int(procfs.read_text(f"/proc/{pid}/oom_score_adj"))
+    state["sched"] = [os.sched_getscheduler(pid), os.sched_getparam(pid).sched_priority]
+    state["affinity"] = sorted(os.sched_getaffinity(pid))
     if hasattr(view, "itimers"):
         state["itimers"] = view.itimers
     state["pending"] = remote.pending_siginfos(pid, shared=True)

@@ -249,8 +249,11 @@ def describe_fd(pid, fd):
     """
     base = f"/proc/{pid}"
     target = readlink(f"{base}/fd/{fd}") or ""
-    info = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}"))
+    text = read_text(f"{base}/fdinfo/{fd}")
+    info = parse_fdinfo(text)
     out = {"fd": fd, "path": target, "flags": info.get("flags", 0), "pos": info.get("pos", 0)}
+    # file locks this fd's description or this process holds on the file (flock, POSIX, OFD)
+    out["locks"] = [line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("lock:")]
     if target.startswith("socket:["):
         out["kind"] = "socket"
         out["ino"] = int(target[8:-1])
@@ -272,6 +275,7 @@ def describe_fd(pid, fd):
         out["deleted"] = target.endswith(DELETED) or st.st_nlink == 0
     elif statmod.S_ISCHR(st.st_mode):
         out["kind"] = "chr"
+        out["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
     elif statmod.S_ISDIR(st.st_mode):
         out["kind"] = "dir"
     elif statmod.S_ISFIFO(st.st_mode):

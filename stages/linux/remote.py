@@ -170,11 +170,11 @@ def remote_tid_address(rs, pid, rsp):
             mem.write(scratch, saved)
 
 
-PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER = 2, 3, 37
+PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER, PR_GET_SECUREBITS = 2, 3, 37, 27
 
 
 def remote_prctl_state(rs, pid, rsp):
-    """{'subreaper', 'pdeathsig', 'dumpable'}: prctl values only the process itself can read
+    """{'subreaper', 'pdeathsig', 'dumpable', 'securebits'}: prctl values only the process itself can read
     (the two PR_GET_* that store an int write it to scratch below the red zone, put back after)."""
     scratch = (rsp - 128 - 256) & ~15
     out = {}
@@ -193,6 +193,10 @@ def remote_prctl_state(rs, pid, rsp):
     if res < 0:
         raise RemoteError(f"process {pid}: prctl(PR_GET_DUMPABLE) failed: {os.strerror(-res)}")
     out["dumpable"] = res
+    res = rs.call(SYS_PRCTL, PR_GET_SECUREBITS, 0, 0, 0, 0)
+    if res < 0:
+        raise RemoteError(f"process {pid}: prctl(PR_GET_SECUREBITS) failed: {os.strerror(-res)}")
+    out["securebits"] = res
     out["subreaper"] = bool(out["subreaper"])
     return out
 

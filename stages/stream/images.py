@@ -88,6 +88,13 @@ STATE = Map(
         "subreaper": Bool(),  # PR_SET_CHILD_SUBREAPER
         "pdeathsig": Int(0, 64),  # PR_SET_PDEATHSIG
         "dumpable": Int(0, 2),  # PR_GET_DUMPABLE
+        # capability sets as /proc/PID/status shows them (bit N = capability N)
+        "caps": Map({}, {name: UInt() for name in ("effective", "permitted", "inheritable", "bounding", "ambient")}),
+        "securebits": Int(0, 0xFF),  # PR_GET_SECUREBITS
+        "oom_score_adj": Int(-1000, 1000),
+        # sched_getscheduler (policy, SCHED_RESET_ON_FORK included) and sched_priority
+        "sched": Tuple(UInt(), Int(0, 99)),
+        "affinity": ListOf(Int(0, 1 << 16), max_len=1 << 16),  # CPUs the process may run on
         # ITIMER_REAL, _VIRTUAL, _PROF: [interval sec, interval usec, value sec, value usec]
         "itimers": ListOf(Tuple(Int(), Int(), Int(), Int()), max_len=3),
         "pending": ListOf(Bin(max_len=128), max_len=1 << 16),  # shared queue: raw siginfo, queue order

@@ -23,6 +23,23 @@ PAGE = 4096
 PACKED_U32 = {"frames", "same"}
 
 
+SCHED_POLICIES = {0: "OTHER", 1: "FIFO", 2: "RR", 3: "BATCH", 5: "IDLE", 6: "DEADLINE"}
+SCHED_RESET_ON_FORK = 0x40000000
+
+
+def cpu_list(cpus):
+    """[0, 1, 2, 5] -> "0-2,5" (the kernel's list format)."""
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(out) or "-"
+
+
 def frame_runs(ids):
     """Compress a frame-id array into runs: '1-256', '0x12' (12 absent pages), '300'."""
     out = []
@@ -172,6 +189,17 @@ class Printer:
             lims = " ".join(f"{i}:{'inf' if a == inf else a}/{'inf' if b == inf else b}"
                             for i, (a, b) in enumerate(st.get("rlimits", ())))
             self.line(f"{indent}  rlimits {lims}")
+            caps = st.get("caps")
+            if caps:
+                self.line(f"{indent}  caps " + " ".join(f"{k[:3]} {caps[k]:#x}" for k in
+                                                          ("effective", "permitted", "inheritable", "bounding", "ambient") if k in caps)
+                          + f" securebits {st.get('securebits', 0):#x}")
+            if "sched" in st or "oom_score_adj" in st:
+                policy, prio = st.get("sched", (0, 0))
+                name = SCHED_POLICIES.get(policy & ~SCHED_RESET_ON_FORK, str(policy & ~SCHED_RESET_ON_FORK))
+                reset = " reset_on_fork" if policy & SCHED_RESET_ON_FORK else ""
+                self.line(f"{indent}  sched {name} priority {prio}{reset} cpus {cpu_list(st.get('affinity', ()))} "
+                          f"oom_score_adj {st.get('oom_score_adj')}")
             armed = [f"{w}:{t[2]}.{t[3]:06d}s/{t[0]}.{t[1]:06d}s" for w, t in zip(("real", "virtual", "prof"), st.get("itimers", ())) if t[2] or t[3]]
             self.line(f"{indent}  itimers {' '.join(armed) or 'none'}  pending (shared) "
                       f"{' '.join(str(int.from_bytes(i[:4], 'little')) for i in st.get('pending', ())) or 'none'}")
