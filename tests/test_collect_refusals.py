@@ -161,3 +161,49 @@ def test_epoll_eventfd_and_sysv_shm_are_refused(spawn, tmp_path):
     assert f"cow-collect: process {p.pid}: fd {ev} is an eventfd: not supported" in lines
     assert any(line.startswith(f"cow-collect: process {p.pid}: SysV shared memory attachment at 0x") for line in lines), lines
     assert still_running(p.pid)
+
+
+def test_timers_locks_terminals_fifo_directory_deleted_and_chroot_are_refused(spawn, tmp_path):
+    """Everything of issue 5 not restored yet is refused by name, one line each."""
+    ready = tmp_path / "ready"
+    fifo, dead, jail = tmp_path / "fifo", tmp_path / "dead", tmp_path / "jail"
+    jail.mkdir()
+    p = spawn(
+        "import ctypes, fcntl, os, struct, time\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "t = ctypes.c_void_p()\n"
+        "assert libc.timer_create(1, None, ctypes.byref(t)) == 0\n"  # CLOCK_MONOTONIC, SIGALRM
+        f"a = open({str(tmp_path / 'a')!r}, 'w'); fcntl.flock(a, fcntl.LOCK_EX)\n"
+        f"b = open({str(tmp_path / 'b')!r}, 'w'); fcntl.lockf(b, fcntl.LOCK_EX)\n"
+        f"c = open({str(tmp_path / 'c')!r}, 'w'); fcntl.fcntl(c, 37, struct.pack('hhqqi4x', 1, 0, 0, 0, 0))\n"
+        "m, s = os.openpty()\n"
+        f"os.mkfifo({str(fifo)!r}); f = os.open({str(fifo)!r}, os.O_RDWR)\n"
+        f"d = os.open({str(tmp_path)!r}, os.O_RDONLY | os.O_DIRECTORY)\n"
+        f"x = os.open({str(dead)!r}, os.O_RDWR | os.O_CREAT); os.unlink({str(dead)!r})\n"
+        f"open({str(ready)!r}, 'w').write(' '.join(map(str, (a.fileno(), b.fileno(), c.fileno(), m, s, f, d, x))))\n"
+        f"os.chroot({str(jail)!r})\n"
+        "time.sleep(600)\n"
+    )
+    wait_for(ready)
+    time.sleep(0.2)
+    a, b, c, m, s, f, d, x = map(int, ready.read_text().split())
+    out = tmp_path / "x.cow"
+    code, err = refused(p.pid, out)
+    assert code == 2, err
+    lines = set(err.splitlines())
+    pts = os.readlink(f"/proc/{p.pid}/fd/{s}")
+    for text in (
+        "has POSIX timers (timer_create) with ids 0",
+        f"fd {a} holds a flock write lock on {tmp_path / 'a'}",
+        f"fd {b} holds a POSIX (fcntl) write lock on {tmp_path / 'b'}",
+        f"fd {c} holds an open file description (OFD) write lock on {tmp_path / 'c'}",
+        f"fd {m} is a pseudo-terminal master (/dev/ptmx)",
+        f"fd {s} is a pseudo-terminal ({pts})",
+        f"fd {f} is a FIFO ({fifo})",
+        f"fd {d} is a directory ({tmp_path})",
+        f"fd {x} is a deleted file ({dead} (deleted))",
+        f"has a changed root directory ({jail})",
+    ):
+        assert f"cow-collect: process {p.pid}: {text}: not supported" in lines, (text, err)
+    assert not out.exists()
+    assert still_running(p.pid)
