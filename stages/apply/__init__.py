@@ -50,7 +50,8 @@ Choices worth knowing:
     the release, as ITIMER_REAL loses the time the tree was frozen and on disk.
   * oom_score_adj is written by cow-apply to /proc/PID/oom_score_adj once the
     process's restorer has finished.
-Not restored yet: threads (refused), sockets/FIFOs/terminals/locks/other fds
-(refused), POSIX timers (refused), the root's pdeathsig, MAP_GROWSDOWN of a stack
+  * FIFOs (pipes.py): cow-apply opens the FIFO by its path, read-write, refills
+    it, and opens one description per dumped one, passed on like a pipe's.
+Not restored yet: threads (refused), sockets/terminals/locks/other fds (refused), POSIX timers (refused), the root's pdeathsig, MAP_GROWSDOWN of a stack
 that was moved from staging.
 """

@@ -12,7 +12,7 @@ from stages.linux import vdso as vdso_mod
 
 from . import caps as caps_mod
 
-SUPPORTED_FD_KINDS = {"file", "chr", "dir", "pipe"}
+SUPPORTED_FD_KINDS = {"file", "chr", "dir", "pipe", "fifo"}
 SUPPORTED_VMA_KINDS = {"anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vsyscall"}
 
 
@@ -77,7 +77,7 @@ def check_process(proc):
     if len(image["threads"]) != 1:
         raise Refusal(f"process {pid}: {len(image['threads'])} threads: multi-threaded processes are not supported yet")
     for fd in image["fds"]:
-        if fd["kind"] == "pipe":
+        if fd["kind"] in ("pipe", "fifo"):
             if "pipe" not in fd or "desc" not in fd:
                 raise Refusal(f"process {pid}: fd {fd['fd']} is a pipe without pipe/desc ids")
             continue
@@ -178,12 +178,15 @@ def check_pipes(plan):
             records[rec["id"]] = rec
     for proc in plan.processes:
         for fd in proc["image"]["fds"]:
-            if fd["kind"] != "pipe":
+            if fd["kind"] not in ("pipe", "fifo"):
                 continue
             where = f"process {proc['pid']}: fd {fd['fd']}"
             if fd["pipe"] not in records:
                 raise Refusal(f"{where}: pipe {fd['pipe']} has no record (capacity, unread bytes)")
-            if fd["flags"] & 3 not in (os.O_RDONLY, os.O_WRONLY):
+            if ("path" in records[fd["pipe"]]) != (fd["kind"] == "fifo"):
+                raise Refusal(f"{where}: pipe {fd['pipe']} is a FIFO in one record, an anonymous pipe in the other")
+            modes = (os.O_RDONLY, os.O_WRONLY, os.O_RDWR) if fd["kind"] == "fifo" else (os.O_RDONLY, os.O_WRONLY)
+            if fd["flags"] & 3 not in modes:
                 raise Refusal(f"{where}: a pipe end opened neither for reading nor for writing")
             if descs.setdefault(fd["desc"], (fd["pipe"], fd["flags"] & 3)) != (fd["pipe"], fd["flags"] & 3):
                 raise Refusal(f"{where}: description {fd['desc']} is of two pipes or two ends")
@@ -237,7 +240,7 @@ def check_files(plan):
                 _check_file(f"process {pid}: staging range {rng['id']}", rng.get("path") or "",
                             rng.get("dev"), rng.get("ino"))
         for fd in proc["image"]["fds"]:
-            if fd["kind"] == "file":
+            if fd["kind"] in ("file", "dir", "fifo"):
                 _check_file(f"process {pid}: fd {fd['fd']}", fd["path"], fd.get("dev"), fd.get("ino"))
             elif fd["kind"] != "pipe" and not os.path.exists(fd["path"]):
                 raise Refusal(f"process {pid}: fd {fd['fd']}: {fd['path']} does not exist")

@@ -1,4 +1,4 @@
-"""Pipes of the tree, created by cow-apply before the root exists.
+"""Pipes and FIFOs of the tree, created (or opened) by cow-apply before the root exists.
 
 Every restored process is a clone of cow-apply (and of its parent agent), so an
 fd cow-apply holds when it creates the root is inherited by every process of
@@ -21,6 +21,11 @@ class PipeError(OSError):
     pass
 
 
+def is_pipe_fd(fd):
+    """An fd restored from a pipe description of cow-apply: an anonymous pipe or a FIFO."""
+    return fd["kind"] == "pipe" or (fd["kind"] == "fifo" and "desc" in fd)
+
+
 def plan_pipes(processes):
     """({pipe id: {size, data}}, {desc: (pipe id, flags)}) from the process images."""
     pipes, descs = {}, {}
@@ -29,7 +34,7 @@ def plan_pipes(processes):
         for rec in image.get("pipes", ()):
             pipes[rec["id"]] = rec
         for fd in image["fds"]:
-            if fd["kind"] == "pipe":
+            if is_pipe_fd(fd):
                 descs.setdefault(fd["desc"], (fd["pipe"], fd["flags"]))
     return pipes, descs
 
@@ -45,6 +50,9 @@ def create(processes):
     try:
         for pipe_id in sorted({pipe for pipe, _ in descs.values()}):
             rec = pipes[pipe_id]
+            if "path" in rec:
+                _fifo(pipe_id, rec, descs, base, out)
+                continue
             r, w = os.pipe2(os.O_CLOEXEC)
             ends = {os.O_RDONLY: r, os.O_WRONLY: w}
             try:
@@ -75,6 +83,41 @@ def create(processes):
         close_all(out)
         raise
     return out
+
+
+def _fifo(pipe_id, rec, descs, base, out):
+    """A FIFO: the same named pipe, opened by its path.  cow-apply holds it open for reading
+    and writing (so no open blocks and the refilled bytes stay) until every process has its
+    descriptions; each description is a new open with the dumped access mode.  A FIFO that
+    still holds bytes is held open by someone else: refilling it would add to theirs."""
+    path = rec["path"]
+    try:
+        keep = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PipeError(f"FIFO {path} (pipe {pipe_id}): {exc.strerror}")
+    try:
+        held = fcntl.fcntl(keep, F_GETPIPE_SZ)
+        if _unread(keep):
+            raise PipeError(f"FIFO {path} (pipe {pipe_id}) holds unread bytes now: another process has it open")
+        if rec["size"] != held:
+            fcntl.fcntl(keep, F_SETPIPE_SZ, rec["size"])
+        _refill(keep, rec["data"], pipe_id)
+        for desc, (of_pipe, flags) in sorted(descs.items()):
+            if of_pipe == pipe_id:
+                fd = os.open(path, (flags & O_ACCMODE) | os.O_NONBLOCK | os.O_CLOEXEC)
+                high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+                os.close(fd)
+                fcntl.fcntl(high, fcntl.F_SETFL, flags & O_NONBLOCK)
+                out[desc] = high
+        out[-pipe_id] = fcntl.fcntl(keep, fcntl.F_DUPFD_CLOEXEC, base)  # closed with the rest
+    finally:
+        os.close(keep)
+
+
+def _unread(fd):
+    import struct
+
+    return struct.unpack("i", fcntl.ioctl(fd, 0x541B, b"\0\0\0\0"))[0]  # FIONREAD
 
 
 def _refill(w, data, pipe_id):

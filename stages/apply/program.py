@@ -4,7 +4,7 @@ Order (each step depends on the previous ones):
   1. block every signal; tid address and robust list to 0 (they point into the
      TLS of cow-apply's copy, which goes away);
   2. the 64 dispositions as dumped;
-  3. pipes: the inherited descriptions dup3'd to the dumped fd numbers; close every
+  3. pipes and FIFOs: the inherited descriptions dup3'd to the dumped fd numbers; close every
      other fd (cow-apply's: the plan stream first), open the dumped files;
   4. unmap everything except the window, the blob region and the vDSO block;
   5. move the vDSO block ([vvar], [vvar_vclock], [vdso]) to the dumped address;
@@ -26,6 +26,7 @@ import os
 import struct
 
 from . import caps as caps_mod
+from .pipes import is_pipe_fd
 from . import restorer as R
 from .addresses import TASK_SIZE
 
@@ -36,6 +37,7 @@ SYS_RT_SIGPROCMASK = 14
 SYS_PRCTL, PR_SET_NAME = 157, 15
 SYS_RSEQ = 334
 SYS_DUP3 = 292
+SYS_FCNTL, F_SETFD, FD_CLOEXEC = 72, 2, 1
 SYS_SIGALTSTACK, SYS_SETITIMER, SYS_RT_SIGQUEUEINFO, SYS_RT_TGSIGQUEUEINFO = 131, 38, 129, 297
 SS_ONSTACK, SS_DISABLE = 1, 2
 SYS_PRLIMIT64, SYS_SETPRIORITY, SYS_PERSONALITY, PRIO_PROCESS = 302, 141, 135, 0
@@ -96,17 +98,19 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
 
     # pipes first: dup3 the inherited descriptions to the dumped numbers (sources lie above
     # every target), then close everything else (cow-apply's fds, the other descriptions)
-    pipes = [fd for fd in image["fds"] if fd["kind"] == "pipe"]
+    pipes = [fd for fd in image["fds"] if is_pipe_fd(fd)]
     for fd in pipes:
         prog.add(R.OP_SYSCALL, SYS_DUP3, (pipe_fds or {}).get(fd["desc"], -1), fd["fd"],
                  O_CLOEXEC if fd.get("cloexec") else 0)
     for first, last in fd_gaps(fd["fd"] for fd in pipes):
         prog.add(R.OP_CLOSE_RANGE, first, last)
     for fd in sorted(image["fds"], key=lambda f: f["fd"]):
-        if fd["kind"] == "pipe":
+        if is_pipe_fd(fd):
             continue
         prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(fd["path"]), fd["flags"] & ~NO_OPEN,
-                 fd.get("pos", 0) if fd["kind"] == "file" else 0, 0)
+                 fd.get("pos", 0) if fd["kind"] in ("file", "dir") else 0, 0)
+        if fd["flags"] & O_CLOEXEC:  # the restorer's dup2 to the dumped number dropped it
+            prog.add(R.OP_SYSCALL, SYS_FCNTL, fd["fd"], F_SETFD, FD_CLOEXEC)
 
     vdso_now = [(start, end) for _, start, end in own_vdso]
     keep = [(base, base + window[1]), (blob_region[0], blob_region[0] + blob_region[1])] + vdso_now

@@ -99,7 +99,7 @@ class Collection:
             self.views.append(view)
             reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
         holders = state.pipe_holders(self.views)
-        reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), holders)))
+        reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), state.pipe_links(self.views))))
         if reasons:
             raise Refused(reasons)
 

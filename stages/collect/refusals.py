@@ -95,12 +95,16 @@ def fd_reason(pid, fd):
         if fd["flags"] & O_DIRECT:
             return f"fd {fd['fd']} is a packet-mode pipe (O_DIRECT)"
         return None
-    if kind == "fifo":
-        return f"fd {fd['fd']} is a FIFO ({path})"
+    if kind == "fifo":  # a FIFO of the tree is dumped like a pipe, and reopened by path
+        if path.endswith(procfs.DELETED) or not path.startswith("/"):
+            return f"fd {fd['fd']} is a FIFO whose path is gone ({path})"
+        return None
     if kind == "anon":
         return f"fd {fd['fd']} is {_a(procfs.anon_inode_kind(path))}"
-    if kind == "dir":
-        return f"fd {fd['fd']} is a directory ({path})"
+    if kind == "dir":  # reopened by path with its flags and position
+        if path.endswith(procfs.DELETED) or not path.startswith("/"):
+            return f"fd {fd['fd']} is a deleted directory ({path})"
+        return None
     if kind == "blk":
         return f"fd {fd['fd']} is a block device ({path})"
     return f"fd {fd['fd']} is {path or 'of an unknown kind'}"
@@ -139,6 +143,8 @@ def process_reasons(pid, status, vmas, fds):
 
 
 def pipe_reasons(holders, outside):
-    """holders: {pipe inode: [(pid, fd), ...]} in the tree; outside: {inode: outside pid}."""
-    return [(pid, f"fd {fd} is a pipe shared with a process outside the tree (process {outside[ino]})")
-            for ino, where in holders.items() if ino in outside for pid, fd in where]
+    """holders: {pipe key: [(pid, fd), ...]} in the tree; outside: {key: outside pid}
+    (key: a pipe's inode, or (dev, inode) of a FIFO)."""
+    return [(pid, f"fd {fd} is a {'FIFO' if isinstance(key, tuple) else 'pipe'} shared with a process "
+                  f"outside the tree (process {outside[key]})")
+            for key, where in holders.items() if key in outside for pid, fd in where]

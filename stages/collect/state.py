@@ -22,7 +22,7 @@ class ProcView:
 
 
 def fd_record(fd, pipe_fields=None):
-    kind = "pipe" if is_pipe(fd) else fd["kind"]
+    kind = "pipe" if is_pipe(fd) else fd["kind"]  # a FIFO stays "fifo", with its path
     rec = {"fd": fd["fd"], "kind": kind, "path": fd.get("path"), "flags": fd["flags"],
            "pos": fd.get("pos", 0), "cloexec": bool(fd["flags"] & O_CLOEXEC)}
     for key in ("mode", "dev", "ino", "size"):
@@ -162,22 +162,40 @@ def is_pipe(fd):
     return fd["kind"] == "fifo" and (fd.get("path") or "").startswith(PIPE_PREFIX)
 
 
+def is_fifo(fd):
+    """A named pipe: an fd of kind fifo that has a path."""
+    return fd["kind"] == "fifo" and not is_pipe(fd)
+
+
+def pipe_key(fd):
+    """What identifies the pipe behind fd: its inode for an anonymous pipe, (dev, inode)
+    of the FIFO file for a named one."""
+    return fd["ino"] if is_pipe(fd) else (fd["dev"], fd["ino"])
+
+
 def pipe_holders(views):
-    """{pipe inode: [(pid, fd), ...]} over the tree, in tree order."""
+    """{pipe key: [(pid, fd), ...]} over the tree (pipes and FIFOs), in tree order."""
     out = {}
     for view in views:
         for fd in view.fds:
-            if is_pipe(fd):
-                out.setdefault(fd["ino"], []).append((view.pid, fd["fd"]))
+            if fd["kind"] == "fifo":
+                out.setdefault(pipe_key(fd), []).append((view.pid, fd["fd"]))
     return out
 
 
-def pipes_held_outside(tree_pids, inodes):
-    """{pipe inode: a pid outside the tree that holds it}, for the inodes given.
+def pipe_links(views):
+    """{fd link text: pipe key} of every pipe and FIFO fd of the tree ("pipe:[N]", or the
+    FIFO's path)."""
+    return {fd["path"]: pipe_key(fd) for view in views for fd in view.fds if fd["kind"] == "fifo"}
+
+
+def pipes_held_outside(tree_pids, links):
+    """{pipe key: a pid outside the tree that holds it}, for the links given (pipe_links).
 
     A pipe is the tree's only if no other process has an fd on it: every fd link
-    of every other process is read (cheap next to reading the tree's memory)."""
-    want = {f"{PIPE_PREFIX}{ino}]": ino for ino in inodes}
+    of every other process is read (cheap next to reading the tree's memory).  A FIFO
+    is matched by its path."""
+    want = links
     found = {}
     if not want:
         return found
@@ -248,7 +266,8 @@ class PipeTable:
         self.fd_fields = {}  # (pid, fd) -> {"pipe": id, "desc": id}
         self.records = {}  # pid -> [{"id", "size", "data"}]
         desc_ids = 0
-        for pipe_id, (ino, holders) in enumerate(pipe_holders(views).items(), start=1):
+        fifo_paths = {pipe_key(fd): fd["path"] for view in views for fd in view.fds if is_fifo(fd)}
+        for pipe_id, (key, holders) in enumerate(pipe_holders(views).items(), start=1):
             reps = []  # (pid, fd, desc id): one per open file description of this pipe
             for pid, fd in holders:
                 desc = next((d for p, f, d in reps if _kcmp_file(p, f, pid, fd) == 0), None)
@@ -258,4 +277,7 @@ class PipeTable:
                     reps.append((pid, fd, desc))
                 self.fd_fields[(pid, fd)] = {"pipe": pipe_id, "desc": desc}
             size, data = pipe_contents(*holders[0])
-            self.records.setdefault(holders[0][0], []).append({"id": pipe_id, "size": size, "data": data})
+            rec = {"id": pipe_id, "size": size, "data": data}
+            if key in fifo_paths:
+                rec["path"] = fifo_paths[key]
+            self.records.setdefault(holders[0][0], []).append(rec)

@@ -65,14 +65,16 @@ SIGACTION = Tuple(UInt(), UInt(), UInt(), UInt())  # handler, flags, restorer, m
 FD = Map(
     {"fd": Int(0, 1 << 20), "kind": Str(), "path": Nullable(Str()), "flags": UInt()},
     {"pos": UInt(), "mode": UInt(), "dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "cloexec": Bool(),
-     # kind "pipe": the pipe's id in these images, and the id of the open file description
+     # kind "pipe" (and "fifo"): the pipe's id in these images, and the id of the open file description
      # (fds of any process with the same desc share one, and with it O_NONBLOCK)
      "pipe": Int(1, (1 << 32) - 1), "desc": Int(1, (1 << 32) - 1)},
 )
 
 # A pipe of the tree, in the first process (stream order) holding it: capacity (F_GETPIPE_SZ)
 # and the bytes written to it and not read yet at the dump.
-PIPE = Map({"id": Int(1, (1 << 32) - 1), "size": Int(4096, 1 << 31), "data": Bin(max_len=1 << 31)})
+# A FIFO (named pipe) has the path it was opened by (its fds are of kind "fifo").
+PIPE = Map({"id": Int(1, (1 << 32) - 1), "size": Int(4096, 1 << 31), "data": Bin(max_len=1 << 31)},
+           {"path": Str()})
 
 # Per-process state beyond memory (all optional: older images have none of it).
 STATE = Map(

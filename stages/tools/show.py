@@ -175,9 +175,16 @@ class Printer:
                 self.line(f"{indent}  fd {fd['fd']} pipe {fd.get('pipe')} {'read' if fd['flags'] & 3 == 0 else 'write'} "
                           f"end, description {fd.get('desc')} flags {fd['flags']:#o}")
                 continue
-            self.line(f"{indent}  fd {fd['fd']} {fd['kind']} {n.path(fd.get('path'))} flags {fd['flags']:#o}")
+            if fd["kind"] == "fifo" and "desc" in fd:
+                end = ("read", "write", "read-write", "?")[fd["flags"] & 3]
+                self.line(f"{indent}  fd {fd['fd']} fifo {n.path(fd.get('path'))} pipe {fd.get('pipe')} {end} end, "
+                          f"description {fd.get('desc')} flags {fd['flags']:#o}")
+                continue
+            self.line(f"{indent}  fd {fd['fd']} {fd['kind']} {n.path(fd.get('path'))} flags {fd['flags']:#o}"
+                      + (f" pos {fd['pos']}" if fd["kind"] == "dir" and not n.enabled else ""))
         for pipe in p.get("pipes", ()):
-            self.line(f"{indent}  pipe {pipe['id']}: capacity {pipe['size']}, {len(pipe['data'])} bytes unread"
+            fifo = f" (FIFO {n.path(pipe['path'])})" if "path" in pipe else ""
+            self.line(f"{indent}  pipe {pipe['id']}{fifo}: capacity {pipe['size']}, {len(pipe['data'])} bytes unread"
                       + (f" {pipe['data'][:16]!r}" if pipe["data"] else ""))
         st = p.get("state")
         if st and not self.norm.enabled:  # not in the normal form: golden files predate it
