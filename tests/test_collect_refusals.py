@@ -163,7 +163,7 @@ def test_epoll_eventfd_and_sysv_shm_are_refused(spawn, tmp_path):
     assert still_running(p.pid)
 
 
-def test_timers_locks_terminals_deleted_and_chroot_are_refused(spawn, tmp_path):
+def test_timers_leases_terminals_deleted_and_chroot_are_refused(spawn, tmp_path):
     """Everything of issue 5 not restored yet is refused by name, one line each."""
     ready = tmp_path / "ready"
     gone, dead, jail = tmp_path / "gone", tmp_path / "dead", tmp_path / "jail"
@@ -173,19 +173,18 @@ def test_timers_locks_terminals_deleted_and_chroot_are_refused(spawn, tmp_path):
         "libc = ctypes.CDLL(None, use_errno=True)\n"
         "t = ctypes.c_void_p()\n"
         "assert libc.timer_create(1, None, ctypes.byref(t)) == 0\n"  # CLOCK_MONOTONIC, SIGALRM
-        f"a = open({str(tmp_path / 'a')!r}, 'w'); fcntl.flock(a, fcntl.LOCK_EX)\n"
-        f"b = open({str(tmp_path / 'b')!r}, 'w'); fcntl.lockf(b, fcntl.LOCK_EX)\n"
-        f"c = open({str(tmp_path / 'c')!r}, 'w'); fcntl.fcntl(c, 37, struct.pack('hhqqi4x', 1, 0, 0, 0, 0))\n"
+        f"open({str(tmp_path / 'a')!r}, 'w').close(); a = open({str(tmp_path / 'a')!r})\n"
+        "fcntl.fcntl(a, fcntl.F_SETLEASE, fcntl.F_RDLCK)\n"
         "m, s = os.openpty()\n"
         f"os.mkdir({str(gone)!r}); d = os.open({str(gone)!r}, os.O_RDONLY | os.O_DIRECTORY); os.rmdir({str(gone)!r})\n"
         f"x = os.open({str(dead)!r}, os.O_RDWR | os.O_CREAT); os.unlink({str(dead)!r})\n"
-        f"open({str(ready)!r}, 'w').write(' '.join(map(str, (a.fileno(), b.fileno(), c.fileno(), m, s, d, x))))\n"
+        f"open({str(ready)!r}, 'w').write(' '.join(map(str, (a.fileno(), m, s, d, x))))\n"
         f"os.chroot({str(jail)!r})\n"
         "time.sleep(600)\n"
     )
     wait_for(ready)
     time.sleep(0.2)
-    a, b, c, m, s, d, x = map(int, ready.read_text().split())
+    a, m, s, d, x = map(int, ready.read_text().split())
     out = tmp_path / "x.cow"
     code, err = refused(p.pid, out)
     assert code == 2, err
@@ -193,9 +192,7 @@ def test_timers_locks_terminals_deleted_and_chroot_are_refused(spawn, tmp_path):
     pts = os.readlink(f"/proc/{p.pid}/fd/{s}")
     for text in (
         "has POSIX timers (timer_create) with ids 0",
-        f"fd {a} holds a flock write lock on {tmp_path / 'a'}",
-        f"fd {b} holds a POSIX (fcntl) write lock on {tmp_path / 'b'}",
-        f"fd {c} holds an open file description (OFD) write lock on {tmp_path / 'c'}",
+        f"fd {a} holds a lease read lock on {tmp_path / 'a'}",  # flock, POSIX, OFD: tests/test_state_locks.py
         f"fd {m} is a pseudo-terminal master (/dev/ptmx)",
         f"fd {s} is a pseudo-terminal ({pts})",
         f"fd {d} is a deleted directory ({gone} (deleted))",

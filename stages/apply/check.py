@@ -34,6 +34,7 @@ def check_plan(plan, pidns=False, pid_wait=3.0):
             raise Refusal("the plan has a pid 1: --pidns needs pid 1 for its own init")
     else:
         check_pids_free([p["pid"] for p in plan.processes], pid_wait)
+    check_locks(plan, pid_wait)
 
 
 def check_header(header):
@@ -92,6 +93,7 @@ def check_process(proc):
 
 
 CAP_SYS_RESOURCE, CAP_SYS_NICE = 24, 23
+F_OFD_GETLK = 36
 RLIMIT_NAMES = ("CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE", "MEMLOCK", "AS",
                 "LOCKS", "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO", "RTTIME")
 
@@ -222,6 +224,58 @@ def _check_file(what, path, dev=None, ino=None, size=None, mtime=None):
         raise Refusal(f"{what}: {path} changed size ({st.st_size}, dumped {size})")
     if mtime is not None and st.st_mtime_ns != mtime:
         raise Refusal(f"{what}: {path} changed since the dump (modified at another time)")
+
+
+def check_locks(plan, wait):
+    """Every dumped file lock is free to take; an upstream `cow-collect --kill` may still be
+    releasing them, so a conflict is asked again for up to wait seconds."""
+    deadline = time.monotonic() + wait
+    for proc in plan.processes:
+        for fd in proc["image"]["fds"]:
+            if not fd.get("locks"):
+                continue
+            while True:
+                try:
+                    _check_locks(f"process {proc['pid']}: fd {fd['fd']}", fd)
+                    break
+                except Refusal:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+
+def _check_locks(what, fd):
+    """Every dumped lock can be taken now: no other process holds a conflicting one (a
+    flock tried and released on a description of ours, POSIX and OFD locks asked with
+    F_OFD_GETLK, which sees both)."""
+    import fcntl
+    import struct
+
+    if fd["kind"] != "file":
+        raise Refusal(f"{what}: a lock on {fd['path']}, which is not a regular file")
+    try:
+        probe = os.open(fd["path"], os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Refusal(f"{what}: {fd['path']}: {exc.strerror}")
+    try:
+        for kind, how, start, end in fd["locks"]:
+            if kind == "flock":
+                try:
+                    fcntl.flock(probe, (fcntl.LOCK_EX if how == "write" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise Refusal(f"{what}: {fd['path']} is flock-locked by another process now")
+                fcntl.flock(probe, fcntl.LOCK_UN)
+                continue
+            length = 0 if end is None else end - start + 1
+            ask = struct.pack("hh4xqqi4x", fcntl.F_WRLCK if how == "write" else fcntl.F_RDLCK, 0, start, length, 0)
+            got = fcntl.fcntl(probe, F_OFD_GETLK, ask)
+            ltype, _, _, _, holder = struct.unpack("hh4xqqi4x", got)
+            if ltype != fcntl.F_UNLCK:
+                who = f"process {holder}" if holder > 0 else "an open file description of another process"
+                raise Refusal(f"{what}: bytes {start}-{'EOF' if end is None else end} of {fd['path']} "
+                              f"are locked by {who} now")
+    finally:
+        os.close(probe)
 
 
 def check_files(plan):

@@ -5,7 +5,7 @@ Order (each step depends on the previous ones):
      TLS of cow-apply's copy, which goes away);
   2. the 64 dispositions as dumped;
   3. pipes and FIFOs: the inherited descriptions dup3'd to the dumped fd numbers; close every
-     other fd (cow-apply's: the plan stream first), open the dumped files;
+     other fd (cow-apply's: the plan stream first), open the dumped files, take their locks;
   4. unmap everything except the window, the blob region and the vDSO block;
   5. move the vDSO block ([vvar], [vvar_vclock], [vdso]) to the dumped address;
   6. every target VMA: pieces moved out of the window, or mapped fresh; then
@@ -38,6 +38,8 @@ SYS_PRCTL, PR_SET_NAME = 157, 15
 SYS_RSEQ = 334
 SYS_DUP3 = 292
 SYS_FCNTL, F_SETFD, FD_CLOEXEC = 72, 2, 1
+SYS_FLOCK, LOCK_SH, LOCK_EX, LOCK_NB = 73, 1, 2, 4
+F_SETLK, F_OFD_SETLK, F_RDLCK, F_WRLCK = 6, 37, 0, 1
 SYS_SIGALTSTACK, SYS_SETITIMER, SYS_RT_SIGQUEUEINFO, SYS_RT_TGSIGQUEUEINFO = 131, 38, 129, 297
 SS_ONSTACK, SS_DISABLE = 1, 2
 SYS_PRLIMIT64, SYS_SETPRIORITY, SYS_PERSONALITY, PRIO_PROCESS = 302, 141, 135, 0
@@ -111,6 +113,8 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
                  fd.get("pos", 0) if fd["kind"] in ("file", "dir") else 0, 0)
         if fd["flags"] & O_CLOEXEC:  # the restorer's dup2 to the dumped number dropped it
             prog.add(R.OP_SYSCALL, SYS_FCNTL, fd["fd"], F_SETFD, FD_CLOEXEC)
+        for kind, how, start, end in fd.get("locks", ()):
+            _lock(prog, fd["fd"], kind, how, start, end)
 
     vdso_now = [(start, end) for _, start, end in own_vdso]
     keep = [(base, base + window[1]), (blob_region[0], blob_region[0] + blob_region[1])] + vdso_now
@@ -154,6 +158,17 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
     _process_state(prog, image.get("state") or {}, is_root)
     _signals_and_timers(prog, proc["pid"], thread, image.get("state") or {})
     return prog
+
+
+def _lock(prog, fd, kind, how, start, end):
+    """Take a dumped file lock again, never waiting: a conflict (the file locked by someone
+    else since check.py looked) fails the restore."""
+    if kind == "flock":
+        prog.add(R.OP_SYSCALL, SYS_FLOCK, fd, (LOCK_EX if how == "write" else LOCK_SH) | LOCK_NB)
+        return
+    length = 0 if end is None else end - start + 1  # 0: to the end of the file, however it grows
+    flock = struct.pack("<hh4xqqi4x", F_WRLCK if how == "write" else F_RDLCK, 0, start, length, 0)
+    prog.add(R.OP_SYSCALL, SYS_FCNTL, fd, F_OFD_SETLK if kind == "ofdlck" else F_SETLK, prog.struct(flock))
 
 
 def _signals_and_timers(prog, pid, thread, state):

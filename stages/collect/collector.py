@@ -98,6 +98,7 @@ class Collection:
                 raise CollectError(f"process {pid}: vanished while frozen")
             self.views.append(view)
             reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
+        reasons.extend(state.shared_lock_reasons(self.views))
         holders = state.pipe_holders(self.views)
         reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), state.pipe_links(self.views))))
         if reasons:

@@ -46,10 +46,30 @@ def tty_name(rdev):
     return TTY_MAJORS.get(major)
 
 
+RESTORABLE_LOCKS = {"FLOCK", "POSIX", "OFDLCK"}
+
+
+def parse_lock(fields):
+    """An fdinfo "lock:" line's fields (["1:", "POSIX", "ADVISORY", "WRITE", pid, dev:ino,
+    start, end]) -> [kind, type, start, end or None (EOF)], or None when it is not a plain
+    advisory lock of a kind apply takes again."""
+    if len(fields) != 8 or fields[1] not in RESTORABLE_LOCKS or fields[2] != "ADVISORY" \
+            or fields[3] not in ("READ", "WRITE"):
+        return None
+    try:
+        start, end = int(fields[6]), None if fields[7] == "EOF" else int(fields[7])
+    except ValueError:
+        return None
+    return [fields[1].lower(), fields[3].lower(), start, end]
+
+
 def lock_reasons(fd):
-    """fdinfo "lock:" lines (["1:", "FLOCK", "ADVISORY", "WRITE", pid, dev:ino, start, end])."""
+    """Locks held through fd that cannot be taken again: leases, delegations, anything
+    unusual, and any lock on an fd that is not a regular file."""
     out = []
     for lock in fd.get("locks", ()):
+        if fd["kind"] == "file" and parse_lock(lock):
+            continue
         kind = LOCK_KINDS.get(lock[1] if len(lock) > 1 else "", lock[1] if len(lock) > 1 else "unknown")
         what = lock[3].lower() if len(lock) > 3 else "?"
         out.append(f"fd {fd['fd']} holds {_a(kind)} {what} lock on {fd.get('path') or '?'}")

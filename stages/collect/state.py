@@ -6,6 +6,8 @@ import os
 from stages.linux import procfs, ptrace, remote
 from stages.stream import pack_u32
 
+from .refusals import parse_lock
+
 O_CLOEXEC = 0o2000000
 
 
@@ -30,7 +32,32 @@ def fd_record(fd, pipe_fields=None):
             rec[key] = fd[key]
     if pipe_fields:
         rec.update(pipe_fields)
+    locks = [parse_lock(lock) for lock in fd.get("locks", ())]
+    if locks:  # refusals passed: every one parses
+        rec["locks"] = locks
     return rec
+
+
+def shared_lock_reasons(views):
+    """A flock or OFD lock belongs to an open file description; apply opens a regular file
+    anew in every process, so a locked description that two fds of the tree share (after
+    fork or dup) cannot be given back: [(pid, reason)]."""
+    by_file = {}
+    for view in views:
+        for fd in view.fds:
+            if fd["kind"] == "file":
+                by_file.setdefault((fd["dev"], fd["ino"]), []).append((view.pid, fd))
+    out = []
+    for holders in by_file.values():
+        for pid, fd in holders:
+            if not any((parse_lock(lock) or [""])[0] in ("flock", "ofdlck") for lock in fd.get("locks", ())):
+                continue
+            for other_pid, other in holders:
+                if (other_pid, other["fd"]) != (pid, fd["fd"]) and _kcmp_file(pid, fd["fd"], other_pid, other["fd"]) == 0:
+                    out.append((pid, f"fd {fd['fd']} holds a lock on {fd['path']} through an open file description "
+                                     f"shared with fd {other['fd']} of process {other_pid}"))
+                    break
+    return out
 
 
 def thread_records(view):

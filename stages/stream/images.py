@@ -67,7 +67,10 @@ FD = Map(
     {"pos": UInt(), "mode": UInt(), "dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "cloexec": Bool(),
      # kind "pipe" (and "fifo"): the pipe's id in these images, and the id of the open file description
      # (fds of any process with the same desc share one, and with it O_NONBLOCK)
-     "pipe": Int(1, (1 << 32) - 1), "desc": Int(1, (1 << 32) - 1)},
+     "pipe": Int(1, (1 << 32) - 1), "desc": Int(1, (1 << 32) - 1),
+     # file locks held through this fd (fdinfo "lock:"): [kind, type, start, end (nil = EOF)]
+     "locks": ListOf(Tuple(Str(choices=("flock", "posix", "ofdlck")), Str(choices=("read", "write")),
+                           UInt(), Nullable(UInt())), max_len=1 << 16)},
 )
 
 # A pipe of the tree, in the first process (stream order) holding it: capacity (F_GETPIPE_SZ)

@@ -180,8 +180,11 @@ class Printer:
                 self.line(f"{indent}  fd {fd['fd']} fifo {n.path(fd.get('path'))} pipe {fd.get('pipe')} {end} end, "
                           f"description {fd.get('desc')} flags {fd['flags']:#o}")
                 continue
+            locks = ", ".join(f"{kind} {how} {start}-{'EOF' if end is None else end}"
+                              for kind, how, start, end in fd.get("locks", ()))
             self.line(f"{indent}  fd {fd['fd']} {fd['kind']} {n.path(fd.get('path'))} flags {fd['flags']:#o}"
-                      + (f" pos {fd['pos']}" if fd["kind"] == "dir" and not n.enabled else ""))
+                      + (f" pos {fd['pos']}" if fd["kind"] == "dir" and not n.enabled else "")
+                      + (f" locks {locks}" if locks else ""))
         for pipe in p.get("pipes", ()):
             fifo = f" (FIFO {n.path(pipe['path'])})" if "path" in pipe else ""
             self.line(f"{indent}  pipe {pipe['id']}{fifo}: capacity {pipe['size']}, {len(pipe['data'])} bytes unread"
