@@ -52,6 +52,8 @@ Choices worth knowing:
     process's restorer has finished.
   * FIFOs (pipes.py): cow-apply opens the FIFO by its path, read-write, refills
     it, and opens one description per dumped one, passed on like a pipe's.
-Not restored yet: threads (refused), sockets/terminals/locks/other fds (refused), POSIX timers (refused), the root's pdeathsig, MAP_GROWSDOWN of a stack
+  * Terminals: an fd on cow-collect's terminal is opened on cow-apply's (stdin,
+    stdout or stderr), with O_NOCTTY; file locks are taken again after each open.
+Not restored yet: threads (refused), sockets/other terminals/leases/other fds (refused), POSIX timers (refused), the root's pdeathsig, MAP_GROWSDOWN of a stack
 that was moved from staging.
 """

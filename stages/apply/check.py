@@ -7,12 +7,12 @@ import importlib
 import os
 import time
 
-from stages.linux import procfs
+from stages.linux import procfs, tty
 from stages.linux import vdso as vdso_mod
 
 from . import caps as caps_mod
 
-SUPPORTED_FD_KINDS = {"file", "chr", "dir", "pipe", "fifo"}
+SUPPORTED_FD_KINDS = {"file", "chr", "dir", "pipe", "fifo", "tty"}
 SUPPORTED_VMA_KINDS = {"anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vsyscall"}
 
 
@@ -296,6 +296,10 @@ def check_files(plan):
         for fd in proc["image"]["fds"]:
             if fd["kind"] in ("file", "dir", "fifo"):
                 _check_file(f"process {pid}: fd {fd['fd']}", fd["path"], fd.get("dev"), fd.get("ino"))
+            elif fd["kind"] == "tty":
+                if not tty.caller_terminal():
+                    raise Refusal(f"process {pid}: fd {fd['fd']} was on cow-collect's terminal ({fd['path']}): "
+                                  "cow-apply has no terminal on stdin, stdout or stderr to put it on")
             elif fd["kind"] != "pipe" and not os.path.exists(fd["path"]):
                 raise Refusal(f"process {pid}: fd {fd['fd']}: {fd['path']} does not exist")
         exe = proc["image"]["mm"].get("exe_file")

@@ -25,6 +25,8 @@ The registers, xstate and signal mask are set by cow-apply afterwards.
 import os
 import struct
 
+from stages.linux import tty
+
 from . import caps as caps_mod
 from .pipes import is_pipe_fd
 from . import restorer as R
@@ -109,7 +111,10 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
     for fd in sorted(image["fds"], key=lambda f: f["fd"]):
         if is_pipe_fd(fd):
             continue
-        prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(fd["path"]), fd["flags"] & ~NO_OPEN,
+        path, flags = fd["path"], fd["flags"] & ~NO_OPEN
+        if fd["kind"] == "tty":  # cow-collect's terminal goes onto cow-apply's (check.py: it has one)
+            path, flags = tty.caller_terminal()[1], flags | os.O_NOCTTY
+        prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(path), flags,
                  fd.get("pos", 0) if fd["kind"] in ("file", "dir") else 0, 0)
         if fd["flags"] & O_CLOEXEC:  # the restorer's dup2 to the dumped number dropped it
             prog.add(R.OP_SYSCALL, SYS_FCNTL, fd["fd"], F_SETFD, FD_CLOEXEC)

@@ -15,14 +15,14 @@ import errno
 import os
 import time
 
-from stages.linux import freeze, pagemap, procfs
+from stages.linux import freeze, pagemap, procfs, tty
 from stages.linux.memory import ProcessMemory
 from stages.stream import StreamWriter, images, is_broken_pipe
 
 from . import pages as pages_mod
 from . import state
 from .frames import FrameTable
-from .refusals import Refused, pipe_reasons, process_reasons
+from .refusals import Refused, mark_caller_terminal, pipe_reasons, process_reasons
 from .vdso import vdso_identity
 
 RESUME, KILL, LEAVE_STOPPED = "resume", "kill", "leave-stopped"
@@ -91,12 +91,14 @@ class Collection:
     def inspect(self):
         """Step 2: the /proc view of every process, and refusals."""
         reasons = [(pid, "is a zombie (exited, not reaped by its parent)") for pid in self.tree.zombies]
+        terminal = tty.caller_terminal()
         for pid in self.tree.order:
             try:
                 view = state.ProcView(pid, self.tree.threads[pid])
             except FileNotFoundError:
                 raise CollectError(f"process {pid}: vanished while frozen")
             self.views.append(view)
+            mark_caller_terminal(view.fds, terminal)
             reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
         reasons.extend(state.shared_lock_reasons(self.views))
         holders = state.pipe_holders(self.views)

@@ -5,6 +5,8 @@ Each check returns reasons as text; the CLI prints
 and exits with EXIT_REFUSED.
 """
 
+import os
+
 from stages.linux import procfs
 
 O_DIRECT = 0o40000
@@ -63,6 +65,17 @@ def parse_lock(fields):
     return [fields[1].lower(), fields[3].lower(), start, end]
 
 
+def mark_caller_terminal(fds, terminal):
+    """Mark the fds on cow-collect's terminal (stages.linux.tty): they are dumped as kind
+    "tty" and restored onto cow-apply's terminal; other terminals are refused."""
+    if not terminal:
+        return
+    rdev = (os.major(terminal[0]), os.minor(terminal[0]))
+    for fd in fds:
+        if fd["kind"] == "chr" and fd.get("rdev") == rdev and tty_name(rdev):
+            fd["caller_tty"] = True
+
+
 def lock_reasons(fd):
     """Locks held through fd that cannot be taken again: leases, delegations, anything
     unusual, and any lock on an fd that is not a regular file."""
@@ -105,8 +118,8 @@ def fd_reason(pid, fd):
         return None
     if kind == "chr":
         tty = tty_name(fd.get("rdev"))
-        if tty:
-            return f"fd {fd['fd']} is {_a(tty)} ({path})"
+        if tty and not fd.get("caller_tty"):
+            return f"fd {fd['fd']} is {_a(tty)} ({path}), not cow-collect's terminal"
         return None
     if kind == "socket":
         return f"fd {fd['fd']} is {_a(procfs.socket_kind(pid, fd['ino']))}"

@@ -24,7 +24,8 @@ class ProcView:
 
 
 def fd_record(fd, pipe_fields=None):
-    kind = "pipe" if is_pipe(fd) else fd["kind"]  # a FIFO stays "fifo", with its path
+    # a FIFO stays "fifo", with its path; cow-collect's terminal becomes "tty" (onto cow-apply's)
+    kind = "pipe" if is_pipe(fd) else "tty" if fd.get("caller_tty") else fd["kind"]
     rec = {"fd": fd["fd"], "kind": kind, "path": fd.get("path"), "flags": fd["flags"],
            "pos": fd.get("pos", 0), "cloexec": bool(fd["flags"] & O_CLOEXEC)}
     for key in ("mode", "dev", "ino", "size"):
