@@ -45,15 +45,17 @@ Choices worth knowing:
     restore any ids; check.py refuses other credentials to a caller that is not
     root, and any capability beyond cow-apply's own), then pdeathsig (not
     the root's), dumpable, no_new_privs, sigaltstack, pending signals (queued to
-    itself with the dumped siginfo, all blocked until cow-apply sets the mask) and
-    the interval timers, which therefore lose the time between their setting and
-    the release, as ITIMER_REAL loses the time the tree was frozen and on disk.
+    itself with the dumped siginfo, all blocked until cow-apply sets the mask), the
+    POSIX timers (with their ids: PR_TIMER_CREATE_RESTORE_IDS) and the interval
+    timers, which therefore lose the time between their setting and the release,
+    as they lose the time the tree was frozen and on disk.
   * oom_score_adj is written by cow-apply to /proc/PID/oom_score_adj once the
     process's restorer has finished.
   * FIFOs (pipes.py): cow-apply opens the FIFO by its path, read-write, refills
     it, and opens one description per dumped one, passed on like a pipe's.
   * Terminals: an fd on cow-collect's terminal is opened on cow-apply's (stdin,
     stdout or stderr), with O_NOCTTY; file locks are taken again after each open.
-Not restored yet: threads (refused), sockets/other terminals/leases/other fds (refused), POSIX timers (refused), the root's pdeathsig, MAP_GROWSDOWN of a stack
-that was moved from staging.
+Not restored yet: threads (refused), sockets/other terminals/leases/other fds
+(refused), the root's pdeathsig, MAP_GROWSDOWN of a stack that was moved from
+staging, the shared offset of a regular file's description shared across fork.
 """

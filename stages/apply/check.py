@@ -145,6 +145,13 @@ SCHED_FIFO, SCHED_RR, SCHED_RESET_ON_FORK = 1, 2, 0x40000000
 SCHED_POLICIES = {0, 1, 2, 3, 5}  # OTHER, FIFO, RR, BATCH, IDLE
 
 
+def _restores_timer_ids():
+    """Whether the kernel creates a POSIX timer with a given id (PR_TIMER_CREATE_RESTORE_IDS_GET)."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl(77, 2, 0, 0, 0) >= 0
+
+
 def state_refusal(state, mine_caps, own_oom, own_cpus):
     """Capabilities (stages.apply.caps.refusal), scheduler policy, CPU affinity and
     oom_score_adj the restorer could not set as the caller: why not, or None."""
@@ -160,6 +167,8 @@ def state_refusal(state, mine_caps, own_oom, own_cpus):
             return "a real-time scheduler policy needs CAP_SYS_NICE, cow-apply lacks it"
     if state.get("affinity") and not set(state["affinity"]) & own_cpus:
         return f"CPU affinity {state['affinity']}: none of these CPUs is available to cow-apply"
+    if state.get("posix_timers") and not _restores_timer_ids():
+        return "POSIX timers need prctl(PR_TIMER_CREATE_RESTORE_IDS) (Linux 6.17), this kernel lacks it"
     oom = state.get("oom_score_adj")
     if oom is not None and oom < own_oom and not mine_caps.get("effective", 0) >> CAP_SYS_RESOURCE & 1:
         return (f"oom_score_adj {oom} is below cow-apply's {own_oom} "

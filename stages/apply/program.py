@@ -16,7 +16,7 @@ Order (each step depends on the previous ones):
   9. rlimits, scheduler policy, nice, CPU affinity, personality, subreaper;
      inheritable and bounding capabilities, keep-caps; groups, gids, uids; the dumped
      capability sets, ambient set and securebits; then pdeathsig, dumpable, no_new_privs;
- 10. sigaltstack, pending signals (queued to itself), interval timers.
+ 10. sigaltstack, pending signals (queued to itself), POSIX timers, interval timers.
 The inherited rseq registration (glibc's, in cow-apply's TLS) is unregistered
 by the agent just before it jumps here.
 The registers, xstate and signal mask are set by cow-apply afterwards.
@@ -43,6 +43,7 @@ SYS_FCNTL, F_SETFD, FD_CLOEXEC = 72, 2, 1
 SYS_FLOCK, LOCK_SH, LOCK_EX, LOCK_NB = 73, 1, 2, 4
 F_SETLK, F_OFD_SETLK, F_RDLCK, F_WRLCK = 6, 37, 0, 1
 SYS_SIGALTSTACK, SYS_SETITIMER, SYS_RT_SIGQUEUEINFO, SYS_RT_TGSIGQUEUEINFO = 131, 38, 129, 297
+SYS_TIMER_CREATE, SYS_TIMER_SETTIME, PR_TIMER_CREATE_RESTORE_IDS = 222, 223, 77
 SS_ONSTACK, SS_DISABLE = 1, 2
 SYS_PRLIMIT64, SYS_SETPRIORITY, SYS_PERSONALITY, PRIO_PROCESS = 302, 141, 135, 0
 SYS_SCHED_SETSCHEDULER, SYS_SCHED_SETAFFINITY = 144, 203
@@ -179,8 +180,8 @@ def _lock(prog, fd, kind, how, start, end):
 def _signals_and_timers(prog, pid, thread, state):
     """The alternate signal stack, the pending signals (queued to itself with their dumped
     siginfo: the kernel takes any si_code only from the process itself; every signal is
-    blocked here, the dumped mask is set by cow-apply at resume), then the interval
-    timers, last, so that they lose as little time as possible before the release.
+    blocked here, the dumped mask is set by cow-apply at resume), then the POSIX timers
+    (with their ids, PR_TIMER_CREATE_RESTORE_IDS) and the interval timers, last, so that they lose as little time as possible before the release.
     pid is the process's pid in its own namespace: the dumped one."""
     if thread.get("sigaltstack"):
         sp, flags, size = thread["sigaltstack"]
@@ -195,6 +196,16 @@ def _signals_and_timers(prog, pid, thread, state):
         signo = struct.unpack_from("<i", info)[0]
         if signo not in (SIGKILL, SIGSTOP):
             prog.add(R.OP_SYSCALL, SYS_RT_SIGQUEUEINFO, pid, signo, prog.struct(info))
+    timers = state.get("posix_timers", ())
+    if timers:  # with the dumped ids: the kernel takes the id from *timerid in this mode
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0)
+        for t in reversed(timers):  # /proc/PID/timers lists the newest first: same order again
+            event = struct.pack("<QiiI44x", t["sival"], t["signo"], t["notify"], pid)  # sigev_notify_thread_id
+            prog.add(R.OP_SYSCALL, SYS_TIMER_CREATE, t["clock"], prog.struct(event), prog.struct(struct.pack("<i", t["id"])))
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
+        for t in timers:
+            if t["value"][2] or t["value"][3]:  # armed: what was left of it, relative
+                prog.add(R.OP_SYSCALL, SYS_TIMER_SETTIME, t["id"], 0, prog.struct(struct.pack("<4q", *t["value"])), 0)
     for which, timer in enumerate(state.get("itimers", ())):
         if timer[2] or timer[3]:  # armed
             prog.add(R.OP_SYSCALL, SYS_SETITIMER, which, prog.struct(struct.pack("<4q", *timer)), 0)

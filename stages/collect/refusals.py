@@ -90,21 +90,49 @@ def lock_reasons(fd):
 
 
 SCHED_DEADLINE = 6
+# clocks a restored timer_create accepts without more privilege: REALTIME, MONOTONIC, the
+# process's and the thread's CPU time, BOOTTIME, TAI
+TIMER_CLOCKS = {0: "REALTIME", 1: "MONOTONIC", 2: "PROCESS_CPUTIME_ID", 3: "THREAD_CPUTIME_ID",
+                7: "BOOTTIME", 11: "TAI"}
+SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 1, 4
+
+
+def timer_notify(timer):
+    """The sigev_notify of a parsed /proc/PID/timers entry, or None when it cannot be made again."""
+    if timer.get("how") == "signal":
+        return SIGEV_THREAD_ID if timer.get("target") == "tid" else SIGEV_SIGNAL
+    if timer.get("how") == "none" and timer.get("target") == "pid":
+        return SIGEV_NONE
+    return None
+
+
+def timer_reason(pid, timer):
+    if timer.get("clock") not in TIMER_CLOCKS:
+        return f"has clock {timer.get('clock')} (another process's CPU clock, or an alarm clock)"
+    if timer_notify(timer) is None:
+        return f"notifies by {timer.get('how')}/{timer.get('target')}"
+    if timer.get("target") == "tid" and timer.get("target_id") != pid:
+        return f"signals thread {timer.get('target_id')}, not the process's own"
+    return None
 
 
 def state_reasons(pid, stat_policy=None):
-    """Process state that cannot be restored yet: POSIX timers, SCHED_DEADLINE, a root
-    directory other than /."""
+    """Process state that cannot be restored yet: POSIX timers of other clocks or
+    notifications, SCHED_DEADLINE, a root directory other than /."""
     reasons = []
-    timers = [line.split()[1] for line in procfs.read_text(f"/proc/{pid}/timers").splitlines()
-              if line.startswith("ID:")]
-    if timers:
-        reasons.append(f"has POSIX timers (timer_create) with ids {', '.join(timers)}")
+    try:
+        timers = procfs.parse_timers(procfs.read_text(f"/proc/{pid}/timers"))
+    except OSError:  # it died meanwhile, which is found elsewhere
+        timers = []
+    for timer in timers:
+        why = timer_reason(pid, timer)
+        if why:
+            reasons.append(f"POSIX timer {timer['id']} {why}")
     fields = procfs.read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
     if int(fields[38]) == SCHED_DEADLINE:  # field 41 of stat: policy
         reasons.append("runs under SCHED_DEADLINE")
     root = procfs.readlink(f"/proc/{pid}/root")
-    if root != "/":
+    if root is not None and root != "/":  # None: it died meanwhile, which is found elsewhere
         reasons.append(f"has a changed root directory ({root})")
     return reasons
 

@@ -6,7 +6,7 @@ import os
 from stages.linux import procfs, ptrace, remote
 from stages.stream import pack_u32
 
-from .refusals import parse_lock
+from .refusals import parse_lock, timer_notify
 
 O_CLOEXEC = 0o2000000
 
@@ -91,9 +91,19 @@ def remote_state(view):
         tid_address = remote.remote_tid_address(rs, pid, rsp)
         view.prctl = remote.remote_prctl_state(rs, pid, rsp)  # read by process_record
         view.itimers, view.sigaltstack = remote.remote_timers_and_altstack(rs, pid, rsp)
+        view.posix_timers = posix_timers(rs, pid, rsp)
     if brk < 0:
         raise OSError(-brk, f"process {pid}: remote brk(0) failed: {os.strerror(-brk)}")
     return brk, sigactions, tid_address
+
+
+def posix_timers(rs, pid, rsp):
+    """The process's POSIX timers: /proc/PID/timers (refusals passed: each can be made
+    again) and each one's timer_gettime, run inside it."""
+    timers = procfs.parse_timers(procfs.read_text(f"/proc/{pid}/timers"))
+    times = remote.remote_posix_timers(rs, pid, rsp, [t["id"] for t in timers])
+    return [{"id": t["id"], "clock": t["clock"], "signo": t["signo"], "sival": t["sival"],
+             "notify": timer_notify(t), "value": times[t["id"]]} for t in timers]
 
 
 def process_record(view, threads, brk, sigactions, pipes=None):
@@ -150,6 +160,8 @@ def process_state(view):
     state["affinity"] = sorted(os.sched_getaffinity(pid))
     if hasattr(view, "itimers"):
         state["itimers"] = view.itimers
+    if getattr(view, "posix_timers", None):
+        state["posix_timers"] = view.posix_timers
     state["pending"] = remote.pending_siginfos(pid, shared=True)
     return state
 

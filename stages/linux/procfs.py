@@ -168,6 +168,30 @@ def read_text(path):
         return f.read().decode("utf-8", "surrogateescape")
 
 
+def parse_timers(text):
+    """/proc/PID/timers -> [{'id', 'signo', 'sival', 'how' ('signal', 'none', 'thread'),
+    'target' ('pid' or 'tid'), 'target_id', 'clock'}], one per POSIX timer (timer_create)."""
+    out, cur = [], None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "ID":
+            cur = {"id": int(value)}
+            out.append(cur)
+        elif cur is None:
+            continue
+        elif key == "signal":
+            signo, _, sival = value.partition("/")
+            cur["signo"], cur["sival"] = int(signo), int(sival or "0", 16)
+        elif key == "notify":
+            how, _, target = value.partition("/")
+            kind, _, num = target.partition(".")
+            cur["how"], cur["target"], cur["target_id"] = how, kind, int(num or "0")
+        elif key == "ClockID":
+            cur["clock"] = int(value)
+    return out
+
+
 def read_stat(pid):
     return parse_stat(read_text(f"/proc/{pid}/stat"))
 

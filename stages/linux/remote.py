@@ -201,7 +201,7 @@ def remote_prctl_state(rs, pid, rsp):
     return out
 
 
-SYS_GETITIMER, SYS_SIGALTSTACK = 36, 131
+SYS_GETITIMER, SYS_SIGALTSTACK, SYS_TIMER_GETTIME = 36, 131, 224
 ITIMERVAL = struct.Struct("<4q")  # it_interval (sec, usec), it_value (sec, usec)
 STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, padding, ss_size
 
@@ -227,6 +227,24 @@ def remote_timers_and_altstack(rs, pid, rsp):
         finally:
             mem.write(scratch, saved)
     return timers, [sp, flags & 0xFFFFFFFF, size]
+
+
+def remote_posix_timers(rs, pid, rsp, ids):
+    """{timer id: [interval sec, interval nsec, value sec, value nsec]} by timer_gettime in
+    the process (value 0 = disarmed), through scratch below the red zone."""
+    scratch = (rsp - 128 - 256) & ~15
+    out = {}
+    with ProcessMemory(pid, write=True) as mem:
+        saved = mem.read(scratch, 32)
+        try:
+            for timer_id in ids:
+                res = rs.call(SYS_TIMER_GETTIME, timer_id, scratch)
+                if res < 0:
+                    raise RemoteError(f"process {pid}: timer_gettime({timer_id}) failed: {os.strerror(-res)}")
+                out[timer_id] = list(ITIMERVAL.unpack(mem.read(scratch, ITIMERVAL.size)))
+        finally:
+            mem.write(scratch, saved)
+    return out
 
 
 PTRACE_PEEKSIGINFO_SHARED = 1

@@ -103,6 +103,11 @@ STATE = Map(
         # ITIMER_REAL, _VIRTUAL, _PROF: [interval sec, interval usec, value sec, value usec]
         "itimers": ListOf(Tuple(Int(), Int(), Int(), Int()), max_len=3),
         "pending": ListOf(Bin(max_len=128), max_len=1 << 16),  # shared queue: raw siginfo, queue order
+        # timer_create timers: id, clock, sigevent (signo, sival, notify: SIGEV_SIGNAL 0, _NONE 1,
+        # _THREAD_ID 4 = the process's own thread) and timer_gettime [interval s, ns, value s, ns]
+        "posix_timers": ListOf(Map({"id": Int(0, (1 << 31) - 1), "clock": Int(0, 15), "signo": Int(0, 64),
+                                    "sival": UInt(), "notify": Int(0, 4),
+                                    "value": Tuple(Int(), Int(), Int(), Int())}), max_len=1 << 16),
     },
 )
 

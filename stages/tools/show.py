@@ -204,6 +204,11 @@ class Printer:
                 self.line(f"{indent}  caps " + " ".join(f"{k[:3]} {caps[k]:#x}" for k in
                                                           ("effective", "permitted", "inheritable", "bounding", "ambient") if k in caps)
                           + f" securebits {st.get('securebits', 0):#x}")
+            for t in st.get("posix_timers", ()):
+                how = {0: f"signal {t['signo']}", 1: "no signal", 4: f"signal {t['signo']} to the thread"}.get(t["notify"], "?")
+                iv_s, iv_ns, v_s, v_ns = t["value"]
+                when = f"in {v_s}.{v_ns:09d}s every {iv_s}.{iv_ns:09d}s" if v_s or v_ns else "disarmed"
+                self.line(f"{indent}  posix timer {t['id']} clock {t['clock']} {how} value {t['sival']:#x} {when}")
             if "sched" in st or "oom_score_adj" in st:
                 policy, prio = st.get("sched", (0, 0))
                 name = SCHED_POLICIES.get(policy & ~SCHED_RESET_ON_FORK, str(policy & ~SCHED_RESET_ON_FORK))
