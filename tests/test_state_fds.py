@@ -94,7 +94,8 @@ def test_directories_and_fifo_restored(fdwl, tmp_path):
     assert before[root]["fd10"].endswith("unread 10") and before[child]["fd11"].endswith("unread 10")
     assert "cloexec 1" in before[root]["fd9"] and "cloexec 0" in before[root]["fd7"]
     fds_before = {pid: fd_numbers(pid) for pid in (root, child)}
-    assert fds_before[root] == [0, 1, 2, 7, 9, 10, 12] and fds_before[child] == [0, 1, 2, 10, 11]
+    assert fds_before[root] == [0, 1, 2, 7, 8, 9, 10, 12] and fds_before[child] == [0, 1, 2, 10, 11]
+    assert before[root]["fd8"].startswith("flags 0102001 cloexec 0 pos 7 ")  # O_APPEND|O_LARGEFILE|O_WRONLY
 
     images = run([tool("cow-collect"), "--tree", str(root), "--kill"]).stdout
     shown = run([tool("cow-show")], images).stdout.decode()

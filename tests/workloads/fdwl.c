@@ -4,6 +4,7 @@
  * "fifo" (the test makes both).
  *
  *   root:  fd 7  = OUTDIR/d, O_DIRECTORY, 10 entries already read (its position moved)
+ *          fd 8  = OUTDIR/log, O_WRONLY|O_APPEND, "before\n" written
  *          fd 9  = OUTDIR, O_DIRECTORY|O_CLOEXEC, nothing read
  *          fd 10 = the FIFO, O_RDWR (opened before the fork: the child shares it)
  *          fd 12 = the FIFO, O_WRONLY|O_NONBLOCK; "fifo-bytes" written and left unread
@@ -143,6 +144,9 @@ int main(int argc, char **argv)
 	snprintf(path, sizeof path, "%s/d", outdir);
 	at(open(path, O_RDONLY | O_DIRECTORY), 7, "open d");
 	must(read_names(7, seen, sizeof seen, 10) >= 10, "read d");
+	snprintf(path, sizeof path, "%s/log", outdir);
+	at(open(path, O_WRONLY | O_APPEND | O_CREAT, 0644), 8, "open log");
+	must(write(8, "before\n", 7) == 7, "write log");
 	at(open(outdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC), 9, "open outdir");
 	must(fcntl(9, F_SETFD, FD_CLOEXEC) == 0, "cloexec"); /* dup2 in at() dropped it */
 	snprintf(path, sizeof path, "%s/%d.sum", outdir, (int)child);
