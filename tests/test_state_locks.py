@@ -163,39 +163,67 @@ def test_locked_files_are_refused_by_apply_while_someone_holds_them(lockwl, tmp_
     assert all(proc_state(p) == "S" for p in (root, child))
 
 
-def test_a_flock_on_a_shared_description_is_refused(tmp_path):
-    """flock and OFD locks belong to a description; two processes sharing it cannot get that
-    back (apply opens files anew in each): refused by name at collect time."""
+def fdinfo_pos(pid, fd):
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        return int(f.readline().split()[1])
+
+
+def test_a_shared_description_with_its_offset_and_flock_restored(tmp_path):
+    """A regular file's description shared by a parent and its child (after fork): one
+    description again after restore (kcmp), its offset shared (a read by one moves the
+    other's) and its flock held (a new description of ours cannot take it)."""
+    import fcntl
+
+    from stages._native import lib
+
     become_subreaper()
-    code = ("import fcntl, os, sys, time\n"
-            f"f = open({str(tmp_path / 'a')!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+    (tmp_path / "a").write_bytes(b"0123456789abcdefghij")
+    code = ("import fcntl, os, signal, sys, time\n"
+            f"fd = os.open({str(tmp_path / 'a')!r}, os.O_RDWR); os.dup2(fd, 5); os.close(fd)\n"
+            "os.read(5, 4); fcntl.flock(5, fcntl.LOCK_EX)\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
             "c = os.fork()\n"
             f"open({str(tmp_path / 'ready')!r}, 'w').write(str(c)) if c else None\n"
-            "time.sleep(600)\n")
+            "while True:\n"
+            "    signal.sigwait({signal.SIGUSR1})\n"
+            "    os.read(5, 3)\n")  # SIGUSR1: read 3 more bytes through the shared description
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, close_fds=True)
-    child = None
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    pids = {p.pid}
     try:
         wait_file(tmp_path / "ready")
-        time.sleep(0.05)
         child = int((tmp_path / "ready").read_text())
-        res = subprocess.run([tool("cow-collect"), "--tree", str(p.pid), "-o", str(tmp_path / "x.cow")],
-                             capture_output=True, timeout=60)
-        assert res.returncode == 2, res.stderr
-        err = res.stderr.decode()
-        fd = 3
-        assert (f"cow-collect: process {p.pid}: fd {fd} holds a lock on {tmp_path / 'a'} through an open file "
-                f"description shared with fd {fd} of process {child}: not supported") in err, err
-        assert proc_state(p.pid) == "S"
+        pids.add(child)
+        assert fdinfo_pos(p.pid, 5) == fdinfo_pos(child, 5) == 4
+        images = run([tool("cow-collect"), "--tree", str(p.pid), "--kill"]).stdout
+        shown = run([tool("cow-show")], images).stdout.decode()
+        assert shown.count(f"fd 5 file {tmp_path / 'a'} flags 0o100002 locks flock write 0-EOF description 1") == 2, shown
+        p.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not reap(child):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        report = tmp_path / "apply.json"
+        run([tool("cow-apply"), "--report", str(report)], run([tool("cow-plan")], images).stdout)
+        pids.update(int(v) for v in json.loads(report.read_text())["pids"].values())
+        assert lib.cow_syscall6(312, p.pid, child, 0, 5, 5, 0) == 0  # kcmp KCMP_FILE: one description
+        assert fdinfo_pos(p.pid, 5) == fdinfo_pos(child, 5) == 4
+        os.kill(child, signal.SIGUSR1)  # the child reads 3 bytes: the parent's offset moves too
+        deadline = time.monotonic() + 10
+        while fdinfo_pos(p.pid, 5) != 7:
+            assert time.monotonic() < deadline, fdinfo_pos(p.pid, 5)
+            time.sleep(0.01)
+        with open(tmp_path / "a") as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert proc_state(p.pid) == "S" and proc_state(child) == "S"
     finally:
-        p.kill()
-        if child:
+        for pid in sorted(pids):
             try:
-                os.kill(child, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
         p.wait(timeout=10)
-        if child:
-            deadline = time.monotonic() + 10
-            while not reap(child) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while not all(reap(x) for x in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)

@@ -52,10 +52,11 @@ Choices worth knowing:
   * oom_score_adj is written by cow-apply to /proc/PID/oom_score_adj once the
     process's restorer has finished.
   * FIFOs (pipes.py): cow-apply opens the FIFO by its path, read-write, refills
-    it, and opens one description per dumped one, passed on like a pipe's.
+    it, and opens one description per dumped one, passed on like a pipe's; so is
+    a regular file's description that several fds shared (offset, flock, OFD locks).
   * Terminals: an fd on cow-collect's terminal is opened on cow-apply's (stdin,
     stdout or stderr), with O_NOCTTY; file locks are taken again after each open.
 Not restored yet: threads (refused), sockets/other terminals/leases/other fds
 (refused), the root's pdeathsig, MAP_GROWSDOWN of a stack that was moved from
-staging, the shared offset of a regular file's description shared across fork.
+staging.
 """

@@ -189,6 +189,10 @@ def check_pipes(plan):
             records[rec["id"]] = rec
     for proc in plan.processes:
         for fd in proc["image"]["fds"]:
+            if fd["kind"] == "file" and "desc" in fd:  # a shared description of a regular file
+                if descs.setdefault(fd["desc"], ("file", fd["path"], fd["flags"] & 3)) != ("file", fd["path"], fd["flags"] & 3):
+                    raise Refusal(f"process {proc['pid']}: fd {fd['fd']}: description {fd['desc']} is of two files or modes")
+                continue
             if fd["kind"] not in ("pipe", "fifo"):
                 continue
             where = f"process {proc['pid']}: fd {fd['fd']}"

@@ -22,32 +22,38 @@ class PipeError(OSError):
 
 
 def is_pipe_fd(fd):
-    """An fd restored from a pipe description of cow-apply: an anonymous pipe or a FIFO."""
-    return fd["kind"] == "pipe" or (fd["kind"] == "fifo" and "desc" in fd)
+    """An fd restored from a description cow-apply opens: an anonymous pipe, a FIFO, or a
+    regular file whose description two fds shared."""
+    return fd["kind"] == "pipe" or (fd["kind"] in ("fifo", "file") and "desc" in fd)
 
 
 def plan_pipes(processes):
-    """({pipe id: {size, data}}, {desc: (pipe id, flags)}) from the process images."""
-    pipes, descs = {}, {}
+    """({pipe id: {size, data}}, {desc: (pipe id, flags)}, {desc: a file fd record}) from
+    the process images."""
+    pipes, descs, files = {}, {}, {}
     for proc in processes:
         image = proc["image"]
         for rec in image.get("pipes", ()):
             pipes[rec["id"]] = rec
         for fd in image["fds"]:
-            if is_pipe_fd(fd):
+            if fd["kind"] == "file" and "desc" in fd:
+                files.setdefault(fd["desc"], fd)
+            elif is_pipe_fd(fd):
                 descs.setdefault(fd["desc"], (fd["pipe"], fd["flags"]))
-    return pipes, descs
+    return pipes, descs, files
 
 
 def create(processes):
     """Create every pipe, refill it, open its descriptions; {desc: fd in cow-apply}.
     The caller closes the fds (close_all) once every process has taken its own."""
-    pipes, descs = plan_pipes(processes)
-    if not descs:
+    pipes, descs, files = plan_pipes(processes)
+    if not descs and not files:
         return {}
     base = 1 + max(fd["fd"] for p in processes for fd in p["image"]["fds"])
     out = {}
     try:
+        for desc, fd in sorted(files.items()):
+            out[desc] = _file(fd, base)
         for pipe_id in sorted({pipe for pipe, _ in descs.values()}):
             rec = pipes[pipe_id]
             if "path" in rec:
@@ -112,6 +118,37 @@ def _fifo(pipe_id, rec, descs, base, out):
         out[-pipe_id] = fcntl.fcntl(keep, fcntl.F_DUPFD_CLOEXEC, base)  # closed with the rest
     finally:
         os.close(keep)
+
+
+NO_OPEN = os.O_CREAT | os.O_TRUNC | os.O_EXCL
+SYS_FLOCK_KINDS = ("flock", "ofdlck")
+F_OFD_SETLK = 37
+
+
+def _file(rec, base):
+    """One description of a regular file that fds of the tree shared: opened with the dumped
+    flags at the dumped offset, with the description's own locks (flock, OFD) taken once
+    here (POSIX locks belong to processes: their restorers take them)."""
+    import struct
+
+    try:
+        fd = os.open(rec["path"], (rec["flags"] & ~NO_OPEN) | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PipeError(f"{rec['path']}: {exc.strerror}")
+    try:
+        os.lseek(fd, rec.get("pos", 0), os.SEEK_SET)
+        for kind, how, start, end in rec.get("locks", ()):
+            if kind == "flock":
+                fcntl.flock(fd, (fcntl.LOCK_EX if how == "write" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            elif kind == "ofdlck":
+                length = 0 if end is None else end - start + 1
+                fcntl.fcntl(fd, F_OFD_SETLK, struct.pack("hh4xqqi4x", fcntl.F_WRLCK if how == "write" else fcntl.F_RDLCK,
+                                                         0, start, length, 0))
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+    except OSError as exc:
+        raise PipeError(f"{rec['path']}: {exc.strerror}")
+    finally:
+        os.close(fd)
 
 
 def _unread(fd):

@@ -4,13 +4,13 @@ Order (each step depends on the previous ones):
   1. block every signal; tid address and robust list to 0 (they point into the
      TLS of cow-apply's copy, which goes away);
   2. the 64 dispositions as dumped;
-  3. pipes and FIFOs: the inherited descriptions dup3'd to the dumped fd numbers; close every
-     other fd (cow-apply's: the plan stream first), open the dumped files, take their locks;
+  3. pipes, FIFOs and shared file descriptions: the inherited descriptions dup3'd to the dumped fd numbers; close every
+     other fd (cow-apply's: the plan stream first), open the dumped files;
   4. unmap everything except the window, the blob region and the vDSO block;
   5. move the vDSO block ([vvar], [vvar_vclock], [vdso]) to the dumped address;
   6. every target VMA: pieces moved out of the window, or mapped fresh; then
      prot and madvise flags;
-  7. the rest of the window goes; mm fields and exe (PR_SET_MM_MAP); comm, cwd, umask;
+  7. the rest of the window goes; mm fields and exe (PR_SET_MM_MAP); file locks; comm, cwd, umask;
   8. tid address, robust list and rseq registration as dumped (they point into
      restored memory, so only now);
   9. rlimits, scheduler policy, nice, CPU affinity, personality, subreaper;
@@ -103,10 +103,16 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
 
     # pipes first: dup3 the inherited descriptions to the dumped numbers (sources lie above
     # every target), then close everything else (cow-apply's fds, the other descriptions)
+    # file locks are taken after every fd and mapping is in place: closing any fd of a file
+    # (close_range here, the restorer's mmap of it) drops the process's POSIX locks on it
+    locks = []
     pipes = [fd for fd in image["fds"] if is_pipe_fd(fd)]
     for fd in pipes:
         prog.add(R.OP_SYSCALL, SYS_DUP3, (pipe_fds or {}).get(fd["desc"], -1), fd["fd"],
                  O_CLOEXEC if fd.get("cloexec") else 0)
+        for kind, how, start, end in fd.get("locks", ()):
+            if kind == "posix":  # flock and OFD locks are the description's: cow-apply took them
+                locks.append((fd["fd"], kind, how, start, end))
     for first, last in fd_gaps(fd["fd"] for fd in pipes):
         prog.add(R.OP_CLOSE_RANGE, first, last)
     for fd in sorted(image["fds"], key=lambda f: f["fd"]):
@@ -119,8 +125,7 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
                  fd.get("pos", 0) if fd["kind"] in ("file", "dir") else 0, 0)
         if fd["flags"] & O_CLOEXEC:  # the restorer's dup2 to the dumped number dropped it
             prog.add(R.OP_SYSCALL, SYS_FCNTL, fd["fd"], F_SETFD, FD_CLOEXEC)
-        for kind, how, start, end in fd.get("locks", ()):
-            _lock(prog, fd["fd"], kind, how, start, end)
+        locks.extend((fd["fd"], *lock) for lock in fd.get("locks", ()))
 
     vdso_now = [(start, end) for _, start, end in own_vdso]
     keep = [(base, base + window[1]), (blob_region[0], blob_region[0] + blob_region[1])] + vdso_now
@@ -145,6 +150,8 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
         # process restored from a fork of cow-apply (a python3) maps it: it is already right
         exe = None
     prog.add(R.OP_MM_MAP, mm_ref, 11 * 8 + 8 + 8, prog.string(exe) if exe else 0)
+    for lock in locks:
+        _lock(prog, *lock)
     prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NAME, prog.string(image["comm"][:15]))
     if image.get("cwd"):
         prog.add(R.OP_CHDIR, prog.string(image["cwd"]))

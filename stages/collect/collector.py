@@ -100,7 +100,6 @@ class Collection:
             self.views.append(view)
             mark_caller_terminal(view.fds, terminal)
             reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
-        reasons.extend(state.shared_lock_reasons(self.views))
         holders = state.pipe_holders(self.views)
         reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), state.pipe_links(self.views))))
         if reasons:

@@ -39,28 +39,6 @@ def fd_record(fd, pipe_fields=None):
     return rec
 
 
-def shared_lock_reasons(views):
-    """A flock or OFD lock belongs to an open file description; apply opens a regular file
-    anew in every process, so a locked description that two fds of the tree share (after
-    fork or dup) cannot be given back: [(pid, reason)]."""
-    by_file = {}
-    for view in views:
-        for fd in view.fds:
-            if fd["kind"] == "file":
-                by_file.setdefault((fd["dev"], fd["ino"]), []).append((view.pid, fd))
-    out = []
-    for holders in by_file.values():
-        for pid, fd in holders:
-            if not any((parse_lock(lock) or [""])[0] in ("flock", "ofdlck") for lock in fd.get("locks", ())):
-                continue
-            for other_pid, other in holders:
-                if (other_pid, other["fd"]) != (pid, fd["fd"]) and _kcmp_file(pid, fd["fd"], other_pid, other["fd"]) == 0:
-                    out.append((pid, f"fd {fd['fd']} holds a lock on {fd['path']} through an open file description "
-                                     f"shared with fd {other['fd']} of process {other_pid}"))
-                    break
-    return out
-
-
 def thread_records(view):
     """Registers, mask, rseq and robust list of every thread (the process is single-threaded
     once refusals passed; the loop keeps the record honest if that changes)."""
@@ -298,9 +276,10 @@ def pipe_contents(pid, fd):
 
 
 class PipeTable:
-    """Pipes of the frozen tree: a dense id per pipe, a dense id per open file description
-    (kcmp: fds that share one, after fork or dup, share O_NONBLOCK), and the unread bytes,
-    recorded once, in the first process (stream order) that holds the pipe."""
+    """Pipes and FIFOs of the frozen tree: a dense id per pipe, a dense id per open file
+    description (kcmp: fds that share one, after fork or dup, share O_NONBLOCK), and the
+    unread bytes, recorded once, in the first process (stream order) that holds the pipe;
+    then desc ids for regular files whose description is shared."""
 
     def __init__(self, views):
         self.fd_fields = {}  # (pid, fd) -> {"pipe": id, "desc": id}
@@ -321,3 +300,27 @@ class PipeTable:
             if key in fifo_paths:
                 rec["path"] = fifo_paths[key]
             self.records.setdefault(holders[0][0], []).append(rec)
+        self._shared_files(views, desc_ids)
+
+    def _shared_files(self, views, desc_ids):
+        """Regular files whose open file description two or more fds share (after fork or
+        dup) get a desc id too (after the pipes'): apply makes them one description again,
+        with its offset shared and its flock/OFD locks."""
+        files = {}
+        for view in views:
+            for fd in view.fds:
+                if fd["kind"] == "file":
+                    files.setdefault((fd["dev"], fd["ino"]), []).append((view.pid, fd["fd"]))
+        for holders in files.values():
+            groups = []  # [(pid, fd), ...] per description
+            for pid, fd in holders if len(holders) > 1 else ():
+                group = next((g for g in groups if _kcmp_file(*g[0], pid, fd) == 0), None)
+                if group is None:
+                    groups.append([(pid, fd)])
+                else:
+                    group.append((pid, fd))
+            for group in groups:
+                if len(group) > 1:
+                    desc_ids += 1
+                    for member in group:
+                        self.fd_fields[member] = {"desc": desc_ids}

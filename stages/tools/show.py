@@ -184,7 +184,8 @@ class Printer:
                               for kind, how, start, end in fd.get("locks", ()))
             self.line(f"{indent}  fd {fd['fd']} {fd['kind']} {n.path(fd.get('path'))} flags {fd['flags']:#o}"
                       + (f" pos {fd['pos']}" if fd["kind"] == "dir" and not n.enabled else "")
-                      + (f" locks {locks}" if locks else ""))
+                      + (f" locks {locks}" if locks else "")
+                      + (f" description {fd['desc']}" if "desc" in fd else ""))
         for pipe in p.get("pipes", ()):
             fifo = f" (FIFO {n.path(pipe['path'])})" if "path" in pipe else ""
             self.line(f"{indent}  pipe {pipe['id']}{fifo}: capacity {pipe['size']}, {len(pipe['data'])} bytes unread"
