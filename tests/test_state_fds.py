@@ -157,3 +157,26 @@ def test_fifo_replaced_after_the_dump_is_refused_by_apply(fdwl, tmp_path):
         fdwl.pids.update(int(v) for v in json.loads((tmp_path / "apply.json").read_text())["pids"].values())
     assert res.returncode == 1, res.stderr
     assert f"fd 10: {fifo} is a different file now" in res.stderr.decode(), res.stderr
+
+
+def test_fifo_still_holding_bytes_is_not_refilled(fdwl, tmp_path):
+    """Restoring beside the running original: its FIFO still holds the unread bytes, so
+    refilling would double them; cow-apply stops before creating any process."""
+    root, child = fdwl.order
+    plan = run([tool("cow-plan")], run([tool("cow-collect"), "--tree", str(root)]).stdout).stdout
+    res = subprocess.run([tool("cow-apply"), "--pidns"], input=plan, capture_output=True, timeout=60)
+    assert res.returncode != 0, res.stderr
+    fifo = os.path.join(fdwl.outdir, "fifo")
+    assert f"FIFO {fifo} (pipe 1) holds unread bytes now: another process has it open" in res.stderr.decode(), res.stderr
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and p not in ("1",)
+                and _cmdline(p).startswith(os.path.join(os.path.dirname(build("fdwl")), "fdwl"))
+                and int(p) not in (root, child)]
+    assert all(proc_state(p) == "S" for p in (root, child))
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

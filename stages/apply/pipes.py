@@ -12,6 +12,7 @@ tree, so the dup3s of one process never overwrite a source still needed.
 
 import fcntl
 import os
+import time
 
 O_ACCMODE, O_NONBLOCK = 3, 0o4000
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
@@ -103,8 +104,11 @@ def _fifo(pipe_id, rec, descs, base, out):
         raise PipeError(f"FIFO {path} (pipe {pipe_id}): {exc.strerror}")
     try:
         held = fcntl.fcntl(keep, F_GETPIPE_SZ)
-        if _unread(keep):
-            raise PipeError(f"FIFO {path} (pipe {pipe_id}) holds unread bytes now: another process has it open")
+        deadline = time.monotonic() + 3  # an upstream `cow-collect --kill`'s processes may still be exiting
+        while _unread(keep):
+            if time.monotonic() > deadline:
+                raise PipeError(f"FIFO {path} (pipe {pipe_id}) holds unread bytes now: another process has it open")
+            time.sleep(0.05)
         if rec["size"] != held:
             fcntl.fcntl(keep, F_SETPIPE_SZ, rec["size"])
         _refill(keep, rec["data"], pipe_id)
