@@ -215,3 +215,40 @@ def test_epoll_eventfd_and_sysv_shm_are_refused(spawn, tmp_path):
     assert f"cow-collect: process {p.pid}: fd {ev} is an eventfd: not supported" in lines
     assert any(line.startswith(f"cow-collect: process {p.pid}: SysV shared memory attachment at 0x") for line in lines), lines
     assert still_running(p.pid)
+
+
+def test_leases_terminals_deleted_and_chroot_are_refused(spawn, tmp_path):
+    """Everything of issue 5 not restored yet is refused by name, one line each."""
+    ready = tmp_path / "ready"
+    gone, dead, jail = tmp_path / "gone", tmp_path / "dead", tmp_path / "jail"
+    jail.mkdir()
+    p = spawn(
+        "import fcntl, os, time\n"
+        f"open({str(tmp_path / 'a')!r}, 'w').close(); a = open({str(tmp_path / 'a')!r})\n"
+        "fcntl.fcntl(a, fcntl.F_SETLEASE, fcntl.F_RDLCK)\n"
+        "m, s = os.openpty()\n"
+        f"os.mkdir({str(gone)!r}); d = os.open({str(gone)!r}, os.O_RDONLY | os.O_DIRECTORY); os.rmdir({str(gone)!r})\n"
+        f"x = os.open({str(dead)!r}, os.O_RDWR | os.O_CREAT); os.unlink({str(dead)!r})\n"
+        f"open({str(ready)!r}, 'w').write(' '.join(map(str, (a.fileno(), m, s, d, x))))\n"
+        f"os.chroot({str(jail)!r})\n"
+        "time.sleep(600)\n"
+    )
+    wait_for(ready)
+    time.sleep(0.2)
+    a, m, s, d, x = map(int, ready.read_text().split())
+    out = tmp_path / "x.cow"
+    code, err = refused(p.pid, out)
+    assert code == 2, err
+    lines = set(err.splitlines())
+    pts = os.readlink(f"/proc/{p.pid}/fd/{s}")
+    for text in (
+        f"fd {a} holds a lease read lock on {tmp_path / 'a'}",  # flock, POSIX, OFD: tests/test_state_locks.py
+        f"fd {m} is a pseudo-terminal master (/dev/ptmx), not cow-collect's terminal",
+        f"fd {s} is a pseudo-terminal ({pts}), not cow-collect's terminal",
+        f"fd {d} is a deleted directory ({gone} (deleted))",
+        f"fd {x} is a deleted file ({dead} (deleted))",
+        f"has a changed root directory ({jail})",
+    ):
+        assert f"cow-collect: process {p.pid}: {text}: not supported" in lines, (text, err)
+    assert not out.exists()
+    assert still_running(p.pid)

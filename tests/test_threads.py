@@ -421,9 +421,15 @@ def test_thread_inside_an_rseq_critical_section_goes_to_its_abort_handler(restor
         return int(path.read_text().split()[1])
 
     def goes_on(ns_pid, outer_pid):
+        # the worker aborts only when preempted: on a busy machine it may not run for a
+        # while, so wait up to 5 s for one more abort (a stuck worker never makes one)
         first = aborts(ns_pid, outer_pid)
-        time.sleep(0.3)
-        return aborts(ns_pid, outer_pid) > first
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if aborts(ns_pid, outer_pid) > first:
+                return True
+        return False
 
     try:
         deadline = time.monotonic() + 10

@@ -38,14 +38,25 @@ Choices worth knowing:
     copies once every process has taken its own.
   * exe_file is left alone when the dumped executable is cow-apply's own
     interpreter (the kernel refuses to replace exe_file while the old one is mapped).
-  * Process state (program.py, last in the restorer program): rlimits, nice,
-    personality, subreaper, then groups/gids/uids (root may restore any; check.py
-    refuses other credentials to a caller that is not root), then pdeathsig (not
+  * Process state (program.py, last in the restorer program): rlimits, scheduler
+    policy, nice, CPU affinity, personality, subreaper, then capabilities and
+    groups/gids/uids (caps.py: inheritable and bounding sets and keep-caps before
+    the uid change, the dumped sets, ambient and securebits after it; root may
+    restore any ids; check.py refuses other credentials to a caller that is not
+    root, and any capability beyond cow-apply's own), then pdeathsig (not
     the root's), dumpable, no_new_privs, sigaltstack, pending signals (queued to
-    itself with the dumped siginfo, all blocked until cow-apply sets the mask) and
-    the interval timers, which therefore lose the time between their setting and
-    the release, as ITIMER_REAL loses the time the tree was frozen and on disk.
-Not restored yet: threads (refused), sockets/FIFOs/other fds (refused),
-capabilities (a restored root process has cow-apply's; another uid has none),
-the root's pdeathsig, MAP_GROWSDOWN of a stack that was moved from staging.
+    itself with the dumped siginfo, all blocked until cow-apply sets the mask), the
+    POSIX timers (with their ids: PR_TIMER_CREATE_RESTORE_IDS) and the interval
+    timers, which therefore lose the time between their setting and the release,
+    as they lose the time the tree was frozen and on disk.
+  * oom_score_adj is written by cow-apply to /proc/PID/oom_score_adj once the
+    process's restorer has finished.
+  * FIFOs (pipes.py): cow-apply opens the FIFO by its path, read-write, refills
+    it, and opens one description per dumped one, passed on like a pipe's; so is
+    a regular file's description that several fds shared (offset, flock, OFD locks).
+  * Terminals: an fd on cow-collect's terminal is opened on cow-apply's (stdin,
+    stdout or stderr), with O_NOCTTY; file locks are taken again after each open.
+Not restored yet: threads (refused), sockets/other terminals/leases/other fds
+(refused), the root's pdeathsig, MAP_GROWSDOWN of a stack that was moved from
+staging.
 """

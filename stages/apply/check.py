@@ -7,10 +7,13 @@ import importlib
 import os
 import time
 
-from stages.linux import procfs
+from stages.linux import procfs, tty
 from stages.linux import vdso as vdso_mod
 
-SUPPORTED_FD_KINDS = {"file", "chr", "dir", "pipe"}
+from . import caps as caps_mod
+from .pipes import is_shared_file
+
+SUPPORTED_FD_KINDS = {"file", "chr", "dir", "pipe", "fifo", "tty"}
 SUPPORTED_VMA_KINDS = {"anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vsyscall"}
 
 
@@ -34,6 +37,7 @@ def check_plan(plan, pidns=False, pid_wait=3.0):
             raise Refusal("the plan has a pid 1: --pidns needs pid 1 for its own init")
     if not pidns:
         check_pids_free([t["tid"] for p in plan.processes for t in p["image"]["threads"]], pid_wait)
+    check_locks(plan, pid_wait)
 
 
 def check_header(header):
@@ -78,7 +82,7 @@ def check_process(proc):
     if not tids or tids[0] != pid:
         raise Refusal(f"process {pid}: its first thread must be the main thread (tid {pid}), not {tids[:1]}")
     for fd in image["fds"]:
-        if fd["kind"] == "pipe":
+        if fd["kind"] in ("pipe", "fifo"):
             if "pipe" not in fd or "desc" not in fd:
                 raise Refusal(f"process {pid}: fd {fd['fd']} is a pipe without pipe/desc ids")
             continue
@@ -120,7 +124,8 @@ def check_shared(plan):
         raise Refusal(f"description {min(pipe_descs & set(descs))} is of a pipe and of a memfd")
 
 
-CAP_SYS_RESOURCE = 24
+CAP_SYS_RESOURCE, CAP_SYS_NICE = 24, 23
+F_OFD_GETLK = 36
 RLIMIT_NAMES = ("CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE", "MEMLOCK", "AS",
                 "LOCKS", "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO", "RTTIME")
 
@@ -144,6 +149,10 @@ def check_state(plan):
     mine_u, mine_g = set(os.getresuid()), set(os.getresgid())
     mine_groups = set(os.getgroups()) | mine_g
     can_raise = _has_cap(CAP_SYS_RESOURCE)
+    mine_caps = caps_mod.own()
+    with open("/proc/self/oom_score_adj") as f:
+        own_oom = int(f.read())
+    own_cpus = os.sched_getaffinity(0)
     for proc in plan.processes:
         state = proc["image"].get("state") or {}
         pid = proc["pid"]
@@ -152,6 +161,9 @@ def check_state(plan):
             if not uids <= mine_u or not gids <= mine_g or not set(state.get("groups", ())) <= mine_groups:
                 raise Refusal(f"process {pid}: uids {state.get('uids')} gids {state.get('gids')} groups "
                               f"{state.get('groups')}: only root may restore credentials other than its own")
+        why = state_refusal(state, mine_caps, own_oom, own_cpus)
+        if why:
+            raise Refusal(f"process {pid}: {why}")
         if not can_raise:
             for res, (soft, hard) in enumerate(state.get("rlimits", ())):
                 have = resource.getrlimit(res)[1] & 0xFFFFFFFFFFFFFFFF
@@ -159,6 +171,41 @@ def check_state(plan):
                     name = RLIMIT_NAMES[res] if res < len(RLIMIT_NAMES) else str(res)
                     raise Refusal(f"process {pid}: hard limit RLIMIT_{name} {hard} is above cow-apply's {have} "
                                   "(raising it needs CAP_SYS_RESOURCE)")
+
+
+SCHED_FIFO, SCHED_RR, SCHED_RESET_ON_FORK = 1, 2, 0x40000000
+SCHED_POLICIES = {0, 1, 2, 3, 5}  # OTHER, FIFO, RR, BATCH, IDLE
+
+
+def _restores_timer_ids():
+    """Whether the kernel creates a POSIX timer with a given id (PR_TIMER_CREATE_RESTORE_IDS_GET)."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl(77, 2, 0, 0, 0) >= 0
+
+
+def state_refusal(state, mine_caps, own_oom, own_cpus):
+    """Capabilities (stages.apply.caps.refusal), scheduler policy, CPU affinity and
+    oom_score_adj the restorer could not set as the caller: why not, or None."""
+    if state.get("caps"):
+        why = caps_mod.refusal(state["caps"], state.get("securebits", 0), mine_caps)
+        if why:
+            return why
+    if "sched" in state:
+        policy = state["sched"][0] & ~SCHED_RESET_ON_FORK
+        if policy not in SCHED_POLICIES:
+            return f"scheduler policy {policy} cannot be restored"
+        if policy in (SCHED_FIFO, SCHED_RR) and not mine_caps.get("effective", 0) >> CAP_SYS_NICE & 1:
+            return "a real-time scheduler policy needs CAP_SYS_NICE, cow-apply lacks it"
+    if state.get("affinity") and not set(state["affinity"]) & own_cpus:
+        return f"CPU affinity {state['affinity']}: none of these CPUs is available to cow-apply"
+    if state.get("posix_timers") and not _restores_timer_ids():
+        return "POSIX timers need prctl(PR_TIMER_CREATE_RESTORE_IDS) (Linux 6.17), this kernel lacks it"
+    oom = state.get("oom_score_adj")
+    if oom is not None and oom < own_oom and not mine_caps.get("effective", 0) >> CAP_SYS_RESOURCE & 1:
+        return (f"oom_score_adj {oom} is below cow-apply's {own_oom} "
+                "(lowering it needs CAP_SYS_RESOURCE)")
+    return None
 
 
 def check_pipes(plan):
@@ -174,12 +221,19 @@ def check_pipes(plan):
             records[rec["id"]] = rec
     for proc in plan.processes:
         for fd in proc["image"]["fds"]:
-            if fd["kind"] != "pipe":
+            if is_shared_file(fd):  # a shared description of a regular file
+                if descs.setdefault(fd["desc"], ("file", fd["path"], fd["flags"] & 3)) != ("file", fd["path"], fd["flags"] & 3):
+                    raise Refusal(f"process {proc['pid']}: fd {fd['fd']}: description {fd['desc']} is of two files or modes")
+                continue
+            if fd["kind"] not in ("pipe", "fifo"):
                 continue
             where = f"process {proc['pid']}: fd {fd['fd']}"
             if fd["pipe"] not in records:
                 raise Refusal(f"{where}: pipe {fd['pipe']} has no record (capacity, unread bytes)")
-            if fd["flags"] & 3 not in (os.O_RDONLY, os.O_WRONLY):
+            if ("path" in records[fd["pipe"]]) != (fd["kind"] == "fifo"):
+                raise Refusal(f"{where}: pipe {fd['pipe']} is a FIFO in one record, an anonymous pipe in the other")
+            modes = (os.O_RDONLY, os.O_WRONLY, os.O_RDWR) if fd["kind"] == "fifo" else (os.O_RDONLY, os.O_WRONLY)
+            if fd["flags"] & 3 not in modes:
                 raise Refusal(f"{where}: a pipe end opened neither for reading nor for writing")
             if descs.setdefault(fd["desc"], (fd["pipe"], fd["flags"] & 3)) != (fd["pipe"], fd["flags"] & 3):
                 raise Refusal(f"{where}: description {fd['desc']} is of two pipes or two ends")
@@ -228,6 +282,58 @@ def _check_file(what, path, dev=None, ino=None, size=None, mtime=None):
         raise Refusal(f"{what}: {path} changed since the dump (modified at another time)")
 
 
+def check_locks(plan, wait):
+    """Every dumped file lock is free to take; an upstream `cow-collect --kill` may still be
+    releasing them, so a conflict is asked again for up to wait seconds."""
+    deadline = time.monotonic() + wait
+    for proc in plan.processes:
+        for fd in proc["image"]["fds"]:
+            if not fd.get("locks"):
+                continue
+            while True:
+                try:
+                    _check_locks(f"process {proc['pid']}: fd {fd['fd']}", fd)
+                    break
+                except Refusal:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+
+def _check_locks(what, fd):
+    """Every dumped lock can be taken now: no other process holds a conflicting one (a
+    flock tried and released on a description of ours, POSIX and OFD locks asked with
+    F_OFD_GETLK, which sees both)."""
+    import fcntl
+    import struct
+
+    if fd["kind"] != "file":
+        raise Refusal(f"{what}: a lock on {fd['path']}, which is not a regular file")
+    try:
+        probe = os.open(fd["path"], os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Refusal(f"{what}: {fd['path']}: {exc.strerror}")
+    try:
+        for kind, how, start, end in fd["locks"]:
+            if kind == "flock":
+                try:
+                    fcntl.flock(probe, (fcntl.LOCK_EX if how == "write" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise Refusal(f"{what}: {fd['path']} is flock-locked by another process now")
+                fcntl.flock(probe, fcntl.LOCK_UN)
+                continue
+            length = 0 if end is None else end - start + 1
+            ask = struct.pack("hh4xqqi4x", fcntl.F_WRLCK if how == "write" else fcntl.F_RDLCK, 0, start, length, 0)
+            got = fcntl.fcntl(probe, F_OFD_GETLK, ask)
+            ltype, _, _, _, holder = struct.unpack("hh4xqqi4x", got)
+            if ltype != fcntl.F_UNLCK:
+                who = f"process {holder}" if holder > 0 else "an open file description of another process"
+                raise Refusal(f"{what}: bytes {start}-{'EOF' if end is None else end} of {fd['path']} "
+                              f"are locked by {who} now")
+    finally:
+        os.close(probe)
+
+
 def check_files(plan):
     seen = set()
     for proc in plan.processes:
@@ -246,8 +352,12 @@ def check_files(plan):
         for fd in proc["image"]["fds"]:
             if "shmem" in fd:
                 continue  # a memfd: its object is recreated
-            if fd["kind"] == "file":
+            if fd["kind"] in ("file", "dir", "fifo"):
                 _check_file(f"process {pid}: fd {fd['fd']}", fd["path"], fd.get("dev"), fd.get("ino"))
+            elif fd["kind"] == "tty":
+                if not tty.caller_terminal():
+                    raise Refusal(f"process {pid}: fd {fd['fd']} was on cow-collect's terminal ({fd['path']}): "
+                                  "cow-apply has no terminal on stdin, stdout or stderr to put it on")
             elif fd["kind"] != "pipe" and not os.path.exists(fd["path"]):
                 raise Refusal(f"process {pid}: fd {fd['fd']}: {fd['path']} does not exist")
         exe = proc["image"]["mm"].get("exe_file")

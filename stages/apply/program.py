@@ -4,20 +4,23 @@ Order (each step depends on the previous ones):
   1. block every signal; tid address and robust list to 0 (they point into the
      TLS of cow-apply's copy, which goes away);
   2. the 64 dispositions as dumped;
-  3. pipes: the inherited descriptions dup3'd to the dumped fd numbers; close every
+  3. pipes, FIFOs, shared file descriptions and memfds: the inherited descriptions dup3'd
+     to the dumped fd numbers; close every
      other fd (cow-apply's: the plan stream first), open the dumped files;
   4. unmap everything except the window, the blob region and the vDSO block;
   5. move the vDSO block ([vvar], [vvar_vclock], [vdso]) to the dumped address;
   6. every target VMA: pieces moved out of the window, or mapped fresh; then
      prot and madvise flags;
-  7. the rest of the window goes; mm fields and exe (PR_SET_MM_MAP); comm, cwd, umask;
+  7. the rest of the window goes; mm fields and exe (PR_SET_MM_MAP); file locks; comm, cwd, umask;
   8. tid address, robust list and rseq registration as dumped (they point into
      restored memory, so only now);
-  9. rlimits, nice, personality, subreaper; every other thread, cloned with its tid,
-     sets its own registrations and credentials and stops (the main thread waits);
-     groups, gids, uids (the process loses root's capabilities here); then pdeathsig,
+  9. rlimits, scheduler policy, nice, CPU affinity, personality, subreaper; every other
+     thread, cloned with its tid, sets its own registrations and credentials and stops
+     (the main thread waits); inheritable and bounding capabilities, keep-caps; groups,
+     gids, uids; the dumped capability sets, ambient set and securebits; then pdeathsig,
      dumpable, no_new_privs;
- 10. sigaltstack, pending signals (queued to itself; each thread queues its own), interval timers.
+ 10. sigaltstack, pending signals (queued to itself; each thread queues its own), POSIX
+     timers, interval timers.
 The inherited rseq registration (glibc's, in cow-apply's TLS) is unregistered
 by the agent just before it jumps here.
 The registers, xstate and signal mask are set by cow-apply afterwards.
@@ -26,8 +29,12 @@ The registers, xstate and signal mask are set by cow-apply afterwards.
 import os
 import struct
 
+from stages.linux import tty
+
+from . import caps as caps_mod
 from . import restorer as R
 from .addresses import TASK_SIZE
+from .pipes import is_pipe_fd
 
 PAGE = 4096
 PROT_READ, PROT_WRITE = 1, 2
@@ -42,6 +49,11 @@ SYS_PRLIMIT64, SYS_SETPRIORITY, SYS_PERSONALITY, PRIO_PROCESS = 302, 141, 135, 0
 SYS_SETGROUPS, SYS_SETRESGID, SYS_SETFSGID, SYS_SETRESUID, SYS_SETFSUID = 116, 119, 123, 117, 122
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 O_CLOEXEC = 0o2000000
+SYS_FCNTL, F_SETFD, FD_CLOEXEC = 72, 2, 1
+SYS_FLOCK, LOCK_SH, LOCK_EX, LOCK_NB = 73, 1, 2, 4
+F_SETLK, F_OFD_SETLK, F_RDLCK, F_WRLCK = 6, 37, 0, 1
+SYS_TIMER_CREATE, SYS_TIMER_SETTIME, PR_TIMER_CREATE_RESTORE_IDS = 222, 223, 77
+SYS_SCHED_SETSCHEDULER, SYS_SCHED_SETAFFINITY = 144, 203
 SIGKILL, SIGSTOP = 9, 19
 MADVISE_FLAGS = {"dc": 10, "wf": 18, "hg": 14, "nh": 15, "dd": 16}  # smaps VmFlags -> MADV_*
 NO_OPEN = os.O_CREAT | os.O_TRUNC | os.O_EXCL
@@ -98,10 +110,16 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
 
     # pipes first: dup3 the inherited descriptions to the dumped numbers (sources lie above
     # every target), then close everything else (cow-apply's fds, the other descriptions)
-    pipes = [fd for fd in image["fds"] if fd["kind"] == "pipe"]
+    # file locks are taken after every fd and mapping is in place: closing any fd of a file
+    # (close_range here, the restorer's mmap of it) drops the process's POSIX locks on it
+    locks = []
+    pipes = [fd for fd in image["fds"] if is_pipe_fd(fd)]
     for fd in pipes:
         prog.add(R.OP_SYSCALL, SYS_DUP3, (pipe_fds or {}).get(fd["desc"], -1), fd["fd"],
                  O_CLOEXEC if fd.get("cloexec") else 0)
+        for kind, how, start, end in fd.get("locks", ()):
+            if kind == "posix":  # flock and OFD locks are the description's: cow-apply took them
+                locks.append((fd["fd"], kind, how, start, end))
     # memfds with a description id: the same way, from cow-apply's descriptions
     shmem_desc_fds = shmem_desc_fds or {}
     duped = [fd for fd in image["fds"] if "shmem" in fd and "desc" in fd]
@@ -113,13 +131,18 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
     for first, last in fd_gaps([fd["fd"] for fd in pipes + duped] + list(shmem_fds.values())):
         prog.add(R.OP_CLOSE_RANGE, first, last)
     for fd in sorted(image["fds"], key=lambda f: f["fd"]):
-        if fd["kind"] == "pipe" or "shmem" in fd and "desc" in fd:
+        if is_pipe_fd(fd) or "shmem" in fd and "desc" in fd:
             continue
         path, flags = fd["path"], fd["flags"] & ~NO_OPEN
         if "shmem" in fd:  # a memfd without a description id: opened anew on its object
             path, flags = _object_path(shmem_fds, fd["shmem"]), flags & ~os.O_NOFOLLOW
+        elif fd["kind"] == "tty":  # cow-collect's terminal goes onto cow-apply's (check.py: it has one)
+            path, flags = tty.caller_terminal()[1], flags | os.O_NOCTTY
         prog.add(R.OP_OPEN_FD, fd["fd"], prog.string(path), flags,
-                 fd.get("pos", 0) if fd["kind"] == "file" else 0, 0)
+                 fd.get("pos", 0) if fd["kind"] in ("file", "dir") else 0, 0)
+        if fd["flags"] & O_CLOEXEC:  # the restorer's dup2 to the dumped number dropped it
+            prog.add(R.OP_SYSCALL, SYS_FCNTL, fd["fd"], F_SETFD, FD_CLOEXEC)
+        locks.extend((fd["fd"], *lock) for lock in fd.get("locks", ()))
 
     vdso_now = [(start, end) for _, start, end in own_vdso]
     keep = [(base, base + window[1]), (blob_region[0], blob_region[0] + blob_region[1])] + vdso_now
@@ -146,6 +169,8 @@ def build(proc, ranges, window, blob_region, own_vdso, scratch, pipe_fds=None, i
         # process restored from a fork of cow-apply (a python3) maps it: it is already right
         exe = None
     prog.add(R.OP_MM_MAP, mm_ref, 11 * 8 + 8 + 8, prog.string(exe) if exe else 0)
+    for lock in locks:
+        _lock(prog, *lock)
     prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NAME, prog.string(image["comm"][:15]))
     if image.get("cwd"):
         prog.add(R.OP_CHDIR, prog.string(image["cwd"]))
@@ -217,11 +242,23 @@ def _thread_signals(prog, pid, thread):
             prog.add(R.OP_SYSCALL, SYS_RT_TGSIGQUEUEINFO, pid, thread["tid"], signo, prog.struct(info))
 
 
+def _lock(prog, fd, kind, how, start, end):
+    """Take a dumped file lock again, never waiting: a conflict (the file locked by someone
+    else since check.py looked) fails the restore."""
+    if kind == "flock":
+        prog.add(R.OP_SYSCALL, SYS_FLOCK, fd, (LOCK_EX if how == "write" else LOCK_SH) | LOCK_NB)
+        return
+    length = 0 if end is None else end - start + 1  # 0: to the end of the file, however it grows
+    flock = struct.pack("<hh4xqqi4x", F_WRLCK if how == "write" else F_RDLCK, 0, start, length, 0)
+    prog.add(R.OP_SYSCALL, SYS_FCNTL, fd, F_OFD_SETLK if kind == "ofdlck" else F_SETLK, prog.struct(flock))
+
+
 def _signals_and_timers(prog, pid, thread, state):
     """The alternate signal stack, the pending signals (queued to itself with their dumped
     siginfo: the kernel takes any si_code only from the process itself; every signal is
-    blocked here, the dumped mask is set by cow-apply at resume), then the interval
-    timers, last, so that they lose as little time as possible before the release.
+    blocked here, the dumped mask is set by cow-apply at resume), then the POSIX timers
+    (with their ids, PR_TIMER_CREATE_RESTORE_IDS) and the interval timers, last, so that
+    they lose as little time as possible before the release.
     pid is the process's pid in its own namespace: the dumped one."""
     _sigaltstack(prog, thread)
     for info in thread.get("pending", ()):
@@ -232,6 +269,16 @@ def _signals_and_timers(prog, pid, thread, state):
         signo = struct.unpack_from("<i", info)[0]
         if signo not in (SIGKILL, SIGSTOP):
             prog.add(R.OP_SYSCALL, SYS_RT_SIGQUEUEINFO, pid, signo, prog.struct(info))
+    timers = state.get("posix_timers", ())
+    if timers:  # with the dumped ids: the kernel takes the id from *timerid in this mode
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0)
+        for t in reversed(timers):  # /proc/PID/timers lists the newest first: same order again
+            event = struct.pack("<QiiI44x", t["sival"], t["signo"], t["notify"], pid)  # sigev_notify_thread_id
+            prog.add(R.OP_SYSCALL, SYS_TIMER_CREATE, t["clock"], prog.struct(event), prog.struct(struct.pack("<i", t["id"])))
+        prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
+        for t in timers:
+            if t["value"][2] or t["value"][3]:  # armed: what was left of it, relative
+                prog.add(R.OP_SYSCALL, SYS_TIMER_SETTIME, t["id"], 0, prog.struct(struct.pack("<4q", *t["value"])), 0)
     for which, timer in enumerate(state.get("itimers", ())):
         if timer[2] or timer[3]:  # armed
             prog.add(R.OP_SYSCALL, SYS_SETITIMER, which, prog.struct(struct.pack("<4q", *timer)), 0)
@@ -246,13 +293,23 @@ def _sigaltstack(prog, thread):
 
 
 def _process_limits(prog, state):
-    """Limits, priority, personality and the subreaper flag, before the credentials: after
-    setresuid to another user the process has no capabilities left."""
+    """Limits, scheduler policy, nice, CPU affinity, personality and the subreaper flag,
+    before the credentials: after setresuid to another user the process may have no
+    capabilities left.  Threads cloned afterwards inherit policy and affinity."""
     for resource, (soft, hard) in enumerate(state.get("rlimits", ())):
         # raising a hard limit above cow-apply's needs CAP_SYS_RESOURCE: check.py refuses that first
         prog.add(R.OP_SYSCALL, SYS_PRLIMIT64, 0, resource, prog.struct(struct.pack("<QQ", soft, hard)), 0)
+    if "sched" in state:  # before nice: a change of policy may set it
+        policy, priority = state["sched"]
+        prog.add(R.OP_SYSCALL, SYS_SCHED_SETSCHEDULER, 0, policy, prog.struct(struct.pack("<i", priority)))
     if "nice" in state:
         prog.add(R.OP_SYSCALL, SYS_SETPRIORITY, PRIO_PROCESS, 0, state["nice"])
+    if state.get("affinity"):
+        mask = 0
+        for cpu in state["affinity"]:
+            mask |= 1 << cpu
+        size = max(8, (max(state["affinity"]) // 64 + 1) * 8)
+        prog.add(R.OP_SYSCALL, SYS_SCHED_SETAFFINITY, 0, size, prog.struct(mask.to_bytes(size, "little")))
     if "personality" in state:
         prog.add(R.OP_SYSCALL, SYS_PERSONALITY, state["personality"])
     if "subreaper" in state:
@@ -260,7 +317,13 @@ def _process_limits(prog, state):
 
 
 def _credentials(prog, state):
-    """Groups, gids, uids of the calling thread (credentials are per thread in the kernel)."""
+    """Groups, gids, uids and capabilities of the calling thread (credentials are per thread
+    in the kernel): capabilities around the uid change (stages.apply.caps: the bounding set
+    and keep-caps before it, the dumped sets after it)."""
+    caps = state.get("caps")
+    mine = caps_mod.own() if caps else None
+    if caps:
+        caps_mod.before_uid_change(prog, caps, mine)
     if "groups" in state:
         groups = state["groups"]
         prog.add(R.OP_SYSCALL, SYS_SETGROUPS, len(groups), prog.struct(struct.pack(f"<{len(groups)}I", *groups) or b"\0"))
@@ -272,6 +335,8 @@ def _credentials(prog, state):
         ruid, euid, suid, fsuid = state["uids"]
         prog.add(R.OP_SYSCALL, SYS_SETRESUID, ruid, euid, suid)
         prog.add(R.OP_SYSCALL, SYS_SETFSUID, fsuid)
+    if caps:
+        caps_mod.after_uid_change(prog, caps, state.get("securebits", 0), mine)
 
 
 def _process_flags(prog, state, is_root):

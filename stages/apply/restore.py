@@ -320,6 +320,13 @@ class Restore:
             raise ApplyError(f"process {pid}: restorer operation {done} {what} failed: "
                              f"{os.strerror(-error) if error < 0 else error}")
         self._check_threads(pid)
+        oom = (self.plan.by_pid[pid]["image"].get("state") or {}).get("oom_score_adj")
+        if oom is not None:  # written from outside: the restorer has no write op (check.py allowed it)
+            try:
+                with open(f"/proc/{ag.pid}/oom_score_adj", "w") as f:
+                    f.write(str(oom))
+            except OSError as exc:
+                raise ApplyError(f"process {pid}: setting oom_score_adj {oom}: {exc.strerror}")
 
     def _thread_born(self, pid, tid):
         """A thread the restorer just cloned, in its first stop: let it run its own ops

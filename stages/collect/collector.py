@@ -15,14 +15,14 @@ import errno
 import os
 import time
 
-from stages.linux import freeze, pagemap, procfs
+from stages.linux import freeze, pagemap, procfs, tty
 from stages.linux.memory import ProcessMemory
 from stages.stream import StreamWriter, images, is_broken_pipe
 
 from . import pages as pages_mod
 from . import state
 from .frames import FrameTable
-from .refusals import Refused, pipe_reasons, process_reasons
+from .refusals import Refused, mark_caller_terminal, pipe_reasons, process_reasons
 from .shmem import SharedObjects
 from .vdso import vdso_identity
 
@@ -95,15 +95,17 @@ class Collection:
         reasons = [(pid, "is a zombie (exited, not reaped by its parent)") for pid in self.tree.zombies]
         reasons += [(pid, f"its main thread has exited ({n} other threads run on)")
                     for pid, n in self.tree.leaderless.items()]
+        terminal = tty.caller_terminal()
         for pid in self.tree.order:
             try:
                 view = state.ProcView(pid, self.tree.threads[pid])
             except FileNotFoundError:
                 raise CollectError(f"process {pid}: vanished while frozen")
             self.views.append(view)
+            mark_caller_terminal(view.fds, terminal)
             reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
         holders = state.pipe_holders(self.views)
-        reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), holders)))
+        reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), state.pipe_links(self.views))))
         self.shared = SharedObjects(self.views)
         self.shared.held_outside(set(self.tree.order))
         reasons.extend(self.shared.reasons)

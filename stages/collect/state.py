@@ -8,6 +8,8 @@ from stages.linux import procfs, ptrace, remote
 from stages.linux.memory import ProcessMemory
 from stages.stream import pack_u32
 
+from .refusals import parse_lock, timer_notify
+
 O_CLOEXEC = 0o2000000
 
 
@@ -24,7 +26,8 @@ class ProcView:
 
 
 def fd_record(fd, pipe_fields=None):
-    kind = "pipe" if is_pipe(fd) else fd["kind"]
+    # a FIFO stays "fifo", with its path; cow-collect's terminal becomes "tty" (onto cow-apply's)
+    kind = "pipe" if is_pipe(fd) else "tty" if fd.get("caller_tty") else fd["kind"]
     rec = {"fd": fd["fd"], "kind": kind, "path": fd.get("path"), "flags": fd["flags"],
            "pos": fd.get("pos", 0), "cloexec": bool(fd["flags"] & O_CLOEXEC)}
     for key in ("mode", "dev", "ino", "size"):
@@ -32,6 +35,9 @@ def fd_record(fd, pipe_fields=None):
             rec[key] = fd[key]
     if pipe_fields:
         rec.update(pipe_fields)
+    locks = [parse_lock(lock) for lock in fd.get("locks", ())]
+    if locks:  # refusals passed: every one parses
+        rec["locks"] = locks
     return rec
 
 
@@ -67,6 +73,7 @@ def remote_state(view):
         tid_address = remote.remote_tid_address(rs, pid, rsp)
         view.prctl = remote.remote_prctl_state(rs, pid, rsp)  # read by process_record
         view.itimers, view.sigaltstack = remote.remote_timers_and_altstack(rs, pid, rsp)
+        view.posix_timers = posix_timers(rs, pid, rsp)
     if brk < 0:
         raise OSError(-brk, f"process {pid}: remote brk(0) failed: {os.strerror(-brk)}")
     return brk, sigactions, tid_address
@@ -109,6 +116,15 @@ def abort_rseq_sections(view):
                 mem.write(addr + 8, bytes(8))  # rseq_cs = NULL, as the kernel leaves it
 
 
+def posix_timers(rs, pid, rsp):
+    """The process's POSIX timers: /proc/PID/timers (refusals passed: each can be made
+    again) and each one's timer_gettime, run inside it."""
+    timers = procfs.parse_timers(procfs.read_text(f"/proc/{pid}/timers"))
+    times = remote.remote_posix_timers(rs, pid, rsp, [t["id"] for t in timers])
+    return [{"id": t["id"], "clock": t["clock"], "signo": t["signo"], "sival": t["sival"],
+             "notify": timer_notify(t), "value": times[t["id"]]} for t in timers]
+
+
 def process_record(view, threads, brk, sigactions, pipes=None):
     pid, st = view.pid, view.stat
     exe = procfs.readlink(f"/proc/{pid}/exe")
@@ -140,10 +156,13 @@ def process_record(view, threads, brk, sigactions, pipes=None):
 
 
 RLIMIT_NLIMITS = 16
+CAP_SETS = (("effective", "CapEff"), ("permitted", "CapPrm"), ("inheritable", "CapInh"),
+            ("bounding", "CapBnd"), ("ambient", "CapAmb"))
 
 
 def process_state(view):
-    """Credentials, rlimits, nice, personality and prctl flags of one frozen process."""
+    """Credentials and capabilities, rlimits, nice, scheduler policy and CPU affinity,
+    oom_score_adj, personality and prctl flags of one frozen process."""
     pid, status = view.pid, view.status
     ids = lambda key: [int(x) for x in status[key].split()]  # noqa: E731 (real, effective, saved, fs)
     state = {
@@ -153,9 +172,15 @@ def process_state(view):
         "no_new_privs": status.get("NoNewPrivs", "0") != "0",
         "personality": int(procfs.read_text(f"/proc/{pid}/personality").strip(), 16),
     }
-    state.update(getattr(view, "prctl", {}))
+    state["caps"] = {name: int(status[key], 16) for name, key in CAP_SETS}
+    state.update(getattr(view, "prctl", {}))  # securebits among them
+    state["oom_score_adj"] = int(procfs.read_text(f"/proc/{pid}/oom_score_adj"))
+    state["sched"] = [os.sched_getscheduler(pid), os.sched_getparam(pid).sched_priority]
+    state["affinity"] = sorted(os.sched_getaffinity(pid))
     if hasattr(view, "itimers"):
         state["itimers"] = view.itimers
+    if getattr(view, "posix_timers", None):
+        state["posix_timers"] = view.posix_timers
     state["pending"] = remote.pending_siginfos(pid, shared=True)
     return state
 
@@ -196,22 +221,40 @@ def is_pipe(fd):
     return fd["kind"] == "fifo" and (fd.get("path") or "").startswith(PIPE_PREFIX)
 
 
+def is_fifo(fd):
+    """A named pipe: an fd of kind fifo that has a path."""
+    return fd["kind"] == "fifo" and not is_pipe(fd)
+
+
+def pipe_key(fd):
+    """What identifies the pipe behind fd: its inode for an anonymous pipe, (dev, inode)
+    of the FIFO file for a named one."""
+    return fd["ino"] if is_pipe(fd) else (fd["dev"], fd["ino"])
+
+
 def pipe_holders(views):
-    """{pipe inode: [(pid, fd), ...]} over the tree, in tree order."""
+    """{pipe key: [(pid, fd), ...]} over the tree (pipes and FIFOs), in tree order."""
     out = {}
     for view in views:
         for fd in view.fds:
-            if is_pipe(fd):
-                out.setdefault(fd["ino"], []).append((view.pid, fd["fd"]))
+            if fd["kind"] == "fifo":
+                out.setdefault(pipe_key(fd), []).append((view.pid, fd["fd"]))
     return out
 
 
-def pipes_held_outside(tree_pids, inodes):
-    """{pipe inode: a pid outside the tree that holds it}, for the inodes given.
+def pipe_links(views):
+    """{fd link text: pipe key} of every pipe and FIFO fd of the tree ("pipe:[N]", or the
+    FIFO's path)."""
+    return {fd["path"]: pipe_key(fd) for view in views for fd in view.fds if fd["kind"] == "fifo"}
+
+
+def pipes_held_outside(tree_pids, links):
+    """{pipe key: a pid outside the tree that holds it}, for the links given (pipe_links).
 
     A pipe is the tree's only if no other process has an fd on it: every fd link
-    of every other process is read (cheap next to reading the tree's memory)."""
-    want = {f"{PIPE_PREFIX}{ino}]": ino for ino in inodes}
+    of every other process is read (cheap next to reading the tree's memory).  A FIFO
+    is matched by its path."""
+    want = links
     found = {}
     if not want:
         return found
@@ -274,15 +317,17 @@ def pipe_contents(pid, fd):
 
 
 class PipeTable:
-    """Pipes of the frozen tree: a dense id per pipe, a dense id per open file description
-    (kcmp: fds that share one, after fork or dup, share O_NONBLOCK), and the unread bytes,
-    recorded once, in the first process (stream order) that holds the pipe."""
+    """Pipes and FIFOs of the frozen tree: a dense id per pipe, a dense id per open file
+    description (kcmp: fds that share one, after fork or dup, share O_NONBLOCK), and the
+    unread bytes, recorded once, in the first process (stream order) that holds the pipe;
+    then desc ids for regular files whose description is shared."""
 
     def __init__(self, views):
         self.fd_fields = {}  # (pid, fd) -> {"pipe": id, "desc": id}
         self.records = {}  # pid -> [{"id", "size", "data"}]
         desc_ids = 0
-        for pipe_id, (ino, holders) in enumerate(pipe_holders(views).items(), start=1):
+        fifo_paths = {pipe_key(fd): fd["path"] for view in views for fd in view.fds if is_fifo(fd)}
+        for pipe_id, (key, holders) in enumerate(pipe_holders(views).items(), start=1):
             reps = []  # (pid, fd, desc id): one per open file description of this pipe
             for pid, fd in holders:
                 desc = next((d for p, f, d in reps if _kcmp_file(p, f, pid, fd) == 0), None)
@@ -292,4 +337,33 @@ class PipeTable:
                     reps.append((pid, fd, desc))
                 self.fd_fields[(pid, fd)] = {"pipe": pipe_id, "desc": desc}
             size, data = pipe_contents(*holders[0])
-            self.records.setdefault(holders[0][0], []).append({"id": pipe_id, "size": size, "data": data})
+            rec = {"id": pipe_id, "size": size, "data": data}
+            if key in fifo_paths:
+                rec["path"] = fifo_paths[key]
+            self.records.setdefault(holders[0][0], []).append(rec)
+        self._shared_files(views, desc_ids)
+
+    def _shared_files(self, views, desc_ids):
+        """Regular files whose open file description two or more fds share (after fork or
+        dup) get a desc id too (after the pipes'): apply makes them one description again,
+        with its offset shared and its flock/OFD locks."""
+        files = {}
+        for view in views:
+            for fd in view.fds:
+                # memfds and deleted tmpfs files are shared memory objects (shmem.py): their
+                # descriptions get ids there
+                if fd["kind"] == "file" and not fd.get("deleted"):
+                    files.setdefault((fd["dev"], fd["ino"]), []).append((view.pid, fd["fd"]))
+        for holders in files.values():
+            groups = []  # [(pid, fd), ...] per description
+            for pid, fd in holders if len(holders) > 1 else ():
+                group = next((g for g in groups if _kcmp_file(*g[0], pid, fd) == 0), None)
+                if group is None:
+                    groups.append([(pid, fd)])
+                else:
+                    group.append((pid, fd))
+            for group in groups:
+                if len(group) > 1:
+                    desc_ids += 1
+                    for member in group:
+                        self.fd_fields[member] = {"desc": desc_ids}

@@ -168,6 +168,30 @@ def read_text(path):
         return f.read().decode("utf-8", "surrogateescape")
 
 
+def parse_timers(text):
+    """/proc/PID/timers -> [{'id', 'signo', 'sival', 'how' ('signal', 'none', 'thread'),
+    'target' ('pid' or 'tid'), 'target_id', 'clock'}], one per POSIX timer (timer_create)."""
+    out, cur = [], None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "ID":
+            cur = {"id": int(value)}
+            out.append(cur)
+        elif cur is None:
+            continue
+        elif key == "signal":
+            signo, _, sival = value.partition("/")
+            cur["signo"], cur["sival"] = int(signo), int(sival or "0", 16)
+        elif key == "notify":
+            how, _, target = value.partition("/")
+            kind, _, num = target.partition(".")
+            cur["how"], cur["target"], cur["target_id"] = how, kind, int(num or "0")
+        elif key == "ClockID":
+            cur["clock"] = int(value)
+    return out
+
+
 def read_stat(pid):
     return parse_stat(read_text(f"/proc/{pid}/stat"))
 
@@ -249,8 +273,11 @@ def describe_fd(pid, fd):
     """
     base = f"/proc/{pid}"
     target = readlink(f"{base}/fd/{fd}") or ""
-    info = parse_fdinfo(read_text(f"{base}/fdinfo/{fd}"))
+    text = read_text(f"{base}/fdinfo/{fd}")
+    info = parse_fdinfo(text)
     out = {"fd": fd, "path": target, "flags": info.get("flags", 0), "pos": info.get("pos", 0)}
+    # file locks this fd's description or this process holds on the file (flock, POSIX, OFD)
+    out["locks"] = [line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("lock:")]
     if target.startswith("socket:["):
         out["kind"] = "socket"
         out["ino"] = int(target[8:-1])
@@ -272,6 +299,7 @@ def describe_fd(pid, fd):
         out["deleted"] = target.endswith(DELETED) or st.st_nlink == 0
     elif statmod.S_ISCHR(st.st_mode):
         out["kind"] = "chr"
+        out["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
     elif statmod.S_ISDIR(st.st_mode):
         out["kind"] = "dir"
     elif statmod.S_ISFIFO(st.st_mode):

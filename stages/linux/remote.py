@@ -170,11 +170,11 @@ def remote_tid_address(rs, pid, rsp):
             mem.write(scratch, saved)
 
 
-PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER = 2, 3, 37
+PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER, PR_GET_SECUREBITS = 2, 3, 37, 27
 
 
 def remote_prctl_state(rs, pid, rsp):
-    """{'subreaper', 'pdeathsig', 'dumpable'}: prctl values only the process itself can read
+    """{'subreaper', 'pdeathsig', 'dumpable', 'securebits'}: prctl values only the process itself can read
     (the two PR_GET_* that store an int write it to scratch below the red zone, put back after)."""
     scratch = (rsp - 128 - 256) & ~15
     out = {}
@@ -193,11 +193,15 @@ def remote_prctl_state(rs, pid, rsp):
     if res < 0:
         raise RemoteError(f"process {pid}: prctl(PR_GET_DUMPABLE) failed: {os.strerror(-res)}")
     out["dumpable"] = res
+    res = rs.call(SYS_PRCTL, PR_GET_SECUREBITS, 0, 0, 0, 0)
+    if res < 0:
+        raise RemoteError(f"process {pid}: prctl(PR_GET_SECUREBITS) failed: {os.strerror(-res)}")
+    out["securebits"] = res
     out["subreaper"] = bool(out["subreaper"])
     return out
 
 
-SYS_GETITIMER, SYS_SIGALTSTACK = 36, 131
+SYS_GETITIMER, SYS_SIGALTSTACK, SYS_TIMER_GETTIME = 36, 131, 224
 ITIMERVAL = struct.Struct("<4q")  # it_interval (sec, usec), it_value (sec, usec)
 STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, padding, ss_size
 
@@ -235,6 +239,24 @@ def remote_sigaltstack(rs, pid, rsp):
         finally:
             mem.write(scratch, saved)
     return [sp, flags & 0xFFFFFFFF, size]
+
+
+def remote_posix_timers(rs, pid, rsp, ids):
+    """{timer id: [interval sec, interval nsec, value sec, value nsec]} by timer_gettime in
+    the process (value 0 = disarmed), through scratch below the red zone."""
+    scratch = (rsp - 128 - 256) & ~15
+    out = {}
+    with ProcessMemory(pid, write=True) as mem:
+        saved = mem.read(scratch, 32)
+        try:
+            for timer_id in ids:
+                res = rs.call(SYS_TIMER_GETTIME, timer_id, scratch)
+                if res < 0:
+                    raise RemoteError(f"process {pid}: timer_gettime({timer_id}) failed: {os.strerror(-res)}")
+                out[timer_id] = list(ITIMERVAL.unpack(mem.read(scratch, ITIMERVAL.size)))
+        finally:
+            mem.write(scratch, saved)
+    return out
 
 
 PTRACE_PEEKSIGINFO_SHARED = 1

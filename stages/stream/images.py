@@ -68,16 +68,21 @@ SIGACTION = Tuple(UInt(), UInt(), UInt(), UInt())  # handler, flags, restorer, m
 FD = Map(
     {"fd": Int(0, 1 << 20), "kind": Str(), "path": Nullable(Str()), "flags": UInt()},
     {"pos": UInt(), "mode": UInt(), "dev": Nullable(Str()), "ino": UInt(), "size": UInt(), "cloexec": Bool(),
-     # kind "pipe": the pipe's id in these images, and the id of the open file description
+     # kind "pipe" (and "fifo"): the pipe's id in these images, and the id of the open file description
      # (fds of any process with the same desc share one, and with it O_NONBLOCK)
      "pipe": Int(1, (1 << 32) - 1), "desc": Int(1, (1 << 32) - 1),
      # a memfd or a deleted tmpfs file: the id of its shared memory object (a ``shmem`` record)
-     "shmem": Int(1, (1 << 32) - 1)},
+     "shmem": Int(1, (1 << 32) - 1),
+     # file locks held through this fd (fdinfo "lock:"): [kind, type, start, end (nil = EOF)]
+     "locks": ListOf(Tuple(Str(choices=("flock", "posix", "ofdlck")), Str(choices=("read", "write")),
+                           UInt(), Nullable(UInt())), max_len=1 << 16)},
 )
 
 # A pipe of the tree, in the first process (stream order) holding it: capacity (F_GETPIPE_SZ)
 # and the bytes written to it and not read yet at the dump.
-PIPE = Map({"id": Int(1, (1 << 32) - 1), "size": Int(4096, 1 << 31), "data": Bin(max_len=1 << 31)})
+# A FIFO (named pipe) has the path it was opened by (its fds are of kind "fifo").
+PIPE = Map({"id": Int(1, (1 << 32) - 1), "size": Int(4096, 1 << 31), "data": Bin(max_len=1 << 31)},
+           {"path": Str()})
 
 # Per-process state beyond memory (all optional: older images have none of it).
 STATE = Map(
@@ -93,9 +98,21 @@ STATE = Map(
         "subreaper": Bool(),  # PR_SET_CHILD_SUBREAPER
         "pdeathsig": Int(0, 64),  # PR_SET_PDEATHSIG
         "dumpable": Int(0, 2),  # PR_GET_DUMPABLE
+        # capability sets as /proc/PID/status shows them (bit N = capability N)
+        "caps": Map({}, {name: UInt() for name in ("effective", "permitted", "inheritable", "bounding", "ambient")}),
+        "securebits": Int(0, 0xFF),  # PR_GET_SECUREBITS
+        "oom_score_adj": Int(-1000, 1000),
+        # sched_getscheduler (policy, SCHED_RESET_ON_FORK included) and sched_priority
+        "sched": Tuple(UInt(), Int(0, 99)),
+        "affinity": ListOf(Int(0, 1 << 16), max_len=1 << 16),  # CPUs the process may run on
         # ITIMER_REAL, _VIRTUAL, _PROF: [interval sec, interval usec, value sec, value usec]
         "itimers": ListOf(Tuple(Int(), Int(), Int(), Int()), max_len=3),
         "pending": ListOf(Bin(max_len=128), max_len=1 << 16),  # shared queue: raw siginfo, queue order
+        # timer_create timers: id, clock, sigevent (signo, sival, notify: SIGEV_SIGNAL 0, _NONE 1,
+        # _THREAD_ID 4 = the process's own thread) and timer_gettime [interval s, ns, value s, ns]
+        "posix_timers": ListOf(Map({"id": Int(0, (1 << 31) - 1), "clock": Int(0, 15), "signo": Int(0, 64),
+                                    "sival": UInt(), "notify": Int(0, 4),
+                                    "value": Tuple(Int(), Int(), Int(), Int())}), max_len=1 << 16),
     },
 )
 

@@ -23,6 +23,23 @@ PAGE = 4096
 PACKED_U32 = {"frames", "same"}
 
 
+SCHED_POLICIES = {0: "OTHER", 1: "FIFO", 2: "RR", 3: "BATCH", 5: "IDLE", 6: "DEADLINE"}
+SCHED_RESET_ON_FORK = 0x40000000
+
+
+def cpu_list(cpus):
+    """[0, 1, 2, 5] -> "0-2,5" (the kernel's list format)."""
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+        i = j + 1
+    return ",".join(out) or "-"
+
+
 def frame_runs(ids):
     """Compress a frame-id array into runs: '1-256', '0x12' (12 absent pages), '300'."""
     out = []
@@ -167,10 +184,21 @@ class Printer:
                 self.line(f"{indent}  fd {fd['fd']} pipe {fd.get('pipe')} {'read' if fd['flags'] & 3 == 0 else 'write'} "
                           f"end, description {fd.get('desc')} flags {fd['flags']:#o}")
                 continue
+            if fd["kind"] == "fifo" and "desc" in fd:
+                end = ("read", "write", "read-write", "?")[fd["flags"] & 3]
+                self.line(f"{indent}  fd {fd['fd']} fifo {n.path(fd.get('path'))} pipe {fd.get('pipe')} {end} end, "
+                          f"description {fd.get('desc')} flags {fd['flags']:#o}")
+                continue
+            locks = ", ".join(f"{kind} {how} {start}-{'EOF' if end is None else end}"
+                              for kind, how, start, end in fd.get("locks", ()))
             self.line(f"{indent}  fd {fd['fd']} {fd['kind']} {n.path(fd.get('path'))} flags {fd['flags']:#o}"
+                      + (f" pos {fd['pos']}" if fd["kind"] == "dir" and not n.enabled else "")
+                      + (f" locks {locks}" if locks else "")
+                      + (f" description {fd['desc']}" if "desc" in fd else "")
                       + (f" shared memory {fd['shmem']}" if "shmem" in fd else ""))
         for pipe in p.get("pipes", ()):
-            self.line(f"{indent}  pipe {pipe['id']}: capacity {pipe['size']}, {len(pipe['data'])} bytes unread"
+            fifo = f" (FIFO {n.path(pipe['path'])})" if "path" in pipe else ""
+            self.line(f"{indent}  pipe {pipe['id']}{fifo}: capacity {pipe['size']}, {len(pipe['data'])} bytes unread"
                       + (f" {pipe['data'][:16]!r}" if pipe["data"] else ""))
         st = p.get("state")
         if st and not self.norm.enabled:  # not in the normal form: golden files predate it
@@ -182,6 +210,22 @@ class Printer:
             lims = " ".join(f"{i}:{'inf' if a == inf else a}/{'inf' if b == inf else b}"
                             for i, (a, b) in enumerate(st.get("rlimits", ())))
             self.line(f"{indent}  rlimits {lims}")
+            caps = st.get("caps")
+            if caps:
+                self.line(f"{indent}  caps " + " ".join(f"{k[:3]} {caps[k]:#x}" for k in
+                                                          ("effective", "permitted", "inheritable", "bounding", "ambient") if k in caps)
+                          + f" securebits {st.get('securebits', 0):#x}")
+            for t in st.get("posix_timers", ()):
+                how = {0: f"signal {t['signo']}", 1: "no signal", 4: f"signal {t['signo']} to the thread"}.get(t["notify"], "?")
+                iv_s, iv_ns, v_s, v_ns = t["value"]
+                when = f"in {v_s}.{v_ns:09d}s every {iv_s}.{iv_ns:09d}s" if v_s or v_ns else "disarmed"
+                self.line(f"{indent}  posix timer {t['id']} clock {t['clock']} {how} value {t['sival']:#x} {when}")
+            if "sched" in st or "oom_score_adj" in st:
+                policy, prio = st.get("sched", (0, 0))
+                name = SCHED_POLICIES.get(policy & ~SCHED_RESET_ON_FORK, str(policy & ~SCHED_RESET_ON_FORK))
+                reset = " reset_on_fork" if policy & SCHED_RESET_ON_FORK else ""
+                self.line(f"{indent}  sched {name} priority {prio}{reset} cpus {cpu_list(st.get('affinity', ()))} "
+                          f"oom_score_adj {st.get('oom_score_adj')}")
             armed = [f"{w}:{t[2]}.{t[3]:06d}s/{t[0]}.{t[1]:06d}s" for w, t in zip(("real", "virtual", "prof"), st.get("itimers", ())) if t[2] or t[3]]
             self.line(f"{indent}  itimers {' '.join(armed) or 'none'}  pending (shared) "
                       f"{' '.join(str(int.from_bytes(i[:4], 'little')) for i in st.get('pending', ())) or 'none'}")
