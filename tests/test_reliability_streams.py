@@ -15,7 +15,7 @@ from stages.plan.cli import make_plan
 from stages.plan.model import PlanError, read_images
 from stages.plan.simulate import simulate
 from stages.plan.validate import PlanInvalid, validate_plan
-from stages.stream import StreamError, StreamReader, StreamWriter, envelope, pack_u32, plans, unpack_u32
+from stages.stream import StreamError, StreamReader, StreamWriter, envelope, images, pack_u32, plans, unpack_u32
 from tests.support.synthetic import PATTERNS, ImageBuilder, page_bytes
 
 BIN = os.path.dirname(sys.executable)
@@ -221,7 +221,16 @@ def test_bad_images_are_refused_by_cow_plan(case, tmp_path):
 
 def test_newer_image_version_is_refused_by_cow_plan(tmp_path):
     fmt, header, recs = split(good_images())
-    plan_refuses(forge(fmt, header, recs, version=2), tmp_path, "version 2 is newer")
+    newer = images.VERSION + 1
+    plan_refuses(forge(fmt, header, recs, version=newer), tmp_path, f"version {newer} is newer")
+
+
+def test_older_image_version_is_refused_by_cow_plan(tmp_path):
+    """A stream of an older format (the header's version below ours, the rest ours) is
+    refused as old, before any of its records is read."""
+    fmt, header, recs = split(good_images())
+    older = images.VERSION - 1
+    plan_refuses(forge(fmt, header, recs, version=older), tmp_path, f"version {older} is older", "re-create it")
 
 
 # -- plans: a real one (sleep), broken field by field, must create nothing ---------------------
@@ -330,7 +339,14 @@ def test_bad_plans_are_refused_by_cow_apply_before_any_process(case, real_plan):
 
 def test_newer_plan_version_is_refused_before_any_process(real_plan):
     fmt, header, recs = split(real_plan)
-    apply_refuses(forge(fmt, header, recs, version=2), "version 2 is newer")
+    newer = plans.VERSION + 1
+    apply_refuses(forge(fmt, header, recs, version=newer), f"version {newer} is newer")
+
+
+def test_older_plan_version_is_refused_before_any_process(real_plan):
+    fmt, header, recs = split(real_plan)
+    older = plans.VERSION - 1
+    apply_refuses(forge(fmt, header, recs, version=older), f"version {older} is older")
 
 
 # -- fuzzing: the decoder and the validator raise their own errors, nothing else -------------

@@ -8,7 +8,9 @@ ascending order, trailer.  docs/FORMAT.md describes every field.
 from .schema import Any, Bin, Bool, Int, ListOf, Map, Nullable, Str, Tuple, UInt
 
 FORMAT = "cowtree-images"
-VERSION = 1
+# 1: first format.  2: record crc over data first, SHA-256/128 frame hashes, optional thread, state, fd and shmem fields (threads, process state, shared memory).
+# Any change of the bytes a reader must understand bumps it (docs/FORMAT.md, Versions).
+VERSION = 2
 
 VMA_KINDS = {"anon", "file", "heap", "stack", "vdso", "vvar", "vvar_vclock", "vsyscall", "special"}
 

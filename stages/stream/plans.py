@@ -10,7 +10,9 @@ from . import images
 from .schema import Bin, Int, ListOf, Map, MapOf, Nullable, Str, Tuple, UInt
 
 FORMAT = "cowtree-plan"
-VERSION = 1
+# 1: first format.  2: record crc over data first, SHA-256/128 frame hashes, the plan carries version 2 images' fields.
+# Any change of the bytes a reader must understand bumps it (docs/FORMAT.md, Versions).
+VERSION = 2
 
 STRATEGIES = {"exact", "address", "none"}
 
