@@ -453,6 +453,28 @@ def test_thread_inside_an_rseq_critical_section_goes_to_its_abort_handler(restor
         p.wait(timeout=10)
 
 
+def test_each_thread_keeps_its_own_scheduler_policy_and_cpus(threadwl, restored, tmp_path):
+    """Policy and CPU affinity are per thread: two threads given their own (from outside)
+    have them again after restore, and the main thread keeps the process's."""
+    tree = threadwl()
+    root = tree.pids[0]
+    main_policy, main_cpus = os.sched_getscheduler(root), os.sched_getaffinity(root)
+    a, b = task_tids(root)[1:3]
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setscheduler(a, os.SCHED_BATCH, os.sched_param(0))
+    os.sched_setaffinity(a, {cpus[0]})
+    os.sched_setscheduler(b, os.SCHED_IDLE, os.sched_param(0))
+    os.sched_setaffinity(b, {cpus[-1]})
+    want = {tid: (os.sched_getscheduler(tid), os.sched_getaffinity(tid)) for tid in task_tids(root)}
+    assert want[a] == (os.SCHED_BATCH, {cpus[0]}) and want[b] == (os.SCHED_IDLE, {cpus[-1]})
+    images = run([tool("cow-collect"), "--tree", str(root), "--kill"]).stdout
+    tree.wait_gone()
+    apply(plan(images), tmp_path, restored)
+    got = {tid: (os.sched_getscheduler(tid), os.sched_getaffinity(tid)) for tid in task_tids(root)}
+    assert got == want
+    assert got[root] == (main_policy, main_cpus)
+
+
 def test_thread_records_survive_a_round_trip(threadwl, restored, tmp_path):
     """Dump, restore, dump again: every thread's kernel-side state is what it was (tid, name,
     nice, registrations, alternate stack, mask, TLS base); only what the threads did since

@@ -164,6 +164,11 @@ def check_state(plan):
         why = state_refusal(state, mine_caps, own_oom, own_cpus)
         if why:
             raise Refusal(f"process {pid}: {why}")
+        for thread in proc["image"]["threads"][1:]:
+            sched = {key: thread[key] for key in ("sched", "affinity") if key in thread}
+            why = state_refusal(sched, mine_caps, own_oom, own_cpus) if sched else None
+            if why:
+                raise Refusal(f"process {pid}: thread {thread['tid']}: {why}")
         if not can_raise:
             for res, (soft, hard) in enumerate(state.get("rlimits", ())):
                 have = resource.getrlimit(res)[1] & 0xFFFFFFFFFFFFFFFF

@@ -208,8 +208,23 @@ def _thread_ops(prog, thread):
     _sigaltstack(prog, thread)
     if "comm" in thread:
         prog.add(R.OP_SYSCALL, SYS_PRCTL, PR_SET_NAME, prog.string(thread["comm"][:15]))
-    if "nice" in thread:  # nice is per thread: PRIO_PROCESS with who = 0 is the calling thread
-        prog.add(R.OP_SYSCALL, SYS_SETPRIORITY, PRIO_PROCESS, 0, thread["nice"])
+    _scheduling(prog, thread)
+
+
+def _scheduling(prog, fields):
+    """Scheduler policy, nice and CPU affinity of the calling thread (all three are per
+    thread; pid 0 is the caller), from a thread record or the process state."""
+    if "sched" in fields:  # before nice: a change of policy may set it
+        policy, priority = fields["sched"]
+        prog.add(R.OP_SYSCALL, SYS_SCHED_SETSCHEDULER, 0, policy, prog.struct(struct.pack("<i", priority)))
+    if "nice" in fields:
+        prog.add(R.OP_SYSCALL, SYS_SETPRIORITY, PRIO_PROCESS, 0, fields["nice"])
+    if fields.get("affinity"):
+        mask = 0
+        for cpu in fields["affinity"]:
+            mask |= 1 << cpu
+        size = max(8, (max(fields["affinity"]) // 64 + 1) * 8)
+        prog.add(R.OP_SYSCALL, SYS_SCHED_SETAFFINITY, 0, size, prog.struct(mask.to_bytes(size, "little")))
 
 
 def _threads(prog, pid, threads, state):
@@ -295,21 +310,11 @@ def _sigaltstack(prog, thread):
 def _process_limits(prog, state):
     """Limits, scheduler policy, nice, CPU affinity, personality and the subreaper flag,
     before the credentials: after setresuid to another user the process may have no
-    capabilities left.  Threads cloned afterwards inherit policy and affinity."""
+    capabilities left.  Threads cloned afterwards set their own (_thread_ops)."""
     for resource, (soft, hard) in enumerate(state.get("rlimits", ())):
         # raising a hard limit above cow-apply's needs CAP_SYS_RESOURCE: check.py refuses that first
         prog.add(R.OP_SYSCALL, SYS_PRLIMIT64, 0, resource, prog.struct(struct.pack("<QQ", soft, hard)), 0)
-    if "sched" in state:  # before nice: a change of policy may set it
-        policy, priority = state["sched"]
-        prog.add(R.OP_SYSCALL, SYS_SCHED_SETSCHEDULER, 0, policy, prog.struct(struct.pack("<i", priority)))
-    if "nice" in state:
-        prog.add(R.OP_SYSCALL, SYS_SETPRIORITY, PRIO_PROCESS, 0, state["nice"])
-    if state.get("affinity"):
-        mask = 0
-        for cpu in state["affinity"]:
-            mask |= 1 << cpu
-        size = max(8, (max(state["affinity"]) // 64 + 1) * 8)
-        prog.add(R.OP_SYSCALL, SYS_SCHED_SETAFFINITY, 0, size, prog.struct(mask.to_bytes(size, "little")))
+    _scheduling(prog, state)
     if "personality" in state:
         prog.add(R.OP_SYSCALL, SYS_PERSONALITY, state["personality"])
     if "subreaper" in state:

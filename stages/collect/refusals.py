@@ -131,9 +131,17 @@ def state_reasons(pid, stat_policy=None):
         why = timer_reason(pid, timer)
         if why:
             reasons.append(f"POSIX timer {timer['id']} {why}")
-    fields = procfs.read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
-    if int(fields[38]) == SCHED_DEADLINE:  # field 41 of stat: policy
-        reasons.append("runs under SCHED_DEADLINE")
+    try:
+        tids = procfs.tids(pid)
+    except OSError:  # it died meanwhile, which is found elsewhere
+        tids = []
+    for tid in tids:
+        try:
+            fields = procfs.read_text(f"/proc/{pid}/task/{tid}/stat").rsplit(")", 1)[1].split()
+        except OSError:  # the thread exited meanwhile
+            continue
+        if int(fields[38]) == SCHED_DEADLINE:  # field 41 of stat: policy
+            reasons.append("runs under SCHED_DEADLINE" + (f" (thread {tid})" if tid != pid else ""))
     root = procfs.readlink(f"/proc/{pid}/root")
     if root is not None and root != "/":  # None: it died meanwhile, which is found elsewhere
         reasons.append(f"has a changed root directory ({root})")

@@ -58,6 +58,9 @@ def thread_records(view):
             rec["rseq"] = {"addr": addr, "len": size, "sig": sig}
         stat = procfs.read_stat(f"{view.pid}/task/{tid}")
         rec["comm"], rec["nice"] = stat["comm"], stat["nice"]
+        if tid != view.pid:  # the main thread's are the process's (process_state)
+            rec["sched"] = [os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority]
+            rec["affinity"] = sorted(os.sched_getaffinity(tid))
         out.append(rec)
     return out
 

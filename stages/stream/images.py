@@ -42,6 +42,10 @@ def header_fields(fmt):
 
 HEADER = Map(header_fields(FORMAT), {"tool": Str(), "created": Str()})
 
+# sched_getscheduler (policy, SCHED_RESET_ON_FORK included) and sched_priority; CPUs allowed
+SCHED = Tuple(UInt(), Int(0, 99))
+AFFINITY = ListOf(Int(0, 1 << 16), max_len=1 << 16)
+
 THREAD = Map(
     {
         "tid": PID,
@@ -62,6 +66,10 @@ THREAD = Map(
         # the thread's own name and nice value (/proc/PID/task/TID/comm and stat)
         "comm": Str(max_len=64),
         "nice": Int(-20, 19),
+        # a thread other than the main one: its own scheduler policy and CPU affinity (the
+        # main thread's are the process's, in its state)
+        "sched": SCHED,
+        "affinity": AFFINITY,
     },
 )
 
@@ -104,9 +112,8 @@ STATE = Map(
         "caps": Map({}, {name: UInt() for name in ("effective", "permitted", "inheritable", "bounding", "ambient")}),
         "securebits": Int(0, 0xFF),  # PR_GET_SECUREBITS
         "oom_score_adj": Int(-1000, 1000),
-        # sched_getscheduler (policy, SCHED_RESET_ON_FORK included) and sched_priority
-        "sched": Tuple(UInt(), Int(0, 99)),
-        "affinity": ListOf(Int(0, 1 << 16), max_len=1 << 16),  # CPUs the process may run on
+        "sched": SCHED,
+        "affinity": AFFINITY,  # CPUs the process may run on
         # ITIMER_REAL, _VIRTUAL, _PROF: [interval sec, interval usec, value sec, value usec]
         "itimers": ListOf(Tuple(Int(), Int(), Int(), Int()), max_len=3),
         "pending": ListOf(Bin(max_len=128), max_len=1 << 16),  # shared queue: raw siginfo, queue order

@@ -40,6 +40,13 @@ def cpu_list(cpus):
     return ",".join(out) or "-"
 
 
+def sched_text(sched):
+    """(policy, priority) -> "batch priority 0 reset_on_fork"."""
+    policy, prio = sched
+    name = SCHED_POLICIES.get(policy & ~SCHED_RESET_ON_FORK, str(policy & ~SCHED_RESET_ON_FORK))
+    return f"{name} priority {prio}" + (" reset_on_fork" if policy & SCHED_RESET_ON_FORK else "")
+
+
 def frame_runs(ids):
     """Compress a frame-id array into runs: '1-256', '0x12' (12 absent pages), '300'."""
     out = []
@@ -165,6 +172,8 @@ class Printer:
                 head, length = t.get("robust_list") or (0, 0)
                 rseq = t.get("rseq")
                 named = f"  comm {t['comm']} nice {t.get('nice', 0)}" if "comm" in t else ""
+                if "sched" in t:
+                    named += f" sched {sched_text(t['sched'])} cpus {cpu_list(t.get('affinity', ()))}"
                 self.line(f"{indent}    tid address {t.get('tid_address', 0):#x}  robust list {head:#x}+{length}{named}  rseq "
                           + (f"{rseq['addr']:#x}+{rseq['len']} sig {rseq['sig']:#x}" if rseq else "none"))
         if not self.norm.enabled:
@@ -221,10 +230,7 @@ class Printer:
                 when = f"in {v_s}.{v_ns:09d}s every {iv_s}.{iv_ns:09d}s" if v_s or v_ns else "disarmed"
                 self.line(f"{indent}  posix timer {t['id']} clock {t['clock']} {how} value {t['sival']:#x} {when}")
             if "sched" in st or "oom_score_adj" in st:
-                policy, prio = st.get("sched", (0, 0))
-                name = SCHED_POLICIES.get(policy & ~SCHED_RESET_ON_FORK, str(policy & ~SCHED_RESET_ON_FORK))
-                reset = " reset_on_fork" if policy & SCHED_RESET_ON_FORK else ""
-                self.line(f"{indent}  sched {name} priority {prio}{reset} cpus {cpu_list(st.get('affinity', ()))} "
+                self.line(f"{indent}  sched {sched_text(st.get('sched', (0, 0)))} cpus {cpu_list(st.get('affinity', ()))} "
                           f"oom_score_adj {st.get('oom_score_adj')}")
             armed = [f"{w}:{t[2]}.{t[3]:06d}s/{t[0]}.{t[1]:06d}s" for w, t in zip(("real", "virtual", "prof"), st.get("itimers", ())) if t[2] or t[3]]
             self.line(f"{indent}  itimers {' '.join(armed) or 'none'}  pending (shared) "
