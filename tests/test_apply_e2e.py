@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from stages.linux.memstat import tree_frames
 from tests.support.workloads import PATTERNS, proc_state, workload  # noqa: F401 (fixture)
 
-from tests.support.commands import BIN, run, tool  # noqa: F401
+from tests.support.commands import run, tool  # noqa: F401
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from tests.support.commands import TIMEOUT  # noqa: F401
 

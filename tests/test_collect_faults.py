@@ -2,7 +2,6 @@
 goes away, a full disk, a tree someone else traces, bad pids.  Whatever happens, the tree
 runs on (not traced, not stopped) and no partial image file is left behind."""
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from tests.support.images import Images
-from tests.support.workloads import become_subreaper, proc_state, reap, tree_pids, workload  # noqa: F401
+from tests.support.workloads import become_subreaper, proc_state, tree_pids, workload  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECT = [sys.executable, "-m", "stages.collect.cli"]

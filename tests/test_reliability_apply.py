@@ -3,7 +3,6 @@ pid of a non-root process taken, cow-apply killed (SIGTERM, SIGKILL) in the midd
 restore.  Every task cow-apply creates is counted in a pids cgroup of its own, so a process
 it leaked is seen wherever it was re-parented."""
 
-import json
 import os
 import shutil
 import signal

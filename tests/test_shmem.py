@@ -21,7 +21,7 @@ import pytest
 from stages._native import lib
 from stages.linux import memstat
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids
+from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids, wait_file
 
 PAGE = 4096
 SYS_KCMP, KCMP_FILE = 312, 0
@@ -60,13 +60,6 @@ def tree():
     t = Tree()
     yield t
     t.kill_all()
-
-
-def wait_file(path, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
 
 
 def start(tree, tmp_path, mode, children):

@@ -8,24 +8,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 
-from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids
+from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state, reap, tree_pids, wait_file
 
-from tests.support.commands import BIN, run, tool  # noqa: F401
-from tests.support.commands import TIMEOUT  # noqa: F401
+from tests.support.commands import run, tool  # noqa: F401
 
-
-
-def wait_file(path, pid=None, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared (state {proc_state(pid) if pid else '?'})"
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -51,15 +42,7 @@ def statewl():
         yield w
     finally:
         w.pids.update(tree_pids(popen.pid))
-        for pid in sorted(w.pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        popen.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(p) for p in w.pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        kill_and_reap(w.pids, popen)
         shutil.rmtree(outdir, ignore_errors=True)
 
 

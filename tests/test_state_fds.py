@@ -14,17 +14,10 @@ import pytest
 
 from stages._native import lib
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids
+from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state, reap, tree_pids, wait_file
 
 SYS_KCMP, KCMP_FILE = 312, 0
 NAMES = [f"entry-{i:03d}" for i in range(60)]
-
-
-def wait_file(path, pid=None, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared (state {proc_state(pid) if pid else '?'})"
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -53,15 +46,7 @@ def fdwl():
         yield w
     finally:
         w.pids.update(tree_pids(popen.pid))
-        for pid in sorted(w.pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        popen.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(p) for p in w.pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        kill_and_reap(w.pids, popen)
         shutil.rmtree(outdir, ignore_errors=True)
 
 

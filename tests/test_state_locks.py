@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, proc_state, reap
+from tests.support.workloads import become_subreaper, kill_and_reap, proc_state, reap, wait_file
 
 # A python3 workload: fd 5 flock (exclusive) on a, fd 6 POSIX write lock on bytes 10-19 and a
 # read lock from 100 to EOF of b, fd 7 an OFD write lock on bytes 0-99 of c; its child (forked
@@ -76,13 +76,6 @@ while True:
 """
 
 
-def wait_file(path, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def lockwl(tmp_path):
     become_subreaper()
@@ -95,15 +88,7 @@ def lockwl(tmp_path):
         pids.update((root, child))
         yield popen, root, child, pids
     finally:
-        for pid in sorted(pids | {popen.pid}):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        popen.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        kill_and_reap(pids | {popen.pid}, popen)
 
 
 def inside(d, pid):
@@ -218,12 +203,4 @@ def test_a_shared_description_with_its_offset_and_flock_restored(tmp_path):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert proc_state(p.pid) == "S" and proc_state(child) == "S"
     finally:
-        for pid in sorted(pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        p.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(x) for x in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        kill_and_reap(pids, p)

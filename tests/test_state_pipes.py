@@ -8,27 +8,18 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 
 from stages._native import lib
-from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids
+from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids, wait_file
 
-from tests.support.commands import BIN, run, tool  # noqa: F401
-from tests.support.commands import TIMEOUT  # noqa: F401
+from tests.support.commands import run, tool  # noqa: F401
 SYS_KCMP, KCMP_FILE = 312, 0
 FIONREAD = 0x541B
 
-
-
-def wait_file(path, timeout=10, pid=None):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared (state {proc_state(pid) if pid else '?'})"
-        time.sleep(0.005)
 
 
 class Trees:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.support.workloads import become_subreaper, build, proc_state, reap
+from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state
 
 BIN = os.path.dirname(sys.executable)
 TIMEOUT = 60
@@ -55,15 +55,7 @@ def sigwl(tmp_path):
             time.sleep(0.005)
         yield outdir, popen, pids
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        popen.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        kill_and_reap(pids, popen)
 
 
 def timers(lines):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, proc_state, reap
+from tests.support.workloads import become_subreaper, kill_and_reap, proc_state, wait_file
 
 # Timers by raw system calls (ids as the kernel gives them): 0 = MONOTONIC, signal 36 with value
 # 0x1234, in 1000 s then every 500 s; 1 made and deleted (a hole); 2 = MONOTONIC, SIGUSR2 every
@@ -61,13 +61,6 @@ while True:
 """
 
 
-def wait_file(path, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
-
-
 def check(d, pid):
     path = d / "check"
     if path.exists():
@@ -96,15 +89,7 @@ def timerwl(tmp_path):
         wait_file(tmp_path / "ready")
         yield p, pids
     finally:
-        for pid in sorted(pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        p.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(x) for x in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        kill_and_reap(pids, p)
 
 
 def test_posix_timers_restored_with_their_ids(timerwl, tmp_path):

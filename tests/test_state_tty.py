@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.support.commands import tool
-from tests.support.workloads import become_subreaper, proc_state, reap
+from tests.support.workloads import become_subreaper, kill_and_reap, proc_state, wait_file
 
 # fd 5 on the pseudo-terminal argv[1]; SIGUSR1: write "hello <pid>" to fd 5, and DIR/check =
 # what fd 5 is, from inside
@@ -29,13 +29,6 @@ while True:
         f.write(f"{os.ttyname(5)} {os.isatty(5)} {fcntl.fcntl(5, fcntl.F_GETFL):o}")
     os.rename(os.path.join(d, ".check"), os.path.join(d, "check"))
 """
-
-
-def wait_file(path, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
 
 
 def read_master(master, want, timeout=10):
@@ -70,15 +63,7 @@ def ttywl(tmp_path, ptys):
         wait_file(tmp_path / "ready")
         yield p, pids
     finally:
-        for pid in sorted(pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        p.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(x) for x in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        kill_and_reap(pids, p)
 
 
 def check(tmp_path, pid):

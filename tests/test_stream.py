@@ -104,7 +104,7 @@ def test_record_out_of_phase_is_refused():
     raws = _records(tiny_images())
     # move a vmas record before the process records, renumbering seq and crcs
     order = [raws[0], raws[3], raws[1], raws[2], raws[4], raws[5]]
-    fixed, chain = [], 0
+    fixed = []
     for seq, (kind, _, meta, data, _) in enumerate(order):
         crc = envelope.record_crc(kind, seq, meta, data)
         fixed.append([kind, seq, meta, data, crc])

@@ -13,7 +13,7 @@ from stages.linux import ptrace
 from stages.linux.memstat import tree_frames
 from stages.stream import StreamReader
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, build, proc_state, reap
+from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state, reap
 from tests.test_apply_e2e import apply, outer, plan, restored  # noqa: F401 (fixture)
 
 NTHREADS = 8
@@ -68,15 +68,7 @@ class ThreadTree:
             time.sleep(0.01)
 
     def kill(self):
-        for pid in self.known:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        self.popen.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(p) for p in self.known) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        kill_and_reap(self.known, self.popen)
 
 
 @pytest.fixture

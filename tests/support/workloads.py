@@ -93,6 +93,29 @@ def reap(pid):
     return done == pid or proc_state(pid) is None
 
 
+def wait_file(path, pid=None, timeout=20):
+    """Wait for a workload to write path (pid: whose state to name if it never does)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared (state {proc_state(pid) if pid else '?'})"
+        time.sleep(0.005)
+
+
+def kill_and_reap(pids, popen=None, timeout=10):
+    """SIGKILL every pid, wait for popen, reap them all (we are their subreaper): a test's
+    teardown, pass or fail."""
+    for pid in sorted(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if popen is not None:
+        popen.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while not all(reap(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class Workload:
     def __init__(self, pattern, mib, outdir, popen):
         self.pattern, self.mib, self.outdir, self.popen = pattern, mib, outdir, popen
