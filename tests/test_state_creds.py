@@ -7,13 +7,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 
 import pytest
 
-from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state, reap, tree_pids, wait_file
+from tests.support.workloads import build, proc_state, reap, running_workload, wait_file
 
 from tests.support.commands import run, tool  # noqa: F401
 
@@ -23,26 +22,14 @@ from tests.support.commands import run, tool  # noqa: F401
 def statewl():
     """Start statewl in a fresh 0777 directory (its root drops to uid 1004); everything it
     started, and every pid added to .pids, is killed and reaped at teardown."""
-    become_subreaper()
     outdir = tempfile.mkdtemp(prefix="statewl-", dir="/tmp")
     os.chmod(outdir, 0o777)
-    popen = subprocess.Popen([build("statewl"), outdir], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, close_fds=True, cwd="/", start_new_session=True)
-
-    class W:
-        pass
-
-    w = W()
-    w.outdir, w.popen, w.pids = outdir, popen, set()
     try:
-        wait_file(os.path.join(outdir, "ready"), popen.pid)
-        with open(os.path.join(outdir, "ready")) as f:
-            w.order = [int(x) for x in f.read().split()]
-        w.pids.update(w.order)
-        yield w
+        with running_workload([build("statewl"), outdir], outdir) as w:
+            w.order = [int(x) for x in w.ready.split()]
+            w.pids.update(w.order)
+            yield w
     finally:
-        w.pids.update(tree_pids(popen.pid))
-        kill_and_reap(w.pids, popen)
         shutil.rmtree(outdir, ignore_errors=True)
 
 

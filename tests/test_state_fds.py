@@ -14,7 +14,7 @@ import pytest
 
 from stages._native import lib
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state, reap, tree_pids, wait_file
+from tests.support.workloads import build, proc_state, reap, running_workload, wait_file
 
 SYS_KCMP, KCMP_FILE = 312, 0
 NAMES = [f"entry-{i:03d}" for i in range(60)]
@@ -24,29 +24,17 @@ NAMES = [f"entry-{i:03d}" for i in range(60)]
 def fdwl():
     """fdwl in a fresh directory with d/ (60 entries) and a FIFO; every process it started,
     and every pid added to .pids, is killed and reaped at teardown."""
-    become_subreaper()
     outdir = tempfile.mkdtemp(prefix="fdwl-", dir="/tmp")
     os.mkdir(os.path.join(outdir, "d"))
     for name in NAMES:
         open(os.path.join(outdir, "d", name), "w").close()
     os.mkfifo(os.path.join(outdir, "fifo"))
-    popen = subprocess.Popen([build("fdwl"), outdir], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, close_fds=True, cwd="/", start_new_session=True)
-
-    class W:
-        pass
-
-    w = W()
-    w.outdir, w.popen, w.pids = outdir, popen, set()
     try:
-        wait_file(os.path.join(outdir, "ready"), popen.pid)
-        with open(os.path.join(outdir, "ready")) as f:
-            w.order = [int(x) for x in f.read().split()]
-        w.pids.update(w.order)
-        yield w
+        with running_workload([build("fdwl"), outdir], outdir) as w:
+            w.order = [int(x) for x in w.ready.split()]
+            w.pids.update(w.order)
+            yield w
     finally:
-        w.pids.update(tree_pids(popen.pid))
-        kill_and_reap(w.pids, popen)
         shutil.rmtree(outdir, ignore_errors=True)
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, kill_and_reap, proc_state, reap, wait_file
+from tests.support.workloads import become_subreaper, kill_and_reap, proc_state, reap, running_workload, wait_file
 
 # A python3 workload: fd 5 flock (exclusive) on a, fd 6 POSIX write lock on bytes 10-19 and a
 # read lock from 100 to EOF of b, fd 7 an OFD write lock on bytes 0-99 of c; its child (forked
@@ -78,17 +78,10 @@ while True:
 
 @pytest.fixture
 def lockwl(tmp_path):
-    become_subreaper()
-    popen = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(tmp_path)], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-    pids = set()
-    try:
-        wait_file(tmp_path / "ready")
-        root, child = map(int, (tmp_path / "ready").read_text().split())
-        pids.update((root, child))
-        yield popen, root, child, pids
-    finally:
-        kill_and_reap(pids | {popen.pid}, popen)
+    with running_workload([sys.executable, "-c", WORKLOAD, str(tmp_path)], tmp_path, cwd=None) as w:
+        root, child = map(int, w.ready.split())
+        w.pids.update((root, child))
+        yield w.popen, root, child, w.pids
 
 
 def inside(d, pid):
@@ -168,7 +161,9 @@ def test_a_shared_description_with_its_offset_and_flock_restored(tmp_path):
             "os.read(5, 4); fcntl.flock(5, fcntl.LOCK_EX)\n"
             "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
             "c = os.fork()\n"
-            f"open({str(tmp_path / 'ready')!r}, 'w').write(str(c)) if c else None\n"
+            # written whole, then renamed: the test never reads a half-written file
+            f"(open({str(tmp_path / 'ready.tmp')!r}, 'w').write(str(c)), os.rename({str(tmp_path / 'ready.tmp')!r}, "
+            f"{str(tmp_path / 'ready')!r})) if c else None\n"
             "while True:\n"
             "    signal.sigwait({signal.SIGUSR1})\n"
             "    os.read(5, 3)\n")  # SIGUSR1: read 3 more bytes through the shared description

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, kill_and_reap, proc_state, wait_file
+from tests.support.workloads import become_subreaper, proc_state, running_workload, wait_file
 
 # Timers by raw system calls (ids as the kernel gives them): 0 = MONOTONIC, signal 36 with value
 # 0x1234, in 1000 s then every 500 s; 1 made and deleted (a hole); 2 = MONOTONIC, SIGUSR2 every
@@ -46,7 +46,8 @@ t1 = create(1, 10, 0); assert libc.syscall(226, t1) == 0
 t2 = create(1, signal.SIGUSR2, 0); arm(t2, 0.05, 0.05)
 t3 = create(0, 0, 1); arm(t3, 2000, 0)
 ids = (t0, t2, t3)
-open(os.path.join(d, "ready"), "w").write(" ".join(map(str, ids)))
+open(os.path.join(d, ".ready"), "w").write(" ".join(map(str, ids)))
+os.rename(os.path.join(d, ".ready"), os.path.join(d, "ready"))  # never seen half-written
 while True:
     if signal.sigtimedwait({signal.SIGUSR1}, 0.05) is None:
         continue
@@ -81,15 +82,8 @@ def check(d, pid):
 
 @pytest.fixture
 def timerwl(tmp_path):
-    become_subreaper()
-    p = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(tmp_path)], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-    pids = {p.pid}
-    try:
-        wait_file(tmp_path / "ready")
-        yield p, pids
-    finally:
-        kill_and_reap(pids, p)
+    with running_workload([sys.executable, "-c", WORKLOAD, str(tmp_path)], tmp_path, cwd=None) as w:
+        yield w.popen, w.pids
 
 
 def test_posix_timers_restored_with_their_ids(timerwl, tmp_path):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.support.commands import tool
-from tests.support.workloads import become_subreaper, kill_and_reap, proc_state, wait_file
+from tests.support.workloads import proc_state, running_workload, wait_file
 
 # fd 5 on the pseudo-terminal argv[1]; SIGUSR1: write "hello <pid>" to fd 5, and DIR/check =
 # what fd 5 is, from inside
@@ -54,16 +54,9 @@ def ptys():
 
 @pytest.fixture
 def ttywl(tmp_path, ptys):
-    become_subreaper()
     pts_a = os.ttyname(ptys[0][1])
-    p = subprocess.Popen([sys.executable, "-c", WORKLOAD, str(tmp_path), pts_a], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-    pids = {p.pid}
-    try:
-        wait_file(tmp_path / "ready")
-        yield p, pids
-    finally:
-        kill_and_reap(pids, p)
+    with running_workload([sys.executable, "-c", WORKLOAD, str(tmp_path), pts_a], tmp_path, cwd=None) as w:
+        yield w.popen, w.pids
 
 
 def check(tmp_path, pid):

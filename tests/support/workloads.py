@@ -9,6 +9,7 @@ The ``workload`` pytest fixture (import it into a test module) starts workloads
 and ALWAYS kills every process of every tree it started, pass or fail.
 """
 
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -114,6 +115,33 @@ def kill_and_reap(pids, popen=None, timeout=10):
     deadline = time.monotonic() + timeout
     while not all(reap(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+class Running:
+    """A workload started by running_workload: outdir, popen, ready (what it wrote to
+    outdir/ready), pids (killed at teardown: add the restored ones)."""
+
+    def __init__(self, outdir, popen):
+        self.outdir, self.popen, self.pids, self.ready = outdir, popen, {popen.pid}, ""
+
+
+@contextlib.contextmanager
+def running_workload(argv, outdir, cwd="/"):
+    """Start argv (which writes outdir/ready when it is set up) in its own session, wait for
+    it, and at the end SIGKILL and reap it, its live tree and every pid in .pids."""
+    become_subreaper()
+    popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             close_fds=True, cwd=cwd, start_new_session=True)
+    w = Running(str(outdir), popen)
+    try:
+        ready = os.path.join(w.outdir, "ready")
+        wait_file(ready, popen.pid)
+        with open(ready) as f:
+            w.ready = f.read()
+        yield w
+    finally:
+        w.pids.update(tree_pids(popen.pid))
+        kill_and_reap(w.pids, popen)
 
 
 class Workload:
