@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, kill_and_reap, proc_state, reap, running_workload, wait_file
+from tests.support.workloads import proc_state, reap, running_workload, wait_file
 
 # A python3 workload: fd 5 flock (exclusive) on a, fd 6 POSIX write lock on bytes 10-19 and a
 # read lock from 100 to EOF of b, fd 7 an OFD write lock on bytes 0-99 of c; its child (forked
@@ -154,7 +154,6 @@ def test_a_shared_description_with_its_offset_and_flock_restored(tmp_path):
 
     from stages._native import lib
 
-    become_subreaper()
     (tmp_path / "a").write_bytes(b"0123456789abcdefghij")
     code = ("import fcntl, os, signal, sys, time\n"
             f"fd = os.open({str(tmp_path / 'a')!r}, os.O_RDWR); os.dup2(fd, 5); os.close(fd)\n"
@@ -167,12 +166,9 @@ def test_a_shared_description_with_its_offset_and_flock_restored(tmp_path):
             "while True:\n"
             "    signal.sigwait({signal.SIGUSR1})\n"
             "    os.read(5, 3)\n")  # SIGUSR1: read 3 more bytes through the shared description
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
-    pids = {p.pid}
-    try:
-        wait_file(tmp_path / "ready")
-        child = int((tmp_path / "ready").read_text())
+    with running_workload([sys.executable, "-c", code], tmp_path, cwd=None) as w:
+        p, pids = w.popen, w.pids
+        child = int(w.ready)
         pids.add(child)
         assert fdinfo_pos(p.pid, 5) == fdinfo_pos(child, 5) == 4
         images = run([tool("cow-collect"), "--tree", str(p.pid), "--kill"]).stdout
@@ -197,5 +193,3 @@ def test_a_shared_description_with_its_offset_and_flock_restored(tmp_path):
             with pytest.raises(BlockingIOError):
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert proc_state(p.pid) == "S" and proc_state(child) == "S"
-    finally:
-        kill_and_reap(pids, p)
