@@ -121,6 +121,10 @@ class _Dedup:
         """same (array of uint32) for ids first..first+len(crcs)-1; 0 = store the bytes."""
         same = array("I", bytes(4 * len(crcs)))
         first_with = self.first_with
+        fresh = dict(zip(crcs, range(first, first + len(crcs))))
+        if len(fresh) == len(crcs) and first_with.keys().isdisjoint(fresh):
+            first_with.update(fresh)  # the common case, checked at C speed: no crc seen before
+            return same
         with memoryview(buf) as view:
             for i, crc in enumerate(crcs):
                 fid = first + i
