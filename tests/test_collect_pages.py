@@ -54,12 +54,12 @@ def test_equal_crcs_never_merge_different_pages():
     mem = _Memory(contents)
     dedup = pages._Dedup(_Table(), [mem])
     collide = array("I", [0xDEADBEEF] * 5)
-    same = dedup.record(1, bytearray(b"".join(contents[f] for f in range(1, 6))), collide)
-    assert list(same) == [0, 0, 1, 0, 2]
+    same, n = dedup.record(1, bytearray(b"".join(contents[f] for f in range(1, 6))), collide)
+    assert list(same) == [0, 0, 1, 0, 2] and n == 2
     assert mem.reads == []  # all candidates were in the record itself
     # a later record: its candidates are earlier frames, read back from the (frozen) process
-    same = dedup.record(6, bytearray(b"".join(contents[f] for f in range(6, 9))), array("I", [0xDEADBEEF] * 3))
-    assert list(same) == [2, 0, 4]
+    same, n = dedup.record(6, bytearray(b"".join(contents[f] for f in range(6, 9))), array("I", [0xDEADBEEF] * 3))
+    assert list(same) == [2, 0, 4] and n == 2
     assert set(mem.reads) <= {1, 2, 4}
 
 
@@ -67,8 +67,10 @@ def test_equal_pages_with_distinct_crcs_elsewhere_are_found():
     a, b = bytes(PAGE), b"\x01" * PAGE
     contents = {1: a, 2: b, 3: a}
     dedup = pages._Dedup(_Table(), [_Memory(contents)])
-    assert list(dedup.record(1, bytearray(a + b), array("I", [zlib.crc32(a), zlib.crc32(b)]))) == [0, 0]
-    assert list(dedup.record(3, bytearray(a), array("I", [zlib.crc32(a)]))) == [1]
+    same, n = dedup.record(1, bytearray(a + b), array("I", [zlib.crc32(a), zlib.crc32(b)]))
+    assert list(same) == [0, 0] and n == 0
+    same, n = dedup.record(3, bytearray(a), array("I", [zlib.crc32(a)]))
+    assert list(same) == [1] and n == 1
 
 
 def _entries_file(tmp_path, start, entries):
@@ -153,3 +155,23 @@ def test_show_checks_page_crcs():
     # a frame "same" as an earlier one must carry that frame's crc
     assert "page crcs: 3 checked, 0 wrong\n" in images([good[0], good[1], good[0]], [0, 0, 1])
     assert "page crcs: 3 checked, 1 wrong (first: frame 3)" in images(good, [0, 0, 1])
+
+
+def test_crc_index_keeps_the_first_id_of_each_crc_while_it_grows():
+    from stages._native import ffi, lib
+    index = ffi.gc(lib.cow_crc_index_new(), lib.cow_crc_index_free)
+    rnd = random.Random(3)
+    crcs = array("I", rnd.sample(range(1 << 32), 100_000))
+    crcs[0] = 0  # crc 0 is a crc like any other
+    first_id = {}
+    for first in range(1, len(crcs) + 1, 256):
+        part = crcs[first - 1:first + 255]
+        out = array("I", bytes(4 * len(part)))
+        assert lib.cow_crc_index_add(index, ffi.from_buffer("uint32_t[]", part), len(part), first,
+                                     ffi.from_buffer("uint32_t[]", out)) == 0
+        first_id.update((c, first + i) for i, c in enumerate(part))
+    again = array("I", [crcs[0], crcs[99_999], 12345 if 12345 not in first_id else 54321, crcs[4242]])
+    out = array("I", bytes(16))
+    assert lib.cow_crc_index_add(index, ffi.from_buffer("uint32_t[]", again), 4, 200_000,
+                                 ffi.from_buffer("uint32_t[]", out)) == 3
+    assert list(out) == [1, 100_000, 0, 4243]

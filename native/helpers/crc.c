@@ -5,6 +5,7 @@
  * Fold constants: x^(512+32), x^(512-32), x^(128+32), x^(128-32) mod P, bit-reflected and
  * shifted left by one (the reflected carry-less product is one bit short). */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef __x86_64__
@@ -119,4 +120,91 @@ uint32_t cow_crc32_combine_pages(const uint32_t *crcs, unsigned long n)
 	for (unsigned long i = 0; i < n; i++)
 		all = shift_page(all) ^ crcs[i];
 	return all;
+}
+
+/* The crc index of cow-collect's equal-page search: crc -> the first frame id seen with it
+ * (open addressing; an id is never 0, so 0 marks a free slot). */
+struct cow_crc_index {
+	uint32_t *crcs, *ids;
+	unsigned long mask, used;
+};
+
+void cow_crc_index_free(struct cow_crc_index *t)
+{
+	if (!t)
+		return;
+	free(t->crcs);
+	free(t->ids);
+	free(t);
+}
+
+static int index_alloc(struct cow_crc_index *t, unsigned long slots)
+{
+	t->crcs = malloc(slots * sizeof *t->crcs);
+	t->ids = calloc(slots, sizeof *t->ids);
+	t->mask = slots - 1;
+	return t->crcs && t->ids ? 0 : -1;
+}
+
+static unsigned long index_slot(uint32_t crc, unsigned long mask)
+{
+	return (unsigned long)(((uint64_t)crc * 0x9E3779B97F4A7C15ULL) >> 24) & mask;
+}
+
+struct cow_crc_index *cow_crc_index_new(void)
+{
+	struct cow_crc_index *t = calloc(1, sizeof *t);
+	if (!t || index_alloc(t, 1UL << 16) < 0) {
+		cow_crc_index_free(t);
+		return NULL;
+	}
+	return t;
+}
+
+static int index_grow(struct cow_crc_index *t)
+{
+	struct cow_crc_index bigger = { 0 };
+	if (index_alloc(&bigger, (t->mask + 1) * 2) < 0) {
+		free(bigger.crcs);
+		free(bigger.ids);
+		return -1;
+	}
+	for (unsigned long i = 0; i <= t->mask; i++) {
+		if (!t->ids[i])
+			continue;
+		unsigned long s = index_slot(t->crcs[i], bigger.mask);
+		while (bigger.ids[s])
+			s = (s + 1) & bigger.mask;
+		bigger.crcs[s] = t->crcs[i];
+		bigger.ids[s] = t->ids[i];
+	}
+	free(t->crcs);
+	free(t->ids);
+	t->crcs = bigger.crcs;
+	t->ids = bigger.ids;
+	t->mask = bigger.mask;
+	return 0;
+}
+
+long cow_crc_index_add(struct cow_crc_index *t, const uint32_t *crcs, unsigned long n, uint32_t first,
+		       uint32_t *earlier)
+{
+	long found = 0;
+	for (unsigned long i = 0; i < n; i++) {
+		if ((t->used + 1) * 2 > t->mask + 1 && index_grow(t) < 0)
+			return -1;
+		unsigned long s = index_slot(crcs[i], t->mask);
+		while (t->ids[s] && t->crcs[s] != crcs[i])
+			s = (s + 1) & t->mask;
+		if (t->ids[s]) {
+			earlier[i] = t->ids[s];
+			found++;
+		} else {
+			t->crcs[s] = crcs[i];
+			t->ids[s] = first + (uint32_t)i;
+			t->used++;
+			earlier[i] = 0;
+		}
+	}
+	return found;
 }
