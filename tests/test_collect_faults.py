@@ -175,6 +175,18 @@ def test_root_killed_while_its_pages_are_read(workload):
     assert all(v.startswith("ok ") for v in wl.check().values())
 
 
+CHURN = (
+    # children that live a few ms and exit, forever: some exit while being frozen
+    "import os, time\n"
+    "while True:\n"
+    "    pid = os.fork()\n"
+    "    if pid == 0:\n"
+    "        time.sleep(0.002)\n"
+    "        os._exit(0)\n"
+    "    os.waitpid(pid, 0)\n"
+)
+
+
 def test_processes_exiting_while_frozen(pytree, tmp_path):
     p = pytree(CHURN)
     time.sleep(0.2)
