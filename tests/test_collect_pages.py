@@ -175,3 +175,34 @@ def test_crc_index_keeps_the_first_id_of_each_crc_while_it_grows():
     assert lib.cow_crc_index_add(index, ffi.from_buffer("uint32_t[]", again), 4, 200_000,
                                  ffi.from_buffer("uint32_t[]", out)) == 3
     assert list(out) == [1, 100_000, 0, 4243]
+
+
+def test_plan_merges_equal_content_on_same_never_on_equal_crcs():
+    from stages.plan import simulate
+    from stages.plan.model import read_images
+    from stages.stream import StreamWriter, pack_u32
+    from tests.test_stream import tiny_header, tiny_process
+
+    def classes(pages_fields, same):
+        out = io.BytesIO()
+        w = StreamWriter(out, "cowtree-images", tiny_header())
+        w.write("process", tiny_process(100, 1))
+        vma = {"start": 0x10000, "end": 0x10000 + 2 * PAGE, "prot": 3, "shared": False, "pgoff": 0,
+               "kind": "anon", "path": None, "vmflags": ["rd", "wr"], "frames": pack_u32([1, 2])}
+        w.write("vmas", {"pid": 100, "vmas": [vma]})
+        data = b"".join(bytes([i]) * PAGE for i, s in zip((1, 2), same) if not s)
+        w.write("pages", dict(pages_fields, first=1, count=2, same=pack_u32(same)), data)
+        w.close(summary={"frames": 2})
+        images = read_images(io.BytesIO(out.getvalue()))
+        try:
+            by_sim = simulate.content_classes(images.pages_bodies)
+            return images.content_class()[1:], [by_sim[1], by_sim[2]]
+        finally:
+            images.close()
+
+    equal_crcs = {"crcs": pack_u32([0xDEADBEEF, 0xDEADBEEF])}  # two different pages, one crc
+    assert classes(equal_crcs, [0, 0]) == ([1, 2], [1, 2])
+    assert classes(equal_crcs, [0, 1]) == ([1, 1], [1, 1])  # collect compared the bytes: same
+    # older streams: equal SHA-256 prefixes are merged on, as before
+    assert classes({"hashes": bytes(32)}, [0, 0]) == ([1, 1], [1, 1])
+    assert classes({"hashes": bytes(16) + b"\x01" * 16}, [0, 0]) == ([1, 2], [1, 2])

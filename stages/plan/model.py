@@ -74,7 +74,7 @@ class Images:
         self.hashes = {}  # frame id -> 16-byte SHA-256 prefix (older streams; crcs are never merged on)
         self.nframes = 0
         self.spool = None  # temporary file of (meta, data) pages records
-        self.pages_bodies = []  # the pages records' bodies (first, count, same, hashes): no bytes
+        self.pages_bodies = []  # the pages records' bodies (first, count, same, crcs or hashes): no bytes
         self.spooled = 0
         self.shared = SharedObjects()  # MAP_SHARED anonymous memory and memfds (shmem records)
         self.strings = {}  # shared strings and flag lists of the VMA bodies

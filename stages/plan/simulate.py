@@ -5,9 +5,10 @@ Memory is a map range id -> list of physical pages (None = untouched: zero for a
 anon range, the file's page for a file range).  A fork copies the references, a
 write makes a new physical page, a drop unmaps, the layout moves pages to VMAs.
 Checked: every page of every VMA holds its image frame's bytes (content identity
-through ``same``, and the SHA-256 hashes of older streams); pages without a frame read untouched memory of
-the right backing; every physical page written is used; how many image frames
-lost their sharing (must equal ``frames_duplicated``); and the stats.
+through ``same``, and the SHA-256 hashes of older streams); pages without a frame
+read untouched memory of the right backing; every physical page written is used;
+how many image frames lost their sharing (must equal ``frames_duplicated``); and
+the stats.
 """
 
 from stages.stream import unpack_u32
