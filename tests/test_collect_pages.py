@@ -206,3 +206,33 @@ def test_plan_merges_equal_content_on_same_never_on_equal_crcs():
     # older streams: equal SHA-256 prefixes are merged on, as before
     assert classes({"hashes": bytes(32)}, [0, 0]) == ([1, 1], [1, 1])
     assert classes({"hashes": bytes(16) + b"\x01" * 16}, [0, 0]) == ([1, 2], [1, 2])
+
+
+def test_a_payload_in_pieces_is_the_same_record_as_joined():
+    from stages.stream import envelope
+    a, b = os.urandom(5000), os.urandom(70000)
+    joined, crc = envelope.encode_record("pages", 3, b"meta", a + b)
+    pieces, crc2 = envelope.encode_record("pages", 3, b"meta", [memoryview(a), memoryview(b)])
+    assert crc == crc2 and b"".join(joined) == b"".join(bytes(p) for p in pieces)
+    assert envelope.data_crc([a, b]) == zlib.crc32(a + b)
+    empty, crc3 = envelope.encode_record("pages", 3, b"meta", [])  # every page of the record was "same"
+    assert b"".join(empty) == b"".join(envelope.encode_record("pages", 3, b"meta", b"")[0])
+
+
+def test_records_with_equal_pages_are_written_in_pieces(tmp_path):
+    from stages.stream import StreamReader, StreamWriter
+    from tests.test_stream import tiny_header
+    contents = {f: bytes([f % 3]) * PAGE for f in range(1, 8)}  # frames 4.. repeat 1..3
+    mem = _Memory(contents)
+    dedup = pages._Dedup(_Table(), [mem])
+    buf = memoryview(bytearray(b"".join(contents[f] for f in range(1, 8))))
+    crcs, whole = pages._crc32_pages(buf, 7)
+    same, n = dedup.record(1, buf, crcs)
+    body, data, data_crc, stored = pages._record(1, buf, crcs, whole, same, n)
+    assert list(same) == [0, 0, 0, 1, 2, 3, 1] and stored == 3 and isinstance(data, list)
+    out = io.BytesIO()
+    w = StreamWriter(out, "cowtree-images", tiny_header(), validate=False)
+    w.write("pages", body, data, data_crc=data_crc)
+    w.close()
+    (rec,) = StreamReader(io.BytesIO(out.getvalue()), validate=False).records()
+    assert rec.data == b"".join(contents[f] for f in (1, 2, 3))
