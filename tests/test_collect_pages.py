@@ -37,6 +37,9 @@ class _Table:
     def runs_between(self, first, count):
         return [(0, first * PAGE, count)]
 
+    def where(self, fid):
+        return 0, fid * PAGE
+
 
 class _Memory:
     def __init__(self, contents):
@@ -104,6 +107,9 @@ def test_frame_table_ids_and_runs(tmp_path):
     assert list(frames) == [0, 2, 6, 7]
     assert table.runs[-1] == [6, 1, start + 2 * PAGE, 2] and len(table) == 7
     assert table.runs_between(5, 3) == [(0, start + 7 * PAGE, 1), (1, start + 2 * PAGE, 2)]
+    assert [table.where(f) for f in (1, 2, 3, 5, 6, 7)] == [
+        (0, start), (0, start + PAGE), (0, start + 4 * PAGE), (0, start + 7 * PAGE),
+        (1, start + 2 * PAGE), (1, start + 3 * PAGE)]
     # the swap key differs from the same number as a PFN
     empty = {"start": start, "end": start + PAGE, "shared": False, "kind": "anon"}
     fd = _entries_file(tmp_path, start, [P | 5])

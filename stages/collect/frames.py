@@ -7,6 +7,7 @@ kept as runs, so pages are later read with one pread per run.  The per-page work
 (pagemap entry -> identity -> id) is native/helpers/frames.c.
 """
 
+import bisect
 import os
 from array import array
 
@@ -33,6 +34,7 @@ class FrameTable:
         # [first id, process index, address, n]: ids first..first+n-1 were first seen at
         # address, address + 4096, ... of that process
         self.runs = []
+        self._firsts = None  # array of runs[i][0], see _run_firsts
         # buffers for one pagemap slice, reused: entries in, frame ids and new-id runs out
         self._entries = ffi.new("uint64_t[]", PAGEMAP_SLICE)
         self._frames = ffi.new("uint32_t[]", PAGEMAP_SLICE)
@@ -81,16 +83,16 @@ class FrameTable:
         assert self.count == lib.cow_frames_count(self.native)
         return frames
 
+    def _run_firsts(self):
+        """The first id of every run, for bisect (built once the table is complete)."""
+        if self._firsts is None or len(self._firsts) != len(self.runs):
+            self._firsts = array("I", (run[0] for run in self.runs))
+        return self._firsts
+
     def runs_between(self, first, count):
         """(proc_index, addr, n) runs covering ids first..first+count-1, in id order."""
         runs, last = self.runs, first + count  # last: exclusive
-        lo, hi = 0, len(runs)
-        while lo < hi:  # binary search: the run holding id first (runs are in id order)
-            mid = (lo + hi) // 2
-            if runs[mid][0] + runs[mid][3] <= first:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = max(bisect.bisect_right(self._run_firsts(), first) - 1, 0)  # the run holding id first
         out = []
         while lo < len(runs) and runs[lo][0] < last:
             run_first, proc, addr, n = runs[lo]
@@ -98,3 +100,8 @@ class FrameTable:
             out.append((proc, addr + (a - run_first) * PAGE, b - a))
             lo += 1
         return out
+
+    def where(self, fid):
+        """(proc_index, addr) of the page where frame fid was first seen."""
+        run_first, proc, addr, _ = self.runs[bisect.bisect_right(self._run_firsts(), fid) - 1]
+        return proc, addr + (fid - run_first) * PAGE

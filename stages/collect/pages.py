@@ -111,7 +111,7 @@ class _Dedup:
     def _bytes_of(self, fid):
         data = self.cached.get(fid)
         if data is None:
-            (proc, addr, _), = self.table.runs_between(fid, 1)
+            proc, addr = self.table.where(fid)
             data = self.memories[proc].read(addr, PAGE)  # the tree is frozen: still the same bytes
             self.cached[fid] = data
             if len(self.cached) > VERIFIED_CACHE:
