@@ -2,6 +2,7 @@
 goes away, a full disk, a tree someone else traces, bad pids.  Whatever happens, the tree
 runs on (not traced, not stopped) and no partial image file is left behind."""
 
+import io
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from stages.stream import StreamError, StreamReader
 from tests.support.images import Images
 from tests.support.workloads import become_subreaper, proc_state, tree_pids, workload  # noqa: F401
 
@@ -143,16 +145,20 @@ def test_child_killed_while_frozen(workload, tmp_path):
     assert_running_untraced(survivors)
 
 
-def test_root_killed_while_its_pages_are_read(workload, tmp_path):
-    """The root dies while its pages stream out: the failed read is blamed on its death."""
+def test_root_killed_while_its_pages_are_read(workload):
+    """The root dies while its pages stream out: the failed read is blamed on its death.
+    The stream goes to a pipe that we stop reading, so that the kill lands while most of
+    the root's pages (the first 64 MiB of the stream) are still to be read."""
     wl = workload("same", mib=64)
-    out = tmp_path / "images.cow"
-    proc = subprocess.Popen(COLLECT + ["--tree", str(wl.root), "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(COLLECT + ["--tree", str(wl.root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
     try:
-        wait_until(lambda: out.exists() and out.stat().st_size > (4 << 20), what="pages to be written")
+        got = proc.stdout.read(4 << 20)  # 4 MiB of the stream: the pages are being written
+        assert len(got) == 4 << 20
         os.kill(wl.root, signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
+        rest = proc.stdout.read()  # the same buffered reader: communicate() would skip what it holds
+        err = proc.stderr.read()  # a few lines: cannot fill its pipe while stdout is drained
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -160,7 +166,8 @@ def test_root_killed_while_its_pages_are_read(workload, tmp_path):
     err = err.decode()
     assert proc.returncode == 1, err
     assert f"process {wl.root}: exited while the tree was frozen" in err and "Traceback" not in err, err
-    assert not out.exists()
+    with pytest.raises(StreamError, match="truncated"):  # no trailer: the stream says it is incomplete
+        StreamReader(io.BytesIO(got + rest)).records()
     survivors = [pid for pid in wl.pids if pid != wl.root]
     assert_running_untraced(survivors)
     wl.pids = survivors

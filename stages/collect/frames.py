@@ -3,11 +3,15 @@
 Ids are assigned in the order VMAs are fed (processes in stream order, VMAs in
 address order), so the first holder of each frame is known: its contents are
 read from that process only.  New ids at adjacent addresses of one process are
-kept as runs, so pages are later read with one pread per run.
+kept as runs, so pages are later read with one pread per run.  The per-page work
+(pagemap entry -> identity -> id) is native/helpers/frames.c.
 """
 
+import bisect
+import os
 from array import array
 
+from stages._native import ffi, lib
 from stages.linux import pagemap
 
 PAGE = pagemap.PAGE
@@ -16,18 +20,26 @@ PAGE = pagemap.PAGE
 NO_FRAME_KINDS = {"vdso", "vvar", "vvar_vclock", "vsyscall", "special"}
 PAGEMAP_SLICE = 1 << 18  # pages per pagemap read (2 MiB of entries, 1 GiB of address space)
 
-_PRESENT, _SWAPPED, _FILE = pagemap.PRESENT, pagemap.SWAPPED, pagemap.FILE_OR_SHARED
-_PFN, _SWAP_KEY = pagemap.PFN_MASK, pagemap.SWAP_KEY
-
 
 class FrameTable:
+    """The page identities seen so far (a native hash table: this runs once per page of the
+    tree) and the runs of first-seen pages."""
+
     def __init__(self, zero_pfn):
         self.zero_pfn = zero_pfn
-        self.ids = {}     # frame key -> id
+        self.native = ffi.gc(lib.cow_frames_new(), lib.cow_frames_free)
+        if self.native == ffi.NULL:
+            raise MemoryError("cannot allocate the frame table")
         self.count = 0    # ids given so far (1..count)
         # [first id, process index, address, n]: ids first..first+n-1 were first seen at
         # address, address + 4096, ... of that process
         self.runs = []
+        self._firsts = None  # array of runs[i][0], see _run_firsts
+        # buffers for one pagemap slice, reused: entries in, frame ids and new-id runs out
+        self._entries = ffi.new("uint64_t[]", PAGEMAP_SLICE)
+        self._frames = ffi.new("uint32_t[]", PAGEMAP_SLICE)
+        self._runs = ffi.new("uint32_t[]", 2 * PAGEMAP_SLICE)
+        self._nruns = ffi.new("unsigned long *")
 
     def __len__(self):
         return self.count
@@ -36,55 +48,51 @@ class FrameTable:
         """The frame map of one VMA (array of uint32), or None when it has no frame."""
         if vma["shared"] or vma["kind"] in NO_FRAME_KINDS:
             return None
-        file_backed = vma["kind"] == "file"
+        file_backed = int(vma["kind"] == "file")
         npages = (vma["end"] - vma["start"]) // PAGE
         frames = None  # allocated at the first frame: big reservations are mostly empty
-        zero, ids, runs = self.zero_pfn, self.ids, self.runs
         run = None  # the open run, extended while new ids come at adjacent pages
         run_next = -1  # the page index that would extend it
-        # one pagemap read per VMA; huge VMAs (address space reservations) in slices.
-        # pagemap.frame_key inlined: this loop runs once per page of the tree
+        # one pagemap read per VMA; huge VMAs (address space reservations) in slices
         for base in range(0, npages, PAGEMAP_SLICE):
-            start = vma["start"] + base * PAGE
-            end = min(vma["end"], start + PAGEMAP_SLICE * PAGE)
-            for i, entry in enumerate(pagemap.read_entries(pagemap_fd, start, end), base):
-                if not entry:
-                    continue
-                if entry & _PRESENT:
-                    if file_backed and entry & _FILE:
-                        continue  # unmodified file page: the file gives it back
-                    key = entry & _PFN
-                    if key == zero:
-                        continue
-                elif entry & _SWAPPED:
-                    key = _SWAP_KEY | (entry & _PFN)
+            n = min(PAGEMAP_SLICE, npages - base)
+            got = os.preadv(pagemap_fd, [ffi.buffer(self._entries, 8 * n)], (vma["start"] // PAGE + base) * 8)
+            if got != 8 * n:
+                raise OSError(f"short pagemap read: {got // 8} of {n} entries at {vma['start'] + base * PAGE:#x}")
+            present = lib.cow_frames_assign(self.native, self._entries, n, self.zero_pfn, file_backed,
+                                            self._frames, self._runs, self._nruns)
+            if present < 0:
+                raise MemoryError("cannot grow the frame table")
+            if not present:
+                continue
+            if frames is None:
+                frames = array("I", bytes(4 * npages))
+            got = array("I")
+            got.frombytes(ffi.buffer(self._frames, 4 * n))
+            frames[base:base + n] = got
+            pairs = self._runs
+            for k in range(0, 2 * self._nruns[0], 2):
+                i, length = base + pairs[k], pairs[k + 1]
+                if i == run_next:
+                    run[3] += length
                 else:
-                    continue
-                fid = ids.get(key)
-                if fid is None:
-                    self.count = fid = self.count + 1
-                    ids[key] = fid
-                    if i == run_next:
-                        run[3] += 1
-                    else:
-                        run = [fid, proc_index, vma["start"] + i * PAGE, 1]
-                        runs.append(run)
-                    run_next = i + 1
-                if frames is None:
-                    frames = array("I", bytes(4 * npages))
-                frames[i] = fid
+                    run = [self.count + 1, proc_index, vma["start"] + i * PAGE, length]
+                    self.runs.append(run)
+                self.count += length
+                run_next = i + length
+        assert self.count == lib.cow_frames_count(self.native)
         return frames
+
+    def _run_firsts(self):
+        """The first id of every run, for bisect (built once the table is complete)."""
+        if self._firsts is None or len(self._firsts) != len(self.runs):
+            self._firsts = array("I", (run[0] for run in self.runs))
+        return self._firsts
 
     def runs_between(self, first, count):
         """(proc_index, addr, n) runs covering ids first..first+count-1, in id order."""
         runs, last = self.runs, first + count  # last: exclusive
-        lo, hi = 0, len(runs)
-        while lo < hi:  # binary search: the run holding id first (runs are in id order)
-            mid = (lo + hi) // 2
-            if runs[mid][0] + runs[mid][3] <= first:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo = max(bisect.bisect_right(self._run_firsts(), first) - 1, 0)  # the run holding id first
         out = []
         while lo < len(runs) and runs[lo][0] < last:
             run_first, proc, addr, n = runs[lo]
@@ -92,3 +100,8 @@ class FrameTable:
             out.append((proc, addr + (a - run_first) * PAGE, b - a))
             lo += 1
         return out
+
+    def where(self, fid):
+        """(proc_index, addr) of the page where frame fid was first seen."""
+        run_first, proc, addr, _ = self.runs[bisect.bisect_right(self._run_firsts(), fid) - 1]
+        return proc, addr + (fid - run_first) * PAGE

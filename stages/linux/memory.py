@@ -1,7 +1,10 @@
 """Reading and writing another process's memory through /proc/PID/mem.
 
 /proc/PID/mem reads with FOLL_FORCE: it also reads pages a VMA maps without
-PROT_READ (PROT_NONE, execute-only), which process_vm_readv refuses.
+PROT_READ (PROT_NONE, execute-only), which process_vm_readv refuses.  And
+process_vm_readv pins the pages it reads (FOLL_PIN), which makes the kernel unshare
+a copy-on-write anonymous page first: reading a tree with it would double the
+memory the tree uses (seen on 6.18: 1093 distinct frames became 2133).
 """
 
 import os

@@ -32,7 +32,7 @@ def make_plan(images, strategy="exact"):
 
 
 def pages_bodies(images):
-    """What the simulator needs of the pages records: ids, ``same`` and hashes."""
+    """What the simulator needs of the pages records: ids and ``same`` (and older streams' hashes)."""
     return images.pages_bodies
 
 

@@ -71,10 +71,10 @@ class Images:
         self.processes = []  # process bodies in stream order
         self.vmas = {}  # pid -> [Vma]
         self.same = {}  # frame id -> earlier frame with equal bytes
-        self.hashes = {}  # frame id -> 16-byte hash
+        self.hashes = {}  # frame id -> 16-byte SHA-256 prefix (older streams; crcs are never merged on)
         self.nframes = 0
         self.spool = None  # temporary file of (meta, data) pages records
-        self.pages_bodies = []  # the pages records' bodies (first, count, same, hashes): no bytes
+        self.pages_bodies = []  # the pages records' bodies (first, count, same, crcs or hashes): no bytes
         self.spooled = 0
         self.shared = SharedObjects()  # MAP_SHARED anonymous memory and memfds (shmem records)
         self.strings = {}  # shared strings and flag lists of the VMA bodies
@@ -134,7 +134,8 @@ class Images:
 
     # -- content ----------------------------------------------------------
     def content_class(self):
-        """frame id -> smallest frame id with equal bytes (via ``same`` and equal hashes)."""
+        """frame id -> smallest frame id with equal bytes (via ``same``, whose bytes collect
+        compared, and equal SHA-256 hashes of older streams; a crc alone proves nothing)."""
         cls = [0] * (self.nframes + 1)
         by_hash = {}
         for f in range(1, self.nframes + 1):
@@ -198,8 +199,10 @@ def read_images(fileobj):
             if first != next_first:
                 raise PlanError(f"pages record {rec.seq}: starts at frame {first}, expected {next_first}")
             same = unpack_u32(body["same"], f"pages record {rec.seq} same")
-            if len(same) != count or len(body["hashes"]) != 16 * count:
-                raise PlanError(f"pages record {rec.seq}: same/hashes do not have {count} entries")
+            hashes = body.get("hashes")  # older streams: SHA-256 prefixes, strong enough to merge on
+            if len(same) != count or (hashes is not None and len(hashes) != 16 * count) or \
+                    ("crcs" in body and len(body["crcs"]) != 4 * count):
+                raise PlanError(f"pages record {rec.seq}: same/hashes/crcs do not have {count} entries")
             stored = 0
             for i, s in enumerate(same):
                 fid = first + i
@@ -209,7 +212,8 @@ def read_images(fileobj):
                     images.same[fid] = s
                 else:
                     stored += 1
-                images.hashes[fid] = bytes(body["hashes"][16 * i:16 * i + 16])
+                if hashes is not None:
+                    images.hashes[fid] = bytes(hashes[16 * i:16 * i + 16])
             if len(rec.data) != stored * PAGE:
                 raise PlanError(f"pages record {rec.seq}: {len(rec.data)} data bytes for {stored} stored pages")
             images.pages_bodies.append(body)

@@ -5,9 +5,10 @@ Memory is a map range id -> list of physical pages (None = untouched: zero for a
 anon range, the file's page for a file range).  A fork copies the references, a
 write makes a new physical page, a drop unmaps, the layout moves pages to VMAs.
 Checked: every page of every VMA holds its image frame's bytes (content identity
-through ``same`` and the hashes); pages without a frame read untouched memory of
-the right backing; every physical page written is used; how many image frames
-lost their sharing (must equal ``frames_duplicated``); and the stats.
+through ``same``, and the SHA-256 hashes of older streams); pages without a frame
+read untouched memory of the right backing; every physical page written is used;
+how many image frames lost their sharing (must equal ``frames_duplicated``); and
+the stats.
 """
 
 from stages.stream import unpack_u32
@@ -33,16 +34,19 @@ class Result:
 
 
 def content_classes(pages_bodies):
-    """frame id -> representative of its equal-content class (``same`` and hashes)."""
+    """frame id -> representative of its equal-content class (``same``, and the SHA-256
+    hashes of older streams; crcs are not merged on)."""
     cls = {}
     by_hash = {}
     for body in pages_bodies:
         same = unpack_u32(body["same"])
+        hashes = body.get("hashes")
         for i in range(body["count"]):
             f = body["first"] + i
             c = cls.get(same[i], same[i]) if same[i] else f
-            h = bytes(body["hashes"][16 * i:16 * i + 16])
-            cls[f] = by_hash.setdefault(h, c)
+            if hashes is not None:
+                c = by_hash.setdefault(bytes(hashes[16 * i:16 * i + 16]), c)
+            cls[f] = c
     return cls
 
 

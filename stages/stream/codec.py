@@ -223,6 +223,11 @@ def open_input(path):
     return open(path, "rb", buffering=1 << 20)
 
 
+# Smaller than a full pages payload (1 MiB): a write bigger than the buffer goes to the file
+# from the caller's memory, one that fits is first copied into the buffer.
+WRITE_BUFFER = 1 << 16
+
+
 class OutputFile:
     """A stream destination: a new 0600 file (removed again unless committed) or stdout.
 
@@ -232,11 +237,11 @@ class OutputFile:
     def __init__(self, path):
         self.path = None if path in (None, "-") else path
         if self.path is None:
-            self.file = os.fdopen(os.dup(1), "wb", buffering=1 << 20)
+            self.file = os.fdopen(os.dup(1), "wb", buffering=WRITE_BUFFER)
         else:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             os.fchmod(fd, 0o600)
-            self.file = os.fdopen(fd, "wb", buffering=1 << 20)
+            self.file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
 
     def commit(self):
         self.file.flush()

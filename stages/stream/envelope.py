@@ -32,7 +32,17 @@ MAX_DATA_BYTES = 64 << 20
 
 
 def data_crc(data):
-    """The part of a record's crc that covers its data payload (see record_crc)."""
+    """The part of a record's crc that covers its data payload (see record_crc); ``data``
+    may be a list of buffers that make the payload one after another."""
+    return _payload_crc(data)
+
+
+def _payload_crc(data):
+    if isinstance(data, list):
+        crc = 0
+        for part in data:
+            crc = zlib.crc32(part, crc)
+        return crc
     return zlib.crc32(data)
 
 
@@ -42,7 +52,7 @@ def record_crc(kind, seq, meta, data, data_crc=None):
     cow-collect does it in the threads that read the pages."""
     crc = 0
     if data is not None:
-        crc = zlib.crc32(data) if data_crc is None else data_crc
+        crc = _payload_crc(data) if data_crc is None else data_crc
     crc = zlib.crc32(f"{kind}:{seq}".encode(), crc)
     return zlib.crc32(meta, crc)
 
@@ -75,7 +85,8 @@ def encode_record(kind, seq, meta, data, data_crc=None):
 
     The page payload is not copied into a msgpack buffer: it is written as it
     is, between the encoded prefix and suffix of the envelope.  ``data_crc``:
-    data_crc(data) when the caller has it already.
+    data_crc(data) when the caller has it already.  ``data`` may be a list of buffers
+    (pieces of one payload, written one after another: no copy to join them).
     """
     crc = record_crc(kind, seq, meta, data, data_crc)
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
@@ -87,8 +98,9 @@ def encode_record(kind, seq, meta, data, data_crc=None):
         packer.pack(None)
         packer.pack(crc)
         return [packer.bytes()], crc
-    prefix = packer.bytes() + bin_header(len(data))
-    return [prefix, data, msgpack.packb(crc)], crc
+    pieces = data if isinstance(data, list) else [data]
+    prefix = packer.bytes() + bin_header(sum(map(len, pieces)))
+    return [prefix, *pieces, msgpack.packb(crc)], crc
 
 
 def packed_crc_len(crc):

@@ -8,7 +8,8 @@ ascending order, trailer.  docs/FORMAT.md describes every field.
 from .schema import Any, Bin, Bool, Int, ListOf, Map, Nullable, Str, Tuple, UInt
 
 FORMAT = "cowtree-images"
-# 1: first format.  2: record crc over data first, SHA-256/128 frame hashes, optional thread, state, fd and shmem fields (threads, process state, shared memory).
+# 1: first format.  2: record crc over data first, per-page crcs instead of hashes (equality
+# in `same`, proven by collect), optional thread, state, fd and shmem fields.
 # Any change of the bytes a reader must understand bumps it (docs/FORMAT.md, Versions).
 VERSION = 2
 
@@ -184,8 +185,10 @@ VMAS = Map({"pid": PID, "vmas": ListOf(VMA, max_len=1 << 20)})
 
 # A run of frames first..first+count-1.  same[i] (uint32): 0 = this frame's bytes
 # are the next page of ``data``; otherwise an earlier frame id with equal bytes.
-# hashes: the first 16 bytes of the SHA-256 of every frame's bytes.
-PAGES = Map({"first": Int(1, (1 << 32) - 1), "count": Int(1, 1 << 16), "same": Bin(multiple=4), "hashes": Bin(multiple=16)})
+# crcs (uint32): the CRC-32 (zlib) of every frame's bytes.  Older streams have hashes instead:
+# the first 16 bytes of the SHA-256 of every frame's bytes.
+PAGES = Map({"first": Int(1, (1 << 32) - 1), "count": Int(1, 1 << 16), "same": Bin(multiple=4)},
+            {"crcs": Bin(multiple=4), "hashes": Bin(multiple=16)})
 
 # A shared memory object (MAP_SHARED anonymous memory, a memfd, or a tmpfs file deleted while
 # mapped or open), once for the whole tree: kind "anon", "memfd" (name = the memfd's name) or

@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import sys
+import zlib
+from array import array
 
 from stages.stream import StreamError, StreamReader, open_input, unpack_u32
 
@@ -20,7 +22,7 @@ PROT = {0: "---", 1: "r--", 2: "-w-", 3: "rw-", 4: "--x", 5: "r-x", 6: "-wx", 7:
 PAGE = 4096
 
 # Fields holding packed uint32 arrays.
-PACKED_U32 = {"frames", "same"}
+PACKED_U32 = {"frames", "same", "crcs"}
 
 
 SCHED_POLICIES = {0: "OTHER", 1: "FIFO", 2: "RR", 3: "BATCH", 5: "IDLE", 6: "DEADLINE"}
@@ -145,6 +147,9 @@ class Printer:
                 f"pages: {stats['pages_records']} runs, {stats['frames']} frames, "
                 f"{stats['stored']} stored, {stats['same']} equal to an earlier frame"
             )
+        if stats["crc_checked"]:
+            self.line(f"page crcs: {stats['crc_checked']} checked, {stats['crc_bad']} wrong"
+                      + (f" (first: frame {stats['crc_first_bad']})" if stats["crc_bad"] else ""))
         for oid, (kind, size, name, pages) in sorted(stats.get("shmem", {}).items()):
             what = {"memfd": f"memfd {name!r}", "tmpfile": f"deleted tmpfs file {self.norm.path(name)}"}.get(kind, kind)
             self.line(f"shared memory {oid}: {what}, {size} bytes, {pages} pages dumped")
@@ -282,9 +287,29 @@ class Printer:
                 self.line(f"      piece range {r} page {rp} x{count} -> vma page {vp}")
 
 
+def _check_crcs(first, same, crcs, data, frame_crcs, stats):
+    """Each stored page's bytes against its crc; a frame "same" as another has that one's crc."""
+    if len(frame_crcs) != first:  # runs out of order (the plan refuses such images): realign
+        del frame_crcs[first:]
+        frame_crcs.extend([0] * (first - len(frame_crcs)))
+    offset = 0
+    for i, (s, crc) in enumerate(zip(same, crcs)):
+        if s:
+            good = s < len(frame_crcs) and frame_crcs[s] == crc
+        else:
+            good = zlib.crc32(data[offset:offset + PAGE]) == crc
+            offset += PAGE
+        frame_crcs.append(crc)
+        stats["crc_checked"] += 1
+        if not good:
+            stats["crc_bad"] += 1
+            stats.setdefault("crc_first_bad", first + i)
+
+
 def show(stream, out, normal=False, as_json=False):
     reader = StreamReader(stream)
-    stats = {"pages_records": 0, "frames": 0, "stored": 0, "same": 0}
+    stats = {"pages_records": 0, "frames": 0, "stored": 0, "same": 0, "crc_checked": 0, "crc_bad": 0}
+    frame_crcs = array("I", [0])  # frame id -> its crc from the stream (crcs records only)
     if as_json:
         doc = {"header": to_json(reader.header), "records": []}
         for rec in reader:
@@ -311,6 +336,9 @@ def show(stream, out, normal=False, as_json=False):
             stats["frames"] += rec.body["count"]
             stats["same"] += sum(1 for s in same if s)
             stats["stored"] += sum(1 for s in same if not s)
+            if "crcs" in rec.body:
+                _check_crcs(rec.body["first"], same, unpack_u32(rec.body["crcs"], "crcs"), rec.data,
+                            frame_crcs, stats)
         elif rec.kind == "shmem":
             b = rec.body
             obj = stats.setdefault("shmem", {}).setdefault(b["id"], [b["kind"], b["size"], b.get("name"), 0])
