@@ -86,11 +86,14 @@ def proc_state(pid):
 
 
 def reap(pid):
-    """Reap pid if it is our child (or was re-parented to us); True when it is gone."""
+    """Reap pid if it is our child (or was re-parented to us); True when it is gone.  A pid
+    that is not our child is gone only when /proc says so: a process of a killed tree is
+    re-parented to us (the subreaper) only after its parent has died, and until then its
+    pid is still taken."""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        done = pid
+        return proc_state(pid) is None
     return done == pid or proc_state(pid) is None
 
 
