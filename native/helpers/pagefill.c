@@ -10,7 +10,8 @@
  *    copy-on-write with its parent or children: the write gives the target its own copy),
  *    and for ranges without a userfaultfd (private file mappings).
  * `present` (one byte per page of the range) says which pages the target may have: set for
- * every page written here, copied from the parent at fork by the caller.
+ * every page written here, copied from the parent at fork by the caller.  Two threads may
+ * fill different pages of one step at once (the GIL is released during the call).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -117,7 +118,7 @@ long cow_fill_pages(int pid, int uffd, uint64_t spool, const uint64_t *offsets, 
 		    const uint32_t *pairs, long n, uint64_t remote_base, uint8_t *present, uint64_t npages,
 		    long page, uint64_t *overwritten)
 {
-	static struct pvw_batch b; /* cow-apply is single-threaded here; 32 KiB off the stack */
+	struct pvw_batch b; /* 32 KiB: on the stack, as two threads may fill at once */
 	uint64_t run_local = 0, run_remote = 0, run_len = 0;
 	long e = 0;
 
