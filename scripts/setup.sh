@@ -20,3 +20,6 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || ! .venv/bin/python -
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' >&2
     echo "$WANT" > "$STAMP"
 fi
+# bytecode for the package, also where PYTHONDONTWRITEBYTECODE is set: every cow-* command
+# would otherwise compile its modules from source at each start (pip does this for wheels)
+.venv/bin/python -m compileall -q stages >/dev/null

@@ -31,6 +31,20 @@ def test_native_page_crcs_are_zlib_crc32():
     assert pages.combined_crc(array("I")) == zlib.crc32(b"")
 
 
+def test_envelope_crc_is_zlib_crc32_for_any_length_and_start():
+    """The stream envelope's native CRC-32 (any length, chained from a previous crc) gives
+    zlib's values: around the 64-byte folding blocks and the size where zlib takes over."""
+    from stages.stream import envelope
+
+    rnd = random.Random(11)
+    blob = rnd.randbytes(3 * PAGE + 77)
+    for size in (0, 1, 63, 64, 65, 127, 4095, 4096, 4097, 4096 + 63, 8192, len(blob)):
+        for start in (0, 1, 0xFFFFFFFF, rnd.getrandbits(32)):
+            data = blob[:size]
+            assert envelope._crc32(data, start) == zlib.crc32(data, start), (size, start)
+            assert envelope._crc32(memoryview(data), start) == zlib.crc32(data, start)
+
+
 class _Table:
     """Frame i (1-based) lives at address i * PAGE of process 0."""
 

@@ -275,20 +275,36 @@ def traced(pid):
         return None
 
 
+def exe(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
 def stop_apply_when(cgroup, proc, want_untraced, timeout=30):
     """SIGSTOP cow-apply at a moment when it has created an agent and (want_untraced) one of
     its agents is not traced yet, or (not want_untraced) every agent is traced.  The
-    condition is checked again once cow-apply is stopped, so it holds when it is killed."""
+    condition is checked again once cow-apply is stopped, so it holds when it is killed.
+    An untraced process counts only while it is an agent still (cow-apply's executable): a
+    restored process that was let go is untraced too, and rightly outlives cow-apply."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def holds():
         agents = [p for p in cgroup.procs() if p != proc.pid]
-        states = [traced(p) for p in agents]
-        if agents and (False in states) == want_untraced:
+        own = exe(proc.pid)  # read now: proc starts as the shell that puts it in the cgroup
+        untraced = any(traced(p) is False and exe(p) == own for p in agents)
+        if agents and (untraced if want_untraced else False not in [traced(p) for p in agents]):
+            return agents
+        return None
+
+    while time.monotonic() < deadline and proc.poll() is None:
+        if holds():
             os.kill(proc.pid, signal.SIGSTOP)
             while proc_state(proc.pid) not in ("T", None):
                 time.sleep(0.0002)
-            agents = [p for p in cgroup.procs() if p != proc.pid]
-            if agents and (False in [traced(p) for p in agents]) == want_untraced:
+            agents = holds()
+            if agents:
                 return agents
             os.kill(proc.pid, signal.SIGCONT)
     return None
@@ -301,10 +317,17 @@ def test_sigkill_mid_restore_kills_every_agent(big_plan, cgroup, flags, untraced
     has seized do: PTRACE_O_EXITKILL (with --pidns, pid 1 dying also ends the namespace).
     One it has not seized yet (just cloned) does too: its parent death signal is SIGKILL."""
     path, pids = big_plan
-    proc = start_apply(cgroup, path, *flags)
-    try:
+    for attempt in range(20):  # an untraced agent lives a moment only (fork to seize): try again
+        proc = start_apply(cgroup, path, *flags)
         agents = stop_apply_when(cgroup, proc, want_untraced=untraced)
-        assert agents, f"no moment with {'an untraced' if untraced else 'every'} agent: {proc.communicate()}"
+        if agents:
+            break
+        proc.communicate(timeout=TIMEOUT)  # it restored the whole tree first: kill it, again
+        for pid in cgroup.procs():
+            os.kill(pid, signal.SIGKILL)
+        assert cgroup.left_after(10) == []
+    try:
+        assert agents, f"no moment with {'an untraced' if untraced else 'every'} agent in {attempt + 1} restores"
         proc.kill()
         proc.communicate(timeout=TIMEOUT)
     finally:

@@ -49,14 +49,21 @@ def page_views(images):
     return out
 
 
-@pytest.mark.parametrize("pattern", ["same", "moved", "chain", "split"])
+@pytest.mark.parametrize("pattern", ["same", "moved", "chain", "split", "rewrote"])
 def test_collect_plan_apply_collect_gives_the_same_images(pattern, workload, restored, tmp_path):
     wl = workload(pattern, 2)
     first_path = tmp_path / "first.cow"
     first_path.write_bytes(collect(wl.root))
     assert wl.wait_gone(10)
     plan_bytes = plan(first_path.read_bytes())
-    rep = apply(plan_bytes, tmp_path, restored)
+    if pattern == "rewrote":  # from a plan file (pages used in place)
+        (tmp_path / "plan.cow").write_bytes(plan_bytes)
+        rep = apply(b"", tmp_path, restored, "-i", str(tmp_path / "plan.cow"))
+        # the parent's own version of the pages it shares with its children: dropped, made anew
+        assert rep["fill"]["pages_dropped"] > 0
+    else:
+        rep = apply(plan_bytes, tmp_path, restored)
+    assert rep["fill"]["userfaultfd_processes"] > 0
     second_path = tmp_path / "second.cow"
     second_path.write_bytes(collect(int(rep["pids"][str(rep["root"])]), kill=False))
     first, second = Images(str(first_path)), Images(str(second_path))

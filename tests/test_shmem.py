@@ -124,8 +124,9 @@ def check_shared_and_counting(pids, path_part, nprocs):
     return regions
 
 
-def dump_kill_restore(tree, popen, pids, tmp_path, pidns=False):
-    """Dump; kill the original (with pidns: leave it running, restore beside it); plan; apply."""
+def dump_kill_restore(tree, popen, pids, tmp_path, pidns=False, plan_file=False):
+    """Dump; kill the original (with pidns: leave it running, restore beside it); plan; apply
+    (plan_file: from a plan file, whose pages cow-apply uses in place; else from a pipe)."""
     images = run([tool("cow-collect"), "--tree", str(pids[0])] + ([] if pidns else ["--kill"])).stdout
     if not pidns:
         popen.wait(timeout=10)
@@ -136,7 +137,12 @@ def dump_kill_restore(tree, popen, pids, tmp_path, pidns=False):
     stats = tmp_path / "stats.json"
     plan = run([tool("cow-plan"), "--check", "--stats", str(stats)], images).stdout
     report = tmp_path / "apply.json"
-    run([tool("cow-apply"), "--report", str(report)] + (["--pidns"] if pidns else []), plan)
+    args = [tool("cow-apply"), "--report", str(report)] + (["--pidns"] if pidns else [])
+    if plan_file:
+        (tmp_path / "plan.cow").write_bytes(plan)
+        run(args + ["-i", str(tmp_path / "plan.cow")])
+    else:
+        run(args, plan)
     rep = json.loads(report.read_text())
     outer = [int(rep["pids"][str(p)]) for p in pids]
     tree.pids.update(outer + ([rep["init_pid"]] if rep.get("init_pid") else []))
@@ -169,7 +175,8 @@ def test_shared_anonymous_region_of_parent_and_four_children(tree, tmp_path, pid
     # two objects: the counters, 39 pattern pages, page 40 (read from outside), the marker;
     # and the second region's 8 pages (2 of them no longer mapped: still held by the object)
     assert before[1:] == (2, 50), before
-    images, outer, stats = dump_kill_restore(tree, popen, pids, tmp_path, pidns)
+    # --pidns: the plan from a file (its shmem pages used in place), else from a pipe
+    images, outer, stats = dump_kill_restore(tree, popen, pids, tmp_path, pidns, plan_file=pidns)
     shown = run([tool("cow-show")], images).stdout.decode()
     assert "shared memory 1: anon, 262144 bytes, 42 pages dumped" in shown, shown
     assert "shared memory 2: anon, 32768 bytes, 8 pages dumped" in shown, shown

@@ -158,27 +158,3 @@ long cow_agent_spawn(unsigned long flags, const int *set_tid, int n, int cmd_fd,
 	}
 	return r;
 }
-
-/* Write n pages from local memory into another process: local[i] -> remote[i],
- * batched into process_vm_writev calls.  Returns pages written or -errno. */
-long cow_vm_write_pages(int pid, const uint64_t *local, const uint64_t *remote, long n, long page)
-{
-	struct iovec liov[1024], riov[1024];
-	long done = 0;
-	while (done < n) {
-		long k = n - done < 1024 ? n - done : 1024;
-		for (long i = 0; i < k; i++) {
-			liov[i].iov_base = (void *)(uintptr_t)local[done + i];
-			liov[i].iov_len = page;
-			riov[i].iov_base = (void *)(uintptr_t)remote[done + i];
-			riov[i].iov_len = page;
-		}
-		long w = syscall(SYS_process_vm_writev, pid, liov, k, riov, k, 0);
-		if (w < 0)
-			return -errno;
-		if (w != k * page)
-			return -EFAULT;
-		done += k;
-	}
-	return done;
-}

@@ -103,6 +103,22 @@ static uint32_t crc_page(const uint8_t *p)
 	return ~raw_bytes(0xffffffffu, p, PAGE);
 }
 
+/* zlib's crc32(crc, buf, n) of any length: the stream envelope's checksum of a record */
+uint32_t cow_crc32(uint32_t crc, const void *buf, unsigned long n)
+{
+	const uint8_t *p = buf;
+	uint32_t reg = ~crc;
+#ifdef __x86_64__
+	if (have_clmul && n >= 64) {
+		unsigned long whole = n & ~63ul;
+		reg = raw_clmul(p, whole, reg); /* a starting register is the same as xor-ing it into the first bytes */
+		p += whole;
+		n -= whole;
+	}
+#endif
+	return ~raw_bytes(reg, p, n);
+}
+
 uint32_t cow_crc32_pages(const void *buf, unsigned long npages, uint32_t *crcs)
 {
 	const uint8_t *p = buf;

@@ -1,8 +1,9 @@
 """cow-apply: a plan stream in, a running process tree out.
 
 Modules, in the order they act:
-  spool      read the whole plan (every record checked, trailer required), page
-             bytes into an unlinked temp file, frames indexed by id (``same`` resolved)
+  spool      read the whole plan (every record checked, trailer required); page
+             bytes into an unlinked temp file from a pipe, used in place in a plan
+             file (mapped); frames indexed by id (``same`` resolved)
   check      everything verified before a process exists: arch, page size, vDSO
              (layout, sha256, symbols), the plan validator (stages.plan.validate),
              supported VMAs/fds/threads, files present with the dumped dev/inode,
@@ -11,14 +12,20 @@ Modules, in the order they act:
   addresses  staging window and restorer region: free in cow-apply, disjoint from targets
   agent      the native agents (native/helpers/agent.c) every restored process runs
              until it jumps into the restorer: commands over a pipe
-  restorer   loading the freestanding blob (pyelftools, no relocations) and program images
+  restorer   loading the freestanding blob (pyelftools, no relocations; what it found is
+             kept beside the object) and program images
+  fill       the page writes into staging (native/helpers/pagefill.c)
   restore    the orchestration: create, fill, handover, resume; kill all on failure
   cli        the ``cow-apply`` command
 
 Choices worth knowing:
-  * One orchestrator writes every page from outside (process_vm_writev from the
-    mmap'd spool), while each process waits in its agent; a write into a page
-    a child shares copy-on-write gives the written process a private copy only.
+  * One orchestrator writes every page from outside, from the mmap'd spool, while
+    each process waits in its agent (fill.py).  A page the process does not have
+    yet is made by UFFDIO_COPY on a userfaultfd of the process (no zero-fill, no
+    fault, runs of pages in one call; the fd is closed before the restorer runs);
+    a page it has (shared copy-on-write with its parent or children) is
+    overwritten by process_vm_writev, which gives the written process a private
+    copy only, or, in long runs, dropped first (MADV_DONTNEED) and made anew.
   * --pidns: pid 1 is a fork of cow-apply that forks the root with set_tid and
     then runs the restorer blob with a program that drops every mapping, fd and
     handler and reaps ("cow-init", ~72 kB RSS); it exits with the root's status.

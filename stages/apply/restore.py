@@ -3,7 +3,7 @@
   create   the tree in plan order (clone3 with set_tid; --pidns: a native init as
            pid 1 first), each process an agent of ours, seized by us (ptrace);
   fill     each process maps its staging ranges and runs its steps (writes from
-           the spool with process_vm_writev, forks, drops), depth first;
+           the spool: fill.py, forks, drops), depth first;
   handover each process gets the restorer blob and its program and jumps into it;
            the blob clones the other threads with their tids (each traced from its
            first instruction: PTRACE_O_TRACECLONE); every thread stops (SIGSTOP) when
@@ -18,13 +18,13 @@ import os
 import signal
 import time
 
-from stages._native import ffi, lib
+from stages._native import lib
 from stages.linux import ptrace
-from stages.stream import unpack_u32
 
 from . import addresses, agent as agent_mod, pipes as pipes_mod, program as program_mod, restorer
 from . import shmem as shmem_mod
 from .agent import Agent, Channel
+from .fill import Filler
 
 PAGE = 4096
 PROT_RW, PROT_RWX = 3, 7
@@ -97,7 +97,7 @@ class Restore:
         self.phases = {}
         self.pages_written = 0
         self.window = self.blob_region = None
-        self.spool_ptr = None
+        self.filler = None
         self.pipe_fds = {}  # pipe description -> fd in cow-apply (inherited by the whole tree)
         self.shmem_fds = {}  # shared memory object id -> fd in cow-apply (inherited likewise)
         self.shmem_desc_fds = {}  # memfd open file description id -> fd in cow-apply
@@ -151,7 +151,7 @@ class Restore:
             self.programs[proc["pid"]] = program_mod.build(
                 proc, self.ranges, self.window, self.blob_region, self.own_vdso, scratch, self.pipe_fds,
                 is_root=proc is plan.processes[0], shmem_fds=self.shmem_fds, shmem_desc_fds=self.shmem_desc_fds)
-        self.spool_ptr = int(ffi.cast("unsigned long", ffi.from_buffer(plan.map))) if plan.map is not None else 0
+        self.filler = Filler(self.ranges, plan, base)
         for proc in plan.processes:
             self.channels[proc["pid"]] = Channel()
 
@@ -198,6 +198,7 @@ class Restore:
                 if rng["id"] in self.growsdown:
                     flags |= MAP_GROWSDOWN
                 ag.mmap(addr, rng["size"], PROT_RW, flags)
+            self.filler.mapped(pid, rng["id"])
         for step in proc["steps"]:
             op = step["op"]
             if op == "write":
@@ -205,8 +206,10 @@ class Restore:
             elif op == "drop":
                 rng = self.ranges[step["range"]]
                 ag.syscall(SYS_MUNMAP, base + rng["offset"], rng["size"], what=f"drop range {rng['id']}")
+                self.filler.dropped(pid, rng["id"])
             elif op == "fork":
                 child = step["pid"]
+                self.filler.forked(pid, child)
                 ns_pid = ag.fork(child, self.channels[child])
                 outer = agent_mod.outer_pid_of(ag.pid, ns_pid) if self.pidns else ns_pid
                 self.created.append(outer)
@@ -215,6 +218,7 @@ class Restore:
                 self.agents[child] = Agent(outer, self.channels[child], ns_pid)
                 self._seize(self.agents[child])
                 self.start_process(child)
+        self.filler.done(pid)
 
     def _session(self, proc, ag):
         image = proc["image"]
@@ -230,20 +234,7 @@ class Restore:
                 self.log(f"process {pid}: process group {pgid} not restored ({exc.strerror})")
 
     def _write(self, ag, range_id, packed):
-        rng = self.ranges[range_id]
-        pairs = unpack_u32(packed)
-        n = len(pairs) // 2
-        if not n:
-            return
-        at = self.window[0] + rng["offset"]
-        offs = self.plan.frame_offsets
-        spool = self.spool_ptr
-        local = ffi.new("uint64_t[]", [spool + offs[pairs[2 * i + 1]] for i in range(n)])
-        remote = ffi.new("uint64_t[]", [at + pairs[2 * i] * PAGE for i in range(n)])
-        r = lib.cow_vm_write_pages(ag.pid, local, remote, n, PAGE)
-        if r < 0:
-            raise ApplyError(f"process {ag.ns_pid}: writing {n} pages into range {range_id}: {os.strerror(-r)}")
-        self.pages_written += n
+        self.pages_written += self.filler.write(ag, ag.ns_pid, range_id, packed)
         if self.progress:
             self.progress(self.pages_written)
 
@@ -440,6 +431,8 @@ class Restore:
                 left.discard(pid)
 
     def close_channels(self):
+        if self.filler is not None:
+            self.filler.close_all()
         pipes_mod.close_all(self.pipe_fds)
         shmem_mod.close_all(self.shmem_fds)
         shmem_mod.close_all(self.shmem_desc_fds)
@@ -482,6 +475,9 @@ class Restore:
             "phases": self.phases,
             "pages_written": self.pages_written,
             "bytes_written": self.pages_written * PAGE,
+            # how the pages went in (fill.py): overwritten = by process_vm_writev into pages the
+            # process had; dropped = pages it had, dropped first and then made anew
+            "fill": self.filler.stats() if self.filler else None,
             "frames_planned": self.plan.header["stats"].get("frames_planned"),
             "frames_in_images": self.plan.header["stats"].get("frames_in_images"),
             # shared memory objects created, and the pages written into them

@@ -3,20 +3,20 @@
 The object (stages/apply/restorer.o, built by setup.py from native/restorer)
 must be pure position-independent code: one .text section, no relocations, no
 data.  pyelftools reads it; anything else is refused, because the blob runs at
-an address chosen at restore time with no loader to patch it.
+an address chosen at restore time with no loader to patch it.  What it found (code
+and entry) is kept next to the object (restorer.o.blob, with the object's sha256),
+so that a cow-apply run does not parse (nor import pyelftools) again.
 
 A *program* is what the blob executes: a header, then operations of 8 words
 (code, 7 arguments), then the strings and structs they point to.  It is built
 for one base address and copied there together with the code and a stack.
 """
 
+import hashlib
 import io
 import os
 import struct
 import tempfile
-
-from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGED = os.path.join(HERE, "restorer.o")
@@ -48,6 +48,9 @@ class Blob:
 
     @classmethod
     def from_object(cls, data):
+        from elftools.elf.elffile import ELFFile
+        from elftools.elf.relocation import RelocationSection
+
         elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] != "EM_X86_64" or elf["e_type"] != "ET_REL":
             raise BlobError("restorer object is not an x86_64 relocatable object")
@@ -90,12 +93,52 @@ def object_path():
 _BLOB = None
 
 
+CACHE_MAGIC = b"cowblob1"
+CACHE_HEAD = struct.Struct("<8s32sQ")  # magic, sha256 of the object, entry; the code follows
+
+
 def load():
     global _BLOB
     if _BLOB is None:
-        with open(object_path(), "rb") as f:
-            _BLOB = Blob.from_object(f.read())
+        path = object_path()
+        with open(path, "rb") as f:
+            data = f.read()
+        digest = hashlib.sha256(data).digest()
+        _BLOB = _cached(path + ".blob", digest)
+        if _BLOB is None:
+            _BLOB = Blob.from_object(data)
+            _save(path + ".blob", digest, _BLOB)
     return _BLOB
+
+
+def _cached(path, digest):
+    """The blob found in this very object (same sha256) before, or None."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError:
+        return None
+    if len(blob) < CACHE_HEAD.size:
+        return None
+    magic, sha, entry = CACHE_HEAD.unpack_from(blob)
+    code = blob[CACHE_HEAD.size:]
+    if magic != CACHE_MAGIC or sha != digest or not entry < len(code):
+        return None
+    return Blob(code, entry)
+
+
+def _save(path, digest, blob):
+    """Best effort: a directory we cannot write to just means parsing again next time."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(CACHE_HEAD.pack(CACHE_MAGIC, digest, blob.entry) + blob.code)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 class Program:

@@ -2,7 +2,9 @@
 
 From a pipe, the page data goes to an unlinked temp file (one copy, mmap'd
 afterwards).  From a regular file, the pages are used where they are: the file
-itself is mmap'd, so no copy is made (it must not change while cow-apply runs).
+itself is mmap'd (the stream reader's in-place mode: records are framed and
+checked in the mapping, their crcs computed by two threads), so no copy is made
+(it must not change while cow-apply runs).
 Frames are indexed by id, with ``same`` resolved to the frame whose bytes are
 stored.  Nothing is trusted until the trailer has been read and checked.
 """
@@ -18,7 +20,7 @@ PAGE = 4096
 
 
 class Plan:
-    def __init__(self, header, processes, frame_offsets, spool_fd, spool_size, shared=None):
+    def __init__(self, header, processes, frame_offsets, spool_fd, spool_size, shared=None, map_=None):
         self.header = header
         # shared memory objects: id -> {"kind", "size", "name", "pages": [(page index, spool offset)]}
         self.shared = shared or {}
@@ -27,7 +29,9 @@ class Plan:
         self.frame_offsets = frame_offsets  # frame id -> byte offset in the spool
         self.spool_fd = spool_fd
         self.spool_size = spool_size
-        self.map = mmap.mmap(spool_fd, spool_size, prot=mmap.PROT_READ) if spool_size else None
+        self.map = map_
+        if map_ is None and spool_size:
+            self.map = mmap.mmap(spool_fd, spool_size, prot=mmap.PROT_READ)
 
     @property
     def frames(self):
@@ -35,7 +39,10 @@ class Plan:
 
     def close(self):
         if self.map is not None:
-            self.map.close()
+            try:
+                self.map.close()
+            except BufferError:  # a view of it is still alive somewhere: unmapped when it goes
+                pass
             self.map = None
         if self.spool_fd is not None:
             os.close(self.spool_fd)
@@ -44,8 +51,8 @@ class Plan:
 
 def spool_plan(fileobj, tmpdir=None):
     """Read the plan stream from fileobj to its trailer; returns a Plan (StreamError if bad)."""
-    reader = StreamReader(fileobj, expect=plans.FORMAT)
-    if reader.base is not None:
+    reader = StreamReader(fileobj, expect=plans.FORMAT, in_place=True)
+    if reader.map is not None:
         return _plan_in_place(reader, fileobj)
     fd, path = tempfile.mkstemp(prefix="cow-apply-spool-", dir=tmpdir)
     os.unlink(path)  # private and gone when we are
@@ -73,15 +80,18 @@ def _plan_in_place(reader, fileobj):
     """The pages stay in the input file: frame offsets are file offsets."""
     processes = []
     offsets = array.array("Q", [0])
+    shared = {}
     for rec in reader:
         if rec.kind == "process":
             processes.append(rec.body)
         elif rec.kind == "pages":
             _index_pages(rec, offsets, rec.data_offset)
+        elif rec.kind == "shmem":
+            _index_shmem(rec, shared, rec.data_offset)
     fd = os.dup(fileobj.fileno())
     try:
         size = os.fstat(fd).st_size
-        return Plan(reader.header, processes, offsets, fd, size)
+        return Plan(reader.header, processes, offsets, fd, size, shared, map_=reader.map or None)
     except BaseException:
         os.close(fd)
         raise
@@ -104,9 +114,12 @@ def _index_pages(rec, offsets, at):
     if first != len(offsets) or len(same) != count:
         raise StreamError(f"record {rec.seq} (pages): frames {first}.. do not continue the previous run "
                           f"(expected {len(offsets)}) or same[] has the wrong length")
-    stored = sum(1 for s in same if s == 0)
+    stored = same.count(0)
     if len(data) != stored * PAGE:
         raise StreamError(f"record {rec.seq} (pages): {len(data)} data bytes for {stored} stored pages")
+    if stored == count:  # every frame's bytes stored (the usual case): no lookups
+        offsets.extend(range(at, at + count * PAGE, PAGE))
+        return at + count * PAGE
     for i, s in enumerate(same):
         if s == 0:
             offsets.append(at)
@@ -120,6 +133,14 @@ def _index_pages(rec, offsets, at):
 
 def _spool_shmem(rec, shared, out, written):
     """A shared memory object's pages: bytes to the spool, (page index, offset) to its entry."""
+    at = _index_shmem(rec, shared, written)  # checks the record first
+    out.write(rec.data)
+    return at
+
+
+def _index_shmem(rec, shared, at):
+    """Add the pages of one shmem record, whose bytes start at ``at``, to its object's
+    entry; returns the offset after them."""
     from stages.stream import StreamError
 
     body = rec.body
@@ -133,6 +154,5 @@ def _spool_shmem(rec, shared, out, written):
                                          "pages": []})
     if (obj["kind"], obj["size"], obj["name"]) != (body["kind"], body["size"], body.get("name")):
         raise StreamError(f"record {rec.seq} (shmem): object {body['id']} is described differently than before")
-    out.write(rec.data)
-    obj["pages"].extend((p, written + i * PAGE) for i, p in enumerate(pages))
-    return written + len(rec.data)
+    obj["pages"].extend((p, at + i * PAGE) for i, p in enumerate(pages))
+    return at + len(rec.data)

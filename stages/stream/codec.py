@@ -1,6 +1,7 @@
 """Reading and writing whole streams: header first, trailer last, every record checked."""
 
 import errno
+import mmap
 import os
 import stat
 
@@ -112,12 +113,19 @@ class StreamReader:
 
     The trailer is checked when it is reached; iteration ends there and any
     bytes after it are an error.  ``header`` is available after construction.
+
+    ``in_place``: when fileobj is a regular file, it is mapped (``map``, read-only) and
+    records are framed in the mapping: ``data`` is a memoryview of the mapping, nothing
+    is copied.  A memoryview of ``map`` must be released before it is closed.
     """
 
-    def __init__(self, fileobj, expect=None, validate=True):
+    def __init__(self, fileobj, expect=None, validate=True, in_place=False):
         self.fileobj = fileobj
         self.base = _regular_file_offset(fileobj)  # None unless fileobj is a regular file
-        self.unpacker = envelope.make_unpacker(fileobj)
+        self.mapped = _MappedRecords(fileobj, self.base) if in_place and self.base is not None else None
+        self.map = self.mapped.map if self.mapped is not None else None
+        self.unpacker = envelope.make_unpacker(fileobj) if self.mapped is None else None
+        self._data_offset = None
         self.validate = validate
         self.seq = 0
         self.chain = 0
@@ -141,6 +149,12 @@ class StreamReader:
         self._account(kind, crc)
 
     def _next_raw(self):
+        if self.mapped is not None:
+            raw = self.mapped.next(self.seq)
+            if raw is None:
+                return None
+            obj, self._data_offset = raw
+            return envelope.check_envelope(obj, self.seq)
         try:
             obj = self.unpacker.unpack()
         except msgpack.OutOfData:
@@ -184,7 +198,9 @@ class StreamReader:
             spec.check(body, f"record {seq} ({kind})")
         self._account(kind, crc)
         offset = None
-        if data is not None and self.base is not None:
+        if data is not None and self.mapped is not None:
+            offset = self._data_offset
+        elif data is not None and self.base is not None:
             # the payload is the last bytes of the record but the crc that follows it
             offset = self.base + self.unpacker.tell() - envelope.packed_crc_len(crc) - len(data)
         return Record(kind, seq, body, data, meta, offset)
@@ -200,11 +216,44 @@ class StreamReader:
             raise StreamError("trailer chain checksum does not match the records: the stream is corrupted")
         self.trailer = body
         self.done = True
-        if self.unpacker.read_bytes(1):
+        if (self.mapped.bytes_left() if self.mapped is not None else self.unpacker.read_bytes(1)):
             raise StreamError("bytes after the trailer: the stream is corrupted or two streams were joined")
 
     def records(self):
         return list(self)
+
+
+class _MappedRecords:
+    """The records of a regular file, framed in a read-only mapping of it (populated at once:
+    every page is read anyway).  A framing error is raised when the reader reaches it."""
+
+    def __init__(self, fileobj, base):
+        fd = fileobj.fileno()
+        self.size = os.fstat(fd).st_size
+        self.map = b""
+        if self.size:
+            self.map = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                 prot=mmap.PROT_READ)
+        self.pos = base
+
+    def next(self, seq):
+        """Record seq as the unpacker would give it ([kind, seq, meta, data, crc]; data a
+        memoryview of the map) and where its data starts; None at the end of the file."""
+        if self.pos >= self.size:
+            return None
+        try:
+            kind, rseq, (mstart, mlen), data, crc, end = envelope.split_record(self.map, self.pos, seq)
+        except envelope.Truncated:
+            return None  # the reader reports the truncation
+        self.pos = end
+        offset = None
+        if data is not None:
+            offset = data[0]
+            data = memoryview(self.map)[data[0]:data[0] + data[1]]
+        return [kind, rseq, bytes(self.map[mstart:mstart + mlen]), data, crc], offset
+
+    def bytes_left(self):
+        return self.size - self.pos
 
 
 def _regular_file_offset(fileobj):
