@@ -15,6 +15,7 @@ from itertools import compress
 from operator import ne
 
 from stages.stream import pack_u32
+from stages.stream.compact import LayoutVma
 
 from .model import PAGE
 
@@ -256,17 +257,19 @@ def build(draft, strategy):
                 steps.append({"op": "fork", "pid": child})
         layout = []
         used = set()
+        sources = draft.sources.pop(pid)  # the draft's pieces go into the layout as they are
         for v in images.vmas[pid]:
-            body = dict(v.body)
-            pieces = draft.sources[pid].get(v.index)
-            body["pieces"] = [list(p) for p in pieces] if pieces is not None else []
-            moves += len(body["pieces"])
-            for piece in body["pieces"]:
+            pieces = sources.pop(v.index, None)
+            # the image's VMA body with the pieces, its fields shared, not copied
+            layout.append(LayoutVma(v.body, pieces if pieces is not None else []))
+            if pieces is None:
+                continue
+            moves += len(pieces)
+            for piece in pieces:
                 used.add(piece[0])
-            if pieces is not None and v.ids is not None:
+            if v.ids is not None:
                 for rid, rpage, count, vpage in pieces:
                     _note_units(first_unit, more_units, v.ids[vpage:vpage + count], values.run(rid, rpage, count))
-            layout.append(body)
         for rid in sorted(mapped - used):
             steps.append({"op": "drop", "range": rid})
         for st in steps:

@@ -179,7 +179,7 @@ def _share_strings(body, strings):
 def read_images(fileobj):
     """Read and check a whole image stream; raise StreamError / PlanError with a message."""
     images = Images()
-    reader = StreamReader(fileobj, expect="cowtree-images")
+    reader = StreamReader(fileobj, expect="cowtree-images", compact_vmas=True)
     images.header = reader.header
     images.spool = tempfile.TemporaryFile(prefix="cow-plan-pages-")
     next_first = 1

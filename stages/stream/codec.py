@@ -6,7 +6,7 @@ import stat
 
 import msgpack
 
-from . import envelope, images, plans
+from . import compact, envelope, images, plans
 from .errors import StreamError
 from .schema import Int, Map, MapOf, Str
 
@@ -74,10 +74,11 @@ class StreamWriter:
             if spec is None:
                 raise StreamError(f"cannot write record of unknown kind {kind!r}")
             spec.check(body, f"{kind} record")
-        self.write_encoded(kind, envelope.pack_meta(body), data, data_crc)
+        self.write_encoded(kind, envelope.pack_meta_parts(body), data, data_crc)
 
     def write_encoded(self, kind, meta, data=None, data_crc=None):
-        """Write a record whose body is already msgpack-encoded (pass-through of pages).
+        """Write a record whose body is already msgpack-encoded (pass-through of pages; or
+        a list of byte strings that join to it).
         ``data_crc``: envelope.data_crc(data), when the caller computed it already."""
         phase = self.module.PHASES.get(kind)
         if phase is None:
@@ -114,8 +115,10 @@ class StreamReader:
     bytes after it are an error.  ``header`` is available after construction.
     """
 
-    def __init__(self, fileobj, expect=None, validate=True):
+    def __init__(self, fileobj, expect=None, validate=True, compact_vmas=False):
         self.fileobj = fileobj
+        # images vmas records: VMA bodies as compact.VmaBody (decoded one at a time), not dicts
+        self.compact_vmas = compact_vmas
         self.base = _regular_file_offset(fileobj)  # None unless fileobj is a regular file
         self.unpacker = envelope.make_unpacker(fileobj)
         self.validate = validate
@@ -179,9 +182,12 @@ class StreamReader:
         self.phase = phase
         if (data is not None) != (kind in self.module.DATA_KINDS):
             raise StreamError(f"record {seq} ({kind}): data payload present/absent wrongly")
-        body = envelope.unpack_meta(meta, kind, seq)
-        if self.validate:
-            spec.check(body, f"record {seq} ({kind})")
+        if self.compact_vmas and kind == "vmas" and self.module is images:
+            body = compact.unpack_vmas(meta, seq, spec if self.validate else None)
+        else:
+            body = envelope.unpack_meta(meta, kind, seq)
+            if self.validate:
+                spec.check(body, f"record {seq} ({kind})")
         self._account(kind, crc)
         offset = None
         if data is not None and self.base is not None:

@@ -22,6 +22,7 @@ import zlib
 
 import msgpack
 
+from . import compact
 from .errors import StreamError
 
 # One record may carry at most this many bytes of meta or data.  Bigger than
@@ -44,11 +45,41 @@ def record_crc(kind, seq, meta, data, data_crc=None):
     if data is not None:
         crc = zlib.crc32(data) if data_crc is None else data_crc
     crc = zlib.crc32(f"{kind}:{seq}".encode(), crc)
+    if isinstance(meta, list):  # the parts of pack_meta_parts
+        for part in meta:
+            crc = zlib.crc32(part, crc)
+        return crc
     return zlib.crc32(meta, crc)
 
 
 def pack_meta(body):
-    return msgpack.packb(body, use_bin_type=True)
+    return msgpack.packb(body, use_bin_type=True, default=compact.plain)
+
+
+# A body list longer than this is packed in chunks (see pack_meta_parts).
+_CHUNK_ITEMS = 512
+
+
+def pack_meta_parts(body):
+    """pack_meta(body) as a list of byte strings that join to it.  A big list in the
+    top-level map (a layout of 20,000 VMAs) is packed a few hundred items at a time, so
+    the encoded record is never copied whole (msgpack grows its buffer by doubling,
+    then copies it out)."""
+    if not isinstance(body, dict) or not any(
+            isinstance(v, list) and len(v) > _CHUNK_ITEMS for v in body.values()):
+        return [pack_meta(body)]
+    packer = msgpack.Packer(use_bin_type=True, default=compact.plain)
+    parts = [packer.pack_map_header(len(body))]
+    for key, value in body.items():
+        parts.append(packer.pack(key))
+        if not (isinstance(value, list) and len(value) > _CHUNK_ITEMS):
+            parts.append(packer.pack(value))
+            continue
+        parts.append(packer.pack_array_header(len(value)))
+        for i in range(0, len(value), _CHUNK_ITEMS):
+            chunk = value[i:i + _CHUNK_ITEMS]
+            parts.append(b"".join(map(packer.pack, chunk)))
+    return parts
 
 
 def unpack_meta(meta, kind, seq):
@@ -78,17 +109,16 @@ def encode_record(kind, seq, meta, data, data_crc=None):
     data_crc(data) when the caller has it already.
     """
     crc = record_crc(kind, seq, meta, data, data_crc)
+    metas = meta if isinstance(meta, list) else [meta]
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
     packer.pack_array_header(5)
     packer.pack(kind)
     packer.pack(seq)
-    packer.pack(meta)
+    # meta as msgpack would pack it (a bin), but not copied into the packer's buffer
+    prefix = packer.bytes() + bin_header(sum(map(len, metas)))
     if data is None:
-        packer.pack(None)
-        packer.pack(crc)
-        return [packer.bytes()], crc
-    prefix = packer.bytes() + bin_header(len(data))
-    return [prefix, data, msgpack.packb(crc)], crc
+        return [prefix, *metas, msgpack.packb(None) + msgpack.packb(crc)], crc
+    return [prefix, *metas, bin_header(len(data)), data, msgpack.packb(crc)], crc
 
 
 def packed_crc_len(crc):

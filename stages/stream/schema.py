@@ -6,6 +6,8 @@ field of the wrong type or a missing one.  Messages name the record and the
 path of the offending field.
 """
 
+from collections.abc import Mapping
+
 from .errors import StreamError
 
 U64_MAX = (1 << 64) - 1
@@ -116,7 +118,7 @@ class Map(Spec):
         self.optional = optional or {}
 
     def check(self, value, path):
-        if not isinstance(value, dict):
+        if not isinstance(value, (dict, Mapping)):  # Mapping: compact.VmaBody and LayoutVma
             self.fail(path, f"expected a map, got {type(value).__name__}")
         for name, spec in self.required.items():
             if name not in value:

@@ -1,0 +1,220 @@
+"""Compact VMA bodies: a process with 20,000 VMAs must not cost 20,000 dicts.
+
+A VMA body (an entry of an images ``vmas`` record, or of a plan's ``layout``) is a
+read-mostly mapping of a dozen fields.  As a dict it costs about 300 bytes, and a
+layout entry copied from it as many again; here it is a slotted object (one
+pointer per field) that behaves like the dict (``v["start"]``, ``v.get("dev")``,
+``dict(v)``, equality, assignment) and packs to the same bytes: its keys keep the
+order they had on the wire (``dict(v)`` is the dict msgpack would have made).
+
+``unpack_vmas`` decodes a ``vmas`` record one VMA at a time (checking each against
+the schema), so the record never exists as 20,000 dicts at once either.
+``LayoutVma`` is a plan layout entry: a VMA body plus its ``pieces``, sharing the
+body's fields instead of copying them.
+"""
+
+from collections.abc import Mapping, MutableMapping
+
+import msgpack
+
+from . import images
+
+VMA_FIELDS = tuple(images.VMA.required) + tuple(images.VMA.optional)
+_FIELD_SET = frozenset(VMA_FIELDS)
+_KEY_ORDERS = {}  # one tuple object per key order seen (all VMAs share a handful)
+
+
+def _key_order(keys):
+    keys = tuple(keys)
+    return _KEY_ORDERS.setdefault(keys, keys)
+
+
+class VmaBody(MutableMapping):
+    """One VMA body in slots; absent optional fields are unset slots."""
+
+    __slots__ = VMA_FIELDS + ("_keys",)
+
+    @classmethod
+    def from_dict(cls, body):
+        """A VmaBody of a dict whose keys are VMA fields (checked by the caller)."""
+        self = cls.__new__(cls)
+        for key, value in body.items():
+            setattr(self, key, value)
+        self._keys = _key_order(body)
+        return self
+
+    def __getitem__(self, key):
+        if key in self._keys:
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def __setitem__(self, key, value):
+        if key not in _FIELD_SET:
+            raise KeyError(f"{key!r} is not a VMA field")
+        if key not in self._keys:
+            self._keys = _key_order(self._keys + (key,))
+        setattr(self, key, value)
+
+    def __delitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        delattr(self, key)
+        self._keys = _key_order(k for k in self._keys if k != key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def items(self):
+        return [(key, getattr(self, key)) for key in self._keys]
+
+    def __repr__(self):
+        return f"VmaBody({dict(self.items())!r})"
+
+    def __copy__(self):
+        return VmaBody.from_dict(self)
+
+
+class LayoutVma(MutableMapping):
+    """A plan layout entry: the fields of an image VMA body (shared, not copied) plus
+    ``pieces``.  Assigning a field keeps the change in this entry only."""
+
+    __slots__ = ("_base", "pieces", "_own")
+
+    def __init__(self, base, pieces):
+        self._base, self.pieces, self._own = base, pieces, None
+
+    def __getitem__(self, key):
+        if key == "pieces":
+            return self.pieces
+        own = self._own
+        if own is not None and key in own:
+            return own[key]
+        return self._base[key]
+
+    def __contains__(self, key):
+        return key == "pieces" or key in self._base or (self._own is not None and key in self._own)
+
+    def __setitem__(self, key, value):
+        if key == "pieces":
+            self.pieces = value
+            return
+        if self._own is None:
+            self._own = VmaBody.from_dict(self._base)  # copy on first write: the base is shared
+        self._own[key] = value
+
+    def __delitem__(self, key):
+        if key == "pieces":
+            raise KeyError("pieces is required")
+        if self._own is None:
+            self._own = VmaBody.from_dict(self._base)
+        del self._own[key]
+
+    def _fields(self):
+        return self._own if self._own is not None else self._base
+
+    def __iter__(self):
+        yield from self._fields()
+        yield "pieces"
+
+    def __len__(self):
+        return len(self._fields()) + 1
+
+    def items(self):
+        got = self._fields().items()
+        got.append(("pieces", self.pieces))
+        return got
+
+    def __repr__(self):
+        return f"LayoutVma({dict(self.items())!r})"
+
+
+def plain(obj):
+    """msgpack's ``default``: a compact body packs as the dict it stands for."""
+    if isinstance(obj, (VmaBody, LayoutVma)):
+        return dict(obj.items())
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def unpack_vmas(meta, seq, spec):
+    """The body of an images ``vmas`` record with VmaBody entries, decoded and checked
+    (against ``spec``, None: not checked) one VMA at a time.  Errors are the ones the
+    whole-record decode and check give."""
+    path = f"record {seq} (vmas)"
+    try:
+        body = _unpack_incrementally(meta, path, spec)
+    except _Irregular:
+        body = None
+    if body is None:
+        # not the regular shape: decode it whole for the usual messages (or a dict body
+        # the schema accepts after all, e.g. keys in another order)
+        from .envelope import unpack_meta
+        body = unpack_meta(meta, "vmas", seq)
+        if spec is not None:
+            spec.check(body, path)
+        vmas = body.get("vmas")
+        if isinstance(vmas, list) and all(isinstance(v, dict) and _FIELD_SET.issuperset(v) for v in vmas):
+            body["vmas"] = [VmaBody.from_dict(v) for v in vmas]
+    return body
+
+
+class _Irregular(Exception):
+    pass
+
+
+def _unpack_incrementally(meta, path, spec):
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(meta), 1))
+    unpacker.feed(meta)
+    try:
+        nkeys = unpacker.read_map_header()
+    except Exception:
+        raise _Irregular()
+    list_spec = spec.required["vmas"] if spec is not None else None
+    item_spec = list_spec.inner if spec is not None else None
+    body = {}
+    for _ in range(nkeys):
+        try:
+            key = unpacker.unpack()
+        except Exception:
+            raise _Irregular()
+        if key in body:
+            raise _Irregular()  # a repeated key: let the whole-record decode decide
+        if key != "vmas":
+            try:
+                body[key] = unpacker.unpack()
+            except Exception:
+                raise _Irregular()
+            continue
+        try:
+            count = unpacker.read_array_header()
+        except Exception:
+            raise _Irregular()
+        if list_spec is not None and count > list_spec.max_len:
+            raise _Irregular()
+        vmas = []
+        for i in range(count):
+            try:
+                v = unpacker.unpack()
+            except Exception:
+                raise _Irregular()
+            if item_spec is not None:
+                item_spec.check(v, f"{path}.vmas[{i}]")
+            elif not isinstance(v, dict) or not _FIELD_SET.issuperset(v):
+                raise _Irregular()
+            vmas.append(VmaBody.from_dict(v))
+        body[key] = vmas
+    if unpacker.tell() != len(meta):
+        raise _Irregular()
+    if spec is not None:
+        vmas = body.get("vmas")
+        if not isinstance(vmas, list):
+            raise _Irregular()
+        shell = dict(body, vmas=[])  # the entries are checked above
+        spec.check(shell, path)
+    return body
+
