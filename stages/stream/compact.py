@@ -1,4 +1,4 @@
-"""Compact VMA bodies: a process with 20,000 VMAs must not cost 20,000 dicts.
+"""Compact record bodies: a process with 20,000 VMAs must not cost 20,000 dicts.
 
 A VMA body (an entry of an images ``vmas`` record, or of a plan's ``layout``) is a
 read-mostly mapping of a dozen fields.  As a dict it costs about 300 bytes, and a
@@ -17,10 +17,9 @@ from collections.abc import Mapping, MutableMapping
 
 import msgpack
 
-from . import images
+from . import images, plans
 
-VMA_FIELDS = tuple(images.VMA.required) + tuple(images.VMA.optional)
-_FIELD_SET = frozenset(VMA_FIELDS)
+_VMA_FIELDS = frozenset(images.VMA.required) | frozenset(images.VMA.optional)
 _KEY_ORDERS = {}  # one tuple object per key order seen (all VMAs share a handful)
 
 
@@ -29,14 +28,21 @@ def _key_order(keys):
     return _KEY_ORDERS.setdefault(keys, keys)
 
 
-class VmaBody(MutableMapping):
-    """One VMA body in slots; absent optional fields are unset slots."""
+class Compact(MutableMapping):
+    """A record body in slots (one per field of its schema); absent fields are unset
+    slots.  ``_keys``: the present keys in order (shared tuple), as a dict keeps them."""
 
-    __slots__ = VMA_FIELDS + ("_keys",)
+    __slots__ = ("_keys",)
+    FIELDS = frozenset()
+
+    def __init__(self, **fields):
+        for key, value in fields.items():
+            setattr(self, key, value)
+        self._keys = _key_order(fields)
 
     @classmethod
     def from_dict(cls, body):
-        """A VmaBody of a dict whose keys are VMA fields (checked by the caller)."""
+        """The compact form of a dict whose keys are fields of cls (checked by the caller)."""
         self = cls.__new__(cls)
         for key, value in body.items():
             setattr(self, key, value)
@@ -52,8 +58,8 @@ class VmaBody(MutableMapping):
         return key in self._keys
 
     def __setitem__(self, key, value):
-        if key not in _FIELD_SET:
-            raise KeyError(f"{key!r} is not a VMA field")
+        if key not in self.FIELDS:
+            raise KeyError(f"{key!r} is not a field of {type(self).__name__}")
         if key not in self._keys:
             self._keys = _key_order(self._keys + (key,))
         setattr(self, key, value)
@@ -74,10 +80,21 @@ class VmaBody(MutableMapping):
         return [(key, getattr(self, key)) for key in self._keys]
 
     def __repr__(self):
-        return f"VmaBody({dict(self.items())!r})"
+        return f"{type(self).__name__}({dict(self.items())!r})"
 
     def __copy__(self):
-        return VmaBody.from_dict(self)
+        return type(self).from_dict(self)
+
+
+def _compact_class(name, spec, doc):
+    fields = tuple(spec.required) + tuple(spec.optional)
+    return type(name, (Compact,), {"__slots__": fields, "FIELDS": frozenset(fields), "__doc__": doc,
+                                   "__module__": __name__})
+
+
+VmaBody = _compact_class("VmaBody", images.VMA, "A VMA body of an images vmas record.")
+PlanRange = _compact_class("PlanRange", plans.RANGE, "A staging range of a plan process record.")
+PlanStep = _compact_class("PlanStep", plans.STEP, "A step of a plan process record.")
 
 
 class LayoutVma(MutableMapping):
@@ -136,7 +153,7 @@ class LayoutVma(MutableMapping):
 
 def plain(obj):
     """msgpack's ``default``: a compact body packs as the dict it stands for."""
-    if isinstance(obj, (VmaBody, LayoutVma)):
+    if isinstance(obj, (Compact, LayoutVma)):
         return dict(obj.items())
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
@@ -158,7 +175,7 @@ def unpack_vmas(meta, seq, spec):
         if spec is not None:
             spec.check(body, path)
         vmas = body.get("vmas")
-        if isinstance(vmas, list) and all(isinstance(v, dict) and _FIELD_SET.issuperset(v) for v in vmas):
+        if isinstance(vmas, list) and all(isinstance(v, dict) and _VMA_FIELDS.issuperset(v) for v in vmas):
             body["vmas"] = [VmaBody.from_dict(v) for v in vmas]
     return body
 
@@ -204,7 +221,7 @@ def _unpack_incrementally(meta, path, spec):
                 raise _Irregular()
             if item_spec is not None:
                 item_spec.check(v, f"{path}.vmas[{i}]")
-            elif not isinstance(v, dict) or not _FIELD_SET.issuperset(v):
+            elif not isinstance(v, dict) or not _VMA_FIELDS.issuperset(v):
                 raise _Irregular()
             vmas.append(VmaBody.from_dict(v))
         body[key] = vmas
