@@ -77,7 +77,6 @@ class Images:
         self.pages_bodies = []  # the pages records' bodies (first, count, same, hashes): no bytes
         self.spooled = 0
         self.shared = SharedObjects()  # MAP_SHARED anonymous memory and memfds (shmem records)
-        self.strings = {}  # shared strings and flag lists of the VMA bodies
 
     # -- tree -------------------------------------------------------------
     def finish_tree(self):
@@ -164,18 +163,6 @@ class Images:
             self.spool = None
 
 
-def _share_strings(body, strings):
-    """One object for equal flag lists, kinds and paths across VMAs (msgpack makes new
-    ones each time: 20,000 VMAs would hold 120,000 copies of "rd", "wr", ...)."""
-    flags = body["vmflags"]
-    body["vmflags"] = strings.setdefault(tuple(flags), flags)  # read only, never changed
-    for key in ("kind", "path"):
-        value = body.get(key)
-        if isinstance(value, str):
-            body[key] = strings.setdefault(value, value)
-    return body
-
-
 def read_images(fileobj):
     """Read and check a whole image stream; raise StreamError / PlanError with a message."""
     images = Images()
@@ -190,8 +177,7 @@ def read_images(fileobj):
             pid = rec.body["pid"]
             if pid in images.vmas:
                 raise PlanError(f"process {pid}: two vmas records")
-            images.vmas[pid] = [Vma(pid, i, _share_strings(v, images.strings))
-                                for i, v in enumerate(rec.body["vmas"])]
+            images.vmas[pid] = [Vma(pid, i, v) for i, v in enumerate(rec.body["vmas"])]
         elif rec.kind == "pages":
             body = rec.body
             first, count = body["first"], body["count"]

@@ -119,6 +119,7 @@ class StreamReader:
         self.fileobj = fileobj
         # images vmas records: VMA bodies as compact.VmaBody (decoded one at a time), not dicts
         self.compact_vmas = compact_vmas
+        self.strings = {}  # strings and flag lists shared by the compact VMA bodies
         self.base = _regular_file_offset(fileobj)  # None unless fileobj is a regular file
         self.unpacker = envelope.make_unpacker(fileobj)
         self.validate = validate
@@ -183,7 +184,7 @@ class StreamReader:
         if (data is not None) != (kind in self.module.DATA_KINDS):
             raise StreamError(f"record {seq} ({kind}): data payload present/absent wrongly")
         if self.compact_vmas and kind == "vmas" and self.module is images:
-            body = compact.unpack_vmas(meta, seq, spec if self.validate else None)
+            body = compact.unpack_vmas(meta, seq, spec if self.validate else None, self.strings)
         else:
             body = envelope.unpack_meta(meta, kind, seq)
             if self.validate:

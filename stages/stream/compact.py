@@ -13,6 +13,7 @@ the schema), so the record never exists as 20,000 dicts at once either.
 body's fields instead of copying them.
 """
 
+import io
 from collections.abc import Mapping, MutableMapping
 
 import msgpack
@@ -158,13 +159,28 @@ def plain(obj):
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 
-def unpack_vmas(meta, seq, spec):
+def _shared_strings(body, strings):
+    """body (a VMA dict) with its strings and flag list replaced by equal ones seen before:
+    msgpack makes new objects each time, and 20,000 VMAs would hold 120,000 copies of
+    "rd", "wr", ...  (The flag lists are then shared: read only.)"""
+    for key in ("kind", "path", "dev"):
+        value = body.get(key)
+        if isinstance(value, str):
+            body[key] = strings.setdefault(value, value)
+    flags = body.get("vmflags")
+    if isinstance(flags, list):
+        body["vmflags"] = strings.setdefault(tuple(flags), flags)
+    return body
+
+
+def unpack_vmas(meta, seq, spec, strings):
     """The body of an images ``vmas`` record with VmaBody entries, decoded and checked
-    (against ``spec``, None: not checked) one VMA at a time.  Errors are the ones the
+    (against ``spec``, None: not checked) one VMA at a time; equal strings and flag lists
+    are one object (``strings``: the reader's table of them).  Errors are the ones the
     whole-record decode and check give."""
     path = f"record {seq} (vmas)"
     try:
-        body = _unpack_incrementally(meta, path, spec)
+        body = _unpack_incrementally(meta, path, spec, strings)
     except _Irregular:
         body = None
     if body is None:
@@ -176,7 +192,7 @@ def unpack_vmas(meta, seq, spec):
             spec.check(body, path)
         vmas = body.get("vmas")
         if isinstance(vmas, list) and all(isinstance(v, dict) and _VMA_FIELDS.issuperset(v) for v in vmas):
-            body["vmas"] = [VmaBody.from_dict(v) for v in vmas]
+            body["vmas"] = [VmaBody.from_dict(_shared_strings(v, strings)) for v in vmas]
     return body
 
 
@@ -184,9 +200,10 @@ class _Irregular(Exception):
     pass
 
 
-def _unpack_incrementally(meta, path, spec):
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(meta), 1))
-    unpacker.feed(meta)
+def _unpack_incrementally(meta, path, spec, strings):
+    # read from the record's bytes (BytesIO shares them) in small steps: feed() would copy them
+    unpacker = msgpack.Unpacker(io.BytesIO(meta), raw=False, strict_map_key=False, read_size=1 << 16,
+                                max_buffer_size=max(len(meta), 1 << 16))
     try:
         nkeys = unpacker.read_map_header()
     except Exception:
@@ -223,7 +240,7 @@ def _unpack_incrementally(meta, path, spec):
                 item_spec.check(v, f"{path}.vmas[{i}]")
             elif not isinstance(v, dict) or not _VMA_FIELDS.issuperset(v):
                 raise _Irregular()
-            vmas.append(VmaBody.from_dict(v))
+            vmas.append(VmaBody.from_dict(_shared_strings(v, strings)))
         body[key] = vmas
     if unpacker.tell() != len(meta):
         raise _Irregular()
