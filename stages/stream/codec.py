@@ -117,7 +117,8 @@ class StreamReader:
 
     def __init__(self, fileobj, expect=None, validate=True, compact_vmas=False):
         self.fileobj = fileobj
-        # images vmas records: VMA bodies as compact.VmaBody (decoded one at a time), not dicts
+        # images vmas records: VMA bodies as compact.VmaBody (decoded one at a time), not
+        # dicts; or as the subclass of it given here
         self.compact_vmas = compact_vmas
         self.strings = {}  # strings and flag lists shared by the compact VMA bodies
         self.base = _regular_file_offset(fileobj)  # None unless fileobj is a regular file
@@ -184,7 +185,8 @@ class StreamReader:
         if (data is not None) != (kind in self.module.DATA_KINDS):
             raise StreamError(f"record {seq} ({kind}): data payload present/absent wrongly")
         if self.compact_vmas and kind == "vmas" and self.module is images:
-            body = compact.unpack_vmas(meta, seq, spec if self.validate else None, self.strings)
+            cls = self.compact_vmas if isinstance(self.compact_vmas, type) else compact.VmaBody
+            body = compact.unpack_vmas(meta, seq, spec if self.validate else None, self.strings, cls)
         else:
             body = envelope.unpack_meta(meta, kind, seq)
             if self.validate:

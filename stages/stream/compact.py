@@ -173,14 +173,15 @@ def _shared_strings(body, strings):
     return body
 
 
-def unpack_vmas(meta, seq, spec, strings):
+def unpack_vmas(meta, seq, spec, strings, cls=None):
     """The body of an images ``vmas`` record with VmaBody entries, decoded and checked
     (against ``spec``, None: not checked) one VMA at a time; equal strings and flag lists
-    are one object (``strings``: the reader's table of them).  Errors are the ones the
+    are one object (``strings``: the reader's table of them).  ``cls``: VmaBody or a
+    subclass of it.  Errors are the ones the
     whole-record decode and check give."""
     path = f"record {seq} (vmas)"
     try:
-        body = _unpack_incrementally(meta, path, spec, strings)
+        body = _unpack_incrementally(meta, path, spec, strings, cls or VmaBody)
     except _Irregular:
         body = None
     if body is None:
@@ -192,7 +193,7 @@ def unpack_vmas(meta, seq, spec, strings):
             spec.check(body, path)
         vmas = body.get("vmas")
         if isinstance(vmas, list) and all(isinstance(v, dict) and _VMA_FIELDS.issuperset(v) for v in vmas):
-            body["vmas"] = [VmaBody.from_dict(_shared_strings(v, strings)) for v in vmas]
+            body["vmas"] = [(cls or VmaBody).from_dict(_shared_strings(v, strings)) for v in vmas]
     return body
 
 
@@ -200,7 +201,7 @@ class _Irregular(Exception):
     pass
 
 
-def _unpack_incrementally(meta, path, spec, strings):
+def _unpack_incrementally(meta, path, spec, strings, cls):
     # read from the record's bytes (BytesIO shares them) in small steps: feed() would copy them
     unpacker = msgpack.Unpacker(io.BytesIO(meta), raw=False, strict_map_key=False, read_size=1 << 16,
                                 max_buffer_size=max(len(meta), 1 << 16))
@@ -240,7 +241,7 @@ def _unpack_incrementally(meta, path, spec, strings):
                 item_spec.check(v, f"{path}.vmas[{i}]")
             elif not isinstance(v, dict) or not _VMA_FIELDS.issuperset(v):
                 raise _Irregular()
-            vmas.append(VmaBody.from_dict(_shared_strings(v, strings)))
+            vmas.append(cls.from_dict(_shared_strings(v, strings)))
         body[key] = vmas
     if unpacker.tell() != len(meta):
         raise _Irregular()
