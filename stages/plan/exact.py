@@ -181,9 +181,19 @@ class _Place:
         return self.group[n], self.pos[n]
 
 
+# A slot (a page of a group's range) is one int: group * SLOT_SPAN + position + SLOT_BIAS
+# (a tuple per frame costs a hundred bytes).  A relocated unit's slot is ("x", unit, key).
+SLOT_SPAN, SLOT_BIAS = 1 << 32, 1 << 31
+
+
+def _slot_place(slot):
+    """(group, position) of an aligned slot."""
+    g, pos = divmod(slot, SLOT_SPAN)
+    return g, pos - SLOT_BIAS
+
+
 class _FrameSlot:
-    """frame -> its slot (group, position): where it was first seen (made on demand, not
-    kept per frame)."""
+    """frame -> its slot: where it was first seen (made on demand, not kept per frame)."""
 
     __slots__ = ("place", "first_node", "first_page")
 
@@ -192,7 +202,7 @@ class _FrameSlot:
 
     def __getitem__(self, c):
         n = self.first_node[c]
-        return self.place.group[n], self.place.pos[n] + self.first_page[c]
+        return self.place.group[n] * SLOT_SPAN + self.place.pos[n] + self.first_page[c] + SLOT_BIAS
 
 
 def _holders(nodes, canon, nframes, zeros):
@@ -409,7 +419,8 @@ def _units(images, nodes, canon, holders, slot_of, relocated):
 
 
 def _schedule(images, units):
-    """Per process: the order of writes and forks; the units that conflict."""
+    """Per process: the order of writes and forks (ints: unit u to write, ~child to fork);
+    the units that conflict."""
     got = _schedule_bundles(images, units)
     return got if got is not None else _schedule_slots(images, units)
 
@@ -553,7 +564,7 @@ def _greedy_bundles(pid, order, need, final, contested):
                 whole.add(id(b))
         if writes:
             writes.sort()
-            seq.extend(zip(repeat("w"), writes))
+            seq.extend(writes)
         if written:
             for b in bundles:
                 if b.creator != pid:
@@ -561,7 +572,7 @@ def _greedy_bundles(pid, order, need, final, contested):
 
     for c in order:
         provide(need.get(c, ()))
-        seq.append(("f", c))
+        seq.append(~c)
     provide(final)
     return conflicts, seq
 
@@ -650,13 +661,13 @@ def _greedy(pid, order, need, final, creator):
                     continue
                 cur[s] = u
                 done.add(u)
-                seq.append(("w", u))
+                seq.append(u)
             elif s in cur:
                 conflicts.append(u)
 
     for c in order:
         provide(need.get(c, {}))
-        seq.append(("f", c))
+        seq.append(~c)
     provide(final)
     return conflicts, seq
 
@@ -685,7 +696,7 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
     extra_rid = {}
     todo = [(order[ext_top[g]] << 34) | g for g in range(nnodes) if ext_node[g] >= 0]
     for u in range(len(units.frame)):
-        if units.slot[u][0] == "x":
+        if type(units.slot[u]) is tuple:
             todo.append((order[units.creator[u]] << 34) | (1 << 33) | u)
     todo.sort()
     slot_page = {}
@@ -712,15 +723,15 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
                 draft.ranges[r].npages += 1
 
     def where(slot):
-        if slot[0] == "x":
+        if type(slot) is tuple:
             return slot_page[slot[1]]
-        g = slot[0]
-        return group_rid[g], slot[1] - group_lo[g]
+        g, pos = _slot_place(slot)
+        return group_rid[g], pos - group_lo[g]
 
     for pid in images.pids:
-        for op, x in schedule.pop(pid):
-            if op == "f":
-                draft.fork(pid, x)
+        for x in schedule.pop(pid):
+            if x < 0:
+                draft.fork(pid, ~x)
             else:
                 rid, page = where(units.slot[x])
                 draft.write(pid, rid, page, units.frame[x])
