@@ -65,8 +65,9 @@ class Draft:
         self.created = {pid: [] for pid in images.pids}  # pid -> [rid]
         # pid -> its steps in order, three uint32 each: (rid, page, frame) a write, (0, child, 0) a fork
         self.events = {pid: array("I") for pid in images.pids}
-        # pid -> {vma index: pieces [[rid, range page, count, vma page], ...] covering the VMA}
-        self.sources = {pid: {} for pid in images.pids}
+        # pid -> per VMA index: pieces [[rid, range page, count, vma page], ...] covering the
+        # VMA, or None (a list, not a dict: 20,000 VMAs)
+        self.sources = {pid: [None] * len(images.vmas[pid]) for pid in images.pids}
 
     def write(self, pid, rid, page, frame):
         self.events[pid].extend((rid, page, frame))
@@ -207,7 +208,7 @@ def _add_holes(draft):
             else:
                 state[page] = written.fork()
         for v in images.vmas[pid]:
-            pieces = draft.sources[pid].get(v.index)
+            pieces = draft.sources[pid][v.index]
             if pieces is None:
                 continue
             ids = v.ids
@@ -304,7 +305,9 @@ def build(draft, strategy):
     moves = 0
     nranges = len(draft.ranges)
     mapped_at_start = {images.root: bytearray(nranges)}  # pid -> rid -> 1 if mapped when it starts
-    state = {images.root: Written(Window(draft.ranges))}  # pid -> write id of each staging page, at start
+    window = Window(draft.ranges)
+    window.start(len(draft.ranges) - 1)  # all placed: a range is dropped from the draft once recorded
+    state = {images.root: Written(window)}  # pid -> write id of each staging page, at start
     byte_sizes = {}  # npages -> its size in bytes: one int object per size, not per range
     for pid in draft.creation_order():
         values = state.pop(pid)  # shared with the parent at the fork
@@ -340,7 +343,8 @@ def build(draft, strategy):
         unused = mapped  # rid -> 1 if mapped at the end and used by no piece: dropped
         sources = draft.sources.pop(pid)  # the draft's pieces go into the layout as they are
         for v in images.vmas[pid]:
-            pieces = sources.pop(v.index, None)
+            pieces = sources[v.index]
+            sources[v.index] = None
             # the image's VMA body with the pieces, its fields shared, not copied
             layout.append(LayoutVma(v.body, pieces if pieces is not None else []))
             if pieces is None:
@@ -364,6 +368,7 @@ def build(draft, strategy):
                 path, pgoff, dev, ino = r.file
                 rec.update(path=path, pgoff=pgoff, dev=dev, ino=ino or 0)
             ranges.append(rec)
+            draft.ranges[rid] = None
         proc = images.process_body[pid]
         own_writes = sum(len(st["pages"]) // 8 for st in steps if st["op"] == "write")
         records.append({"pid": pid, "ppid": images.parent[pid], "image": proc,
@@ -381,7 +386,7 @@ def build(draft, strategy):
         "bytes_to_write": writes_total * PAGE,
         "processes": len(images.pids),
         "moves": moves,
-        "ranges": len(draft.ranges) - 1,
+        "ranges": nranges - 1,
     }
     header = {
         "kernel": images.header["kernel"],

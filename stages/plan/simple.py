@@ -48,7 +48,7 @@ def plan_address(images):
             if not v.plannable:
                 continue
             pv = by_start.get(v.start)
-            if pv is None or not _same_vma(pv, v) or pv.index not in draft.sources[parent]:
+            if pv is None or not _same_vma(pv, v) or draft.sources[parent][pv.index] is None:
                 rid = _own_range(draft, pid, v)
                 if v.ids is not None:
                     for i, f in enumerate(v.ids):
