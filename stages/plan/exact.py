@@ -20,7 +20,7 @@
 from array import array
 from itertools import compress, repeat
 
-from .layout import Draft, expand, pieces_of, without_gc
+from .layout import Draft, expand, flat, pieces_of, without_gc
 from .model import PAGE
 
 
@@ -739,7 +739,7 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
         g, p = place[n]
         rid, lo = group_rid[g], group_lo[g]
         # an aligned frame's slot is its own page's slot: only relocated frames move elsewhere
-        pieces = [[rid, p - lo, v.npages, 0]]
+        pieces = (rid, p - lo, v.npages, 0)  # flat (layout.flat)
         if relocated and v.ids is not None:
             src = None
             for i in _relocated_pages(v.ids, canon, relocated):
@@ -748,7 +748,7 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
                 u = units.of_relocated[(v.pid, canon[v.ids[i]])]
                 src[i] = where(units.slot[u])
             if src is not None:
-                pieces = pieces_of(src)
+                pieces = flat(pieces_of(src))
         draft.sources[v.pid][v.index] = pieces
     return draft
 

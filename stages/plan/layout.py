@@ -11,7 +11,7 @@ its own instead.
 import functools
 import gc
 from array import array
-from itertools import compress
+from itertools import chain, compress
 from operator import ne
 
 from stages.stream import pack_u32
@@ -65,8 +65,8 @@ class Draft:
         self.created = {pid: [] for pid in images.pids}  # pid -> [rid]
         # pid -> its steps in order, three uint32 each: (rid, page, frame) a write, (0, child, 0) a fork
         self.events = {pid: array("I") for pid in images.pids}
-        # pid -> per VMA index: pieces [[rid, range page, count, vma page], ...] covering the
-        # VMA, or None (a list, not a dict: 20,000 VMAs)
+        # pid -> per VMA index: the pieces covering the VMA, flat (rid, range page, count,
+        # vma page, rid, ...), or None (a list, not a dict: 20,000 VMAs)
         self.sources = {pid: [None] * len(images.vmas[pid]) for pid in images.pids}
 
     def write(self, pid, rid, page, frame):
@@ -183,8 +183,21 @@ class Written:
         return out if out is not None else array("I")
 
 
+def flat(pieces):
+    """Pieces [[rid, range page, count, vma page], ...] as one tuple (rid, range page, ...):
+    kept per VMA, a list of lists costs 150 bytes, the tuple 70."""
+    return tuple(chain.from_iterable(pieces))
+
+
+def rows(pieces):
+    """Flat pieces as (rid, range page, count, vma page) tuples."""
+    return [pieces[i:i + 4] for i in range(0, len(pieces), 4)]
+
+
 def expand(pieces):
-    """Per VMA page, its staging slot (rid, range page)."""
+    """Per VMA page, its staging slot (rid, range page) (pieces flat or as rows)."""
+    if type(pieces) is tuple:
+        pieces = rows(pieces)
     return [(rid, rpage + k) for rid, rpage, count, _ in pieces for k in range(count)]
 
 
@@ -227,7 +240,7 @@ def _add_holes(draft):
                     hole = draft.new_range(pid, v.npages, v, v.body["pgoff"])
                 src[i] = (hole, i)
             if hole is not None:
-                draft.sources[pid][v.index] = pieces_of(src)
+                draft.sources[pid][v.index] = flat(pieces_of(src))
 
 
 def pieces_of(src):
@@ -340,6 +353,7 @@ def build(draft, strategy):
         end_write()
         del draft.events[pid]
         layout = []
+        own_moves = 0
         unused = mapped  # rid -> 1 if mapped at the end and used by no piece: dropped
         sources = draft.sources.pop(pid)  # the draft's pieces go into the layout as they are
         for v in images.vmas[pid]:
@@ -349,7 +363,8 @@ def build(draft, strategy):
             layout.append(LayoutVma(v.body, pieces if pieces is not None else []))
             if pieces is None:
                 continue
-            moves += len(pieces)
+            pieces = rows(pieces)
+            own_moves += len(pieces)
             for piece in pieces:
                 unused[piece[0]] = 0
             if v.ids is not None:
@@ -357,6 +372,7 @@ def build(draft, strategy):
                     _note_units(first_unit, more_units, v.ids[vpage:vpage + count], values.run(rid, rpage, count))
         for rid in compress(range(nranges), unused):
             steps.append(PlanStep(op="drop", range=rid))
+        moves += own_moves
         ranges = []
         for rid in draft.created[pid]:
             r = draft.ranges[rid]
@@ -373,8 +389,7 @@ def build(draft, strategy):
         own_writes = sum(len(st["pages"]) // 8 for st in steps if st["op"] == "write")
         records.append({"pid": pid, "ppid": images.parent[pid], "image": proc,
                         "ranges": ranges, "steps": steps, "layout": layout,
-                        "stats": {"pages_written": own_writes,
-                                  "moves": sum(len(v["pieces"]) for v in layout)}})
+                        "stats": {"pages_written": own_writes, "moves": own_moves}})
 
     frames_in_images = images.nframes - first_unit.count(UNSET)
     duplicated = sum(len(u) - 1 for u in more_units.values())

@@ -12,7 +12,7 @@ from .layout import Draft, expand
 
 def _own_range(draft, pid, v):
     rid = draft.new_range(pid, v.npages, v, v.body["pgoff"])
-    draft.sources[pid][v.index] = [[rid, 0, v.npages, 0]]
+    draft.sources[pid][v.index] = (rid, 0, v.npages, 0)
     return rid
 
 
@@ -56,7 +56,7 @@ def plan_address(images):
                             draft.write(pid, rid, i, f)
                 continue
             pieces = draft.sources[parent][pv.index]
-            draft.sources[pid][v.index] = [list(p) for p in pieces]
+            draft.sources[pid][v.index] = pieces  # a tuple: shared, never changed
             if v.ids is None:
                 continue
             src = expand(pieces)

@@ -100,12 +100,22 @@ PlanStep = _compact_class("PlanStep", plans.STEP, "A step of a plan process reco
 
 class LayoutVma(MutableMapping):
     """A plan layout entry: the fields of an image VMA body (shared, not copied) plus
-    ``pieces``.  Assigning a field keeps the change in this entry only."""
+    ``pieces``.  Assigning a field keeps the change in this entry only.  The pieces may be
+    given flat, a tuple (range, range page, count, VMA page, range, ...): ``v["pieces"]`` is
+    then a new list of 4-item lists each time (a list of lists kept per VMA costs 150 bytes);
+    pieces assigned as a list are kept as they are."""
 
-    __slots__ = ("_base", "pieces", "_own")
+    __slots__ = ("_base", "_pieces", "_own")
 
     def __init__(self, base, pieces):
-        self._base, self.pieces, self._own = base, pieces, None
+        self._base, self._pieces, self._own = base, pieces, None
+
+    @property
+    def pieces(self):
+        p = self._pieces
+        if type(p) is tuple:
+            return [list(p[i:i + 4]) for i in range(0, len(p), 4)]
+        return p
 
     def __getitem__(self, key):
         if key == "pieces":
@@ -120,7 +130,7 @@ class LayoutVma(MutableMapping):
 
     def __setitem__(self, key, value):
         if key == "pieces":
-            self.pieces = value
+            self._pieces = value
             return
         if self._own is None:
             self._own = VmaBody.from_dict(self._base)  # copy on first write: the base is shared
