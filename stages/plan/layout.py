@@ -317,6 +317,10 @@ def build(draft, strategy):
     writes_total = 0
     moves = 0
     nranges = len(draft.ranges)
+    rid_obj = [0] * nranges  # rid -> the int object of the draft's: steps share it, not a copy each
+    for rids in draft.created.values():
+        for rid in rids:
+            rid_obj[rid] = rid
     mapped_at_start = {images.root: bytearray(nranges)}  # pid -> rid -> 1 if mapped when it starts
     window = Window(draft.ranges)
     window.start(len(draft.ranges) - 1)  # all placed: a range is dropped from the draft once recorded
@@ -332,7 +336,7 @@ def build(draft, strategy):
 
         def end_write():
             if pairs is not None:
-                steps.append(PlanStep(op="write", range=pairs_rid, pages=pack_u32(pairs)))
+                steps.append(PlanStep(op="write", range=rid_obj[pairs_rid], pages=pack_u32(pairs)))
 
         for rid, page, frame in draft.events_of(pid):
             if rid:
@@ -371,7 +375,7 @@ def build(draft, strategy):
                 for rid, rpage, count, vpage in pieces:
                     _note_units(first_unit, more_units, v.ids[vpage:vpage + count], values.run(rid, rpage, count))
         for rid in compress(range(nranges), unused):
-            steps.append(PlanStep(op="drop", range=rid))
+            steps.append(PlanStep(op="drop", range=rid_obj[rid]))
         moves += own_moves
         ranges = []
         for rid in draft.created[pid]:

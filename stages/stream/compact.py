@@ -31,14 +31,17 @@ def _key_order(keys):
 
 class Compact(MutableMapping):
     """A record body in slots (one per field of its schema); absent fields are unset
-    slots.  ``_keys``: the present keys in order (shared tuple), as a dict keeps them."""
+    slots.  ``_keys``: the present keys in order (shared tuple), as a dict keeps them.
+    Fields most bodies lack (RARE: a file's dev and ino, ...) are kept in the dict
+    ``_more`` instead of a slot each."""
 
     __slots__ = ("_keys",)
     FIELDS = frozenset()
+    SLOTTED = frozenset()  # FIELDS but the rare ones
 
     def __init__(self, **fields):
         for key, value in fields.items():
-            setattr(self, key, value)
+            self._put(key, value)
         self._keys = _key_order(fields)
 
     @classmethod
@@ -46,13 +49,22 @@ class Compact(MutableMapping):
         """The compact form of a dict whose keys are fields of cls (checked by the caller)."""
         self = cls.__new__(cls)
         for key, value in body.items():
-            setattr(self, key, value)
+            self._put(key, value)
         self._keys = _key_order(body)
         return self
 
+    def _put(self, key, value):
+        if key in self.SLOTTED:
+            setattr(self, key, value)
+            return
+        more = getattr(self, "_more", None)
+        if more is None:
+            self._more = more = {}
+        more[key] = value
+
     def __getitem__(self, key):
         if key in self._keys:
-            return getattr(self, key)
+            return getattr(self, key) if key in self.SLOTTED else self._more[key]
         raise KeyError(key)
 
     def __contains__(self, key):
@@ -63,12 +75,15 @@ class Compact(MutableMapping):
             raise KeyError(f"{key!r} is not a field of {type(self).__name__}")
         if key not in self._keys:
             self._keys = _key_order(self._keys + (key,))
-        setattr(self, key, value)
+        self._put(key, value)
 
     def __delitem__(self, key):
         if key not in self._keys:
             raise KeyError(key)
-        delattr(self, key)
+        if key in self.SLOTTED:
+            delattr(self, key)
+        else:
+            del self._more[key]
         self._keys = _key_order(k for k in self._keys if k != key)
 
     def __iter__(self):
@@ -78,7 +93,8 @@ class Compact(MutableMapping):
         return len(self._keys)
 
     def items(self):
-        return [(key, getattr(self, key)) for key in self._keys]
+        slotted = self.SLOTTED
+        return [(key, getattr(self, key) if key in slotted else self._more[key]) for key in self._keys]
 
     def __repr__(self):
         return f"{type(self).__name__}({dict(self.items())!r})"
@@ -87,14 +103,18 @@ class Compact(MutableMapping):
         return type(self).from_dict(self)
 
 
-def _compact_class(name, spec, doc):
+def _compact_class(name, spec, doc, rare=()):
     fields = tuple(spec.required) + tuple(spec.optional)
-    return type(name, (Compact,), {"__slots__": fields, "FIELDS": frozenset(fields), "__doc__": doc,
-                                   "__module__": __name__})
+    slotted = tuple(f for f in fields if f not in rare)
+    return type(name, (Compact,), {"__slots__": slotted + (("_more",) if rare else ()),
+                                   "FIELDS": frozenset(fields), "SLOTTED": frozenset(slotted),
+                                   "__doc__": doc, "__module__": __name__})
 
 
-VmaBody = _compact_class("VmaBody", images.VMA, "A VMA body of an images vmas record.")
-PlanRange = _compact_class("PlanRange", plans.RANGE, "A staging range of a plan process record.")
+VmaBody = _compact_class("VmaBody", images.VMA, "A VMA body of an images vmas record.",
+                         rare=("dev", "ino", "size", "mtime", "shmem"))
+PlanRange = _compact_class("PlanRange", plans.RANGE, "A staging range of a plan process record.",
+                           rare=("path", "pgoff", "dev", "ino"))
 PlanStep = _compact_class("PlanStep", plans.STEP, "A step of a plan process record.")
 
 
