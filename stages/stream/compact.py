@@ -15,6 +15,7 @@ body's fields instead of copying them.
 
 import io
 from collections.abc import Mapping, MutableMapping
+from operator import attrgetter
 
 import msgpack
 
@@ -22,6 +23,7 @@ from . import images, plans
 
 _VMA_FIELDS = frozenset(images.VMA.required) | frozenset(images.VMA.optional)
 _KEY_ORDERS = {}  # one tuple object per key order seen (all VMAs share a handful)
+_GETTERS = {}  # (class, key order) -> attrgetter of those keys (None: some are not slots)
 
 
 def _key_order(keys):
@@ -93,8 +95,20 @@ class Compact(MutableMapping):
         return len(self._keys)
 
     def items(self):
+        keys = self._keys
+        getter = _GETTERS.get((type(self), keys), False)
+        if getter is False:
+            slotted = self.SLOTTED
+            getter = _GETTERS[(type(self), keys)] = \
+                attrgetter(*keys) if len(keys) > 1 and slotted.issuperset(keys) else None
+        if getter is not None:
+            return list(zip(keys, getter(self)))  # in C: the packer and the checker call this per body
         slotted = self.SLOTTED
-        return [(key, getattr(self, key) if key in slotted else self._more[key]) for key in self._keys]
+        return [(key, getattr(self, key) if key in slotted else self._more[key]) for key in keys]
+
+    def as_dict(self):
+        """The dict this body stands for (what msgpack packs, what the schema checks)."""
+        return dict(self.items())
 
     def __repr__(self):
         return f"{type(self).__name__}({dict(self.items())!r})"
@@ -178,6 +192,9 @@ class LayoutVma(MutableMapping):
         got.append(("pieces", self.pieces))
         return got
 
+    def as_dict(self):
+        return dict(self.items())
+
     def __repr__(self):
         return f"LayoutVma({dict(self.items())!r})"
 
@@ -185,7 +202,7 @@ class LayoutVma(MutableMapping):
 def plain(obj):
     """msgpack's ``default``: a compact body packs as the dict it stands for."""
     if isinstance(obj, (Compact, LayoutVma)):
-        return dict(obj.items())
+        return obj.as_dict()
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 

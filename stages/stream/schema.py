@@ -6,8 +6,6 @@ field of the wrong type or a missing one.  Messages name the record and the
 path of the offending field.
 """
 
-from collections.abc import Mapping
-
 from .errors import StreamError
 
 U64_MAX = (1 << 64) - 1
@@ -118,8 +116,11 @@ class Map(Spec):
         self.optional = optional or {}
 
     def check(self, value, path):
-        if not isinstance(value, (dict, Mapping)):  # Mapping: compact.VmaBody and LayoutVma
-            self.fail(path, f"expected a map, got {type(value).__name__}")
+        if not isinstance(value, dict):
+            as_dict = getattr(type(value), "as_dict", None)  # a compact body (stream.compact)
+            if as_dict is None:
+                self.fail(path, f"expected a map, got {type(value).__name__}")
+            value = as_dict(value)  # checked as the dict it packs to
         for name, spec in self.required.items():
             if name not in value:
                 self.fail(path, f"missing field {name!r}")
