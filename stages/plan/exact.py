@@ -182,7 +182,7 @@ class _Place:
 
 
 # A slot (a page of a group's range) is one int: group * SLOT_SPAN + position + SLOT_BIAS
-# (a tuple per frame costs a hundred bytes).  A relocated unit's slot is ("x", unit, key).
+# (a tuple per frame costs a hundred bytes); a relocated unit's slot is negative (_Units).
 SLOT_SPAN, SLOT_BIAS = 1 << 32, 1 << 31
 
 
@@ -369,8 +369,13 @@ def _merge_equal(images, nodes, place, node_at, cls, misaligned):
 
 
 class _Units:
+    """Per unit: its frame, slot, creator (arrays: 20,000 one-page VMAs make as many units)
+    and holders (one list object per distinct holder set).  A relocated unit's slot is
+    -1 - k: its (unit, backing key) is xslots[k]."""
+
     def __init__(self):
-        self.frame, self.slot, self.creator, self.holders = [], [], [], []
+        self.frame, self.slot, self.creator, self.holders = array("I"), array("q"), array("I"), []
+        self.xslots = []
         self.of_relocated = {}  # (pid, canonical frame) -> unit
 
     def add(self, frame, slot, holders, creator):
@@ -411,8 +416,8 @@ def _units(images, nodes, canon, holders, slot_of, relocated):
             units.add(c, slot_of[c], h, h[0] if len(h) == 1 else lca_of(h))
             continue
         for key, pids in keys[c].items():
-            u = units.add(c, None, pids, lca_of(pids))
-            units.slot[u] = ("x", u, key)
+            u = units.add(c, -1 - len(units.xslots), pids, lca_of(pids))
+            units.xslots.append((u, key))
             for pid in pids:
                 units.of_relocated[(pid, c)] = u
     return units
@@ -449,7 +454,6 @@ def _schedule_bundles(images, units):
     kept in bundles.  Valid when no two units meet at one slot in any dict
     _schedule_slots would build (each holder's final slots, each fork edge); else None."""
     parent = images.parent
-    slot_key = {}
     bundles = {}
     for u, s, top, holders in zip(range(len(units.frame)), units.slot, units.creator, units.holders):
         key = (top, id(holders))
@@ -458,7 +462,7 @@ def _schedule_bundles(images, units):
             b = bundles[key] = _Bundle(top)
             b.holders = holders
         b.units.append(u)
-        b.slots.append(slot_key.setdefault(s, len(slot_key)))
+        b.slots.append(s)
     final = {pid: [] for pid in images.pids}  # pid -> bundles it holds
     need = {pid: {} for pid in images.pids}  # pid -> {child: bundles the fork of child needs}
     own = {}  # creator -> its bundles
@@ -598,9 +602,7 @@ def _schedule_slots(images, units):
     conflicts = set()
     edges_of = {}  # (creator, holders) -> the dicts its units go into: holders' finals, fork edges
     setdefault = dict.setdefault
-    slot_key = {}  # slot -> small int: dict keys below hash cheaply
     for u, s, top, holders in zip(range(len(units.frame)), units.slot, units.creator, units.holders):
-        s = slot_key.setdefault(s, len(slot_key))
         key = (top, id(holders))  # equal holder lists are one object (see plan_exact)
         dicts = edges_of.get(key)
         if dicts is None:
@@ -696,7 +698,7 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
     extra_rid = {}
     todo = [(order[ext_top[g]] << 34) | g for g in range(nnodes) if ext_node[g] >= 0]
     for u in range(len(units.frame)):
-        if type(units.slot[u]) is tuple:
+        if units.slot[u] < 0:
             todo.append((order[units.creator[u]] << 34) | (1 << 33) | u)
     todo.sort()
     slot_page = {}
@@ -711,7 +713,7 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
         else:
             u = x
             creator = units.creator[u]
-            backing = units.slot[u][2]
+            backing = units.xslots[-1 - units.slot[u]][1]
             if backing[0] == "file":
                 rid = draft.new_range(creator, 1, _FileLike(backing[1]), backing[2] * PAGE)
                 slot_page[u] = (rid, 0)
@@ -723,8 +725,8 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
                 draft.ranges[r].npages += 1
 
     def where(slot):
-        if type(slot) is tuple:
-            return slot_page[slot[1]]
+        if slot < 0:
+            return slot_page[units.xslots[-1 - slot][0]]
         g, pos = _slot_place(slot)
         return group_rid[g], pos - group_lo[g]
 
