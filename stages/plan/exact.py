@@ -446,6 +446,8 @@ class _Bundle:
         common = self.slot_set & written if len(written) < len(self.slot_set) else written & self.slot_set
         if not common:
             return []
+        if self.unit_at is None:  # made when first needed: most bundles are never asked
+            self.unit_at = dict(zip(self.slots, self.units))
         return sorted(map(self.unit_at.__getitem__, common))
 
 
@@ -470,7 +472,6 @@ def _schedule_bundles(images, units):
         b.slot_set = frozenset(b.slots)
         if len(b.slot_set) != len(b.slots):
             return None
-        b.unit_at = dict(zip(b.slots, b.units))
         seen = set()
         for h in b.holders:
             final[h].append(b)
