@@ -36,7 +36,7 @@ def images_with(vmas, raw_vmas_meta=None):
 
 
 def vmas_record(blob, compact):
-    return [r for r in StreamReader(io.BytesIO(blob), compact_vmas=compact) if r.kind == "vmas"][0]
+    return [r for r in StreamReader(io.BytesIO(blob), compact=compact) if r.kind == "vmas"][0]
 
 
 def test_compact_vmas_read_as_the_dicts_and_pack_to_the_same_bytes():
@@ -67,7 +67,7 @@ def test_a_bad_vma_is_refused_with_the_message_of_the_whole_record_check(damage,
     w.close()
     for compact in (False, True):
         with pytest.raises(StreamError) as exc:
-            list(StreamReader(io.BytesIO(out.getvalue()), compact_vmas=compact))
+            list(StreamReader(io.BytesIO(out.getvalue()), compact=compact))
         assert str(exc.value) == message
 
 
@@ -82,7 +82,7 @@ def test_an_irregular_vmas_record_gets_the_whole_record_message(body):
     with pytest.raises(StreamError) as plain:
         list(StreamReader(io.BytesIO(blob)))
     with pytest.raises(StreamError) as compact:
-        list(StreamReader(io.BytesIO(blob), compact_vmas=True))
+        list(StreamReader(io.BytesIO(blob), compact=True))
     assert str(compact.value) == str(plain.value)
 
 

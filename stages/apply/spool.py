@@ -44,7 +44,8 @@ class Plan:
 
 def spool_plan(fileobj, tmpdir=None):
     """Read the plan stream from fileobj to its trailer; returns a Plan (StreamError if bad)."""
-    reader = StreamReader(fileobj, expect=plans.FORMAT)
+    # compact: layout entries, ranges and steps as slotted mappings, not a dict each
+    reader = StreamReader(fileobj, expect=plans.FORMAT, compact=True)
     if reader.base is not None:
         return _plan_in_place(reader, fileobj)
     fd, path = tempfile.mkstemp(prefix="cow-apply-spool-", dir=tmpdir)

@@ -185,7 +185,7 @@ class Images:
 def read_images(fileobj):
     """Read and check a whole image stream; raise StreamError / PlanError with a message."""
     images = Images()
-    reader = StreamReader(fileobj, expect="cowtree-images", compact_vmas=Vma)
+    reader = StreamReader(fileobj, expect="cowtree-images", compact=Vma)
     images.header = reader.header
     images.spool = tempfile.TemporaryFile(prefix="cow-plan-pages-")
     next_first = 1

@@ -115,12 +115,13 @@ class StreamReader:
     bytes after it are an error.  ``header`` is available after construction.
     """
 
-    def __init__(self, fileobj, expect=None, validate=True, compact_vmas=False):
+    def __init__(self, fileobj, expect=None, validate=True, compact=False):
         self.fileobj = fileobj
-        # images vmas records: VMA bodies as compact.VmaBody (decoded one at a time), not
-        # dicts; or as the subclass of it given here
-        self.compact_vmas = compact_vmas
-        self.strings = {}  # strings and flag lists shared by the compact VMA bodies
+        # compact: the VMAs of images vmas records, and the layout, ranges and steps of plan
+        # process records, as stages.stream.compact bodies (decoded one at a time), not dicts.
+        # A subclass of compact.VmaBody: the class of the images' VMA bodies.
+        self.compact = compact
+        self.strings = {}  # strings and flag lists shared by the compact bodies
         self.base = _regular_file_offset(fileobj)  # None unless fileobj is a regular file
         self.unpacker = envelope.make_unpacker(fileobj)
         self.validate = validate
@@ -184,9 +185,11 @@ class StreamReader:
         self.phase = phase
         if (data is not None) != (kind in self.module.DATA_KINDS):
             raise StreamError(f"record {seq} ({kind}): data payload present/absent wrongly")
-        if self.compact_vmas and kind == "vmas" and self.module is images:
-            cls = self.compact_vmas if isinstance(self.compact_vmas, type) else compact.VmaBody
-            body = compact.unpack_vmas(meta, seq, spec if self.validate else None, self.strings, cls)
+        lists = compact.COMPACT_LISTS.get((self.format, kind)) if self.compact else None
+        if lists is not None:
+            if isinstance(self.compact, type) and "vmas" in lists:
+                lists = {"vmas": self.compact}
+            body = compact.unpack_compact(meta, kind, seq, spec if self.validate else None, self.strings, lists)
         else:
             body = envelope.unpack_meta(meta, kind, seq)
             if self.validate:

@@ -7,8 +7,9 @@ pointer per field) that behaves like the dict (``v["start"]``, ``v.get("dev")``,
 ``dict(v)``, equality, assignment) and packs to the same bytes: its keys keep the
 order they had on the wire (``dict(v)`` is the dict msgpack would have made).
 
-``unpack_vmas`` decodes a ``vmas`` record one VMA at a time (checking each against
-the schema), so the record never exists as 20,000 dicts at once either.
+``unpack_compact`` decodes a ``vmas`` record (or a plan's process record) one VMA at a
+time (checking each against the schema), so the record never exists as 20,000 dicts at
+once either.
 ``LayoutVma`` is a plan layout entry: a VMA body plus its ``pieces``, sharing the
 body's fields instead of copying them.
 """
@@ -207,10 +208,10 @@ def plain(obj):
 
 
 def _shared_strings(body, strings):
-    """body (a VMA dict) with its strings and flag list replaced by equal ones seen before:
+    """body (a dict) with its strings and flag list replaced by equal ones seen before:
     msgpack makes new objects each time, and 20,000 VMAs would hold 120,000 copies of
     "rd", "wr", ...  (The flag lists are then shared: read only.)"""
-    for key in ("kind", "path", "dev"):
+    for key in ("kind", "path", "dev", "op", "backing"):
         value = body.get(key)
         if isinstance(value, str):
             body[key] = strings.setdefault(value, value)
@@ -220,27 +221,36 @@ def _shared_strings(body, strings):
     return body
 
 
-def unpack_vmas(meta, seq, spec, strings, cls=None):
-    """The body of an images ``vmas`` record with VmaBody entries, decoded and checked
-    (against ``spec``, None: not checked) one VMA at a time; equal strings and flag lists
-    are one object (``strings``: the reader's table of them).  ``cls``: VmaBody or a
-    subclass of it.  Errors are the ones the
-    whole-record decode and check give."""
-    path = f"record {seq} (vmas)"
+LayoutBody = _compact_class("LayoutBody", plans.LAYOUT_VMA, "A layout entry of a plan process record, as read.",
+                            rare=("dev", "ino", "size", "mtime", "shmem"))
+
+# (format, record kind) -> {list field: the compact class of its items}
+COMPACT_LISTS = {
+    (images.FORMAT, "vmas"): {"vmas": VmaBody},
+    (plans.FORMAT, "process"): {"layout": LayoutBody, "ranges": PlanRange, "steps": PlanStep},
+}
+
+
+def unpack_compact(meta, kind, seq, spec, strings, lists):
+    """The body of a record whose big lists (``lists``: field -> compact class) hold
+    compact bodies, decoded and checked (against ``spec``, None: not checked) one item at
+    a time; equal strings and flag lists are one object (``strings``: the reader's table
+    of them).  Errors are the ones the whole-record decode and check give."""
+    path = f"record {seq} ({kind})"
     try:
-        body = _unpack_incrementally(meta, path, spec, strings, cls or VmaBody)
+        return _unpack_incrementally(meta, path, spec, strings, lists)
     except _Irregular:
-        body = None
-    if body is None:
-        # not the regular shape: decode it whole for the usual messages (or a dict body
-        # the schema accepts after all, e.g. keys in another order)
-        from .envelope import unpack_meta
-        body = unpack_meta(meta, "vmas", seq)
-        if spec is not None:
-            spec.check(body, path)
-        vmas = body.get("vmas")
-        if isinstance(vmas, list) and all(isinstance(v, dict) and _VMA_FIELDS.issuperset(v) for v in vmas):
-            body["vmas"] = [(cls or VmaBody).from_dict(_shared_strings(v, strings)) for v in vmas]
+        pass
+    # not the regular shape: decode it whole for the usual messages (or a dict body the
+    # schema accepts after all)
+    from .envelope import unpack_meta
+    body = unpack_meta(meta, kind, seq)
+    if spec is not None:
+        spec.check(body, path)
+    for key, cls in lists.items():
+        items = body.get(key)
+        if isinstance(items, list) and all(isinstance(v, dict) and cls.FIELDS.issuperset(v) for v in items):
+            body[key] = [cls.from_dict(_shared_strings(v, strings)) for v in items]
     return body
 
 
@@ -248,7 +258,11 @@ class _Irregular(Exception):
     pass
 
 
-def _unpack_incrementally(meta, path, spec, strings, cls):
+def _list_spec(spec, key):
+    return spec.required.get(key) or spec.optional.get(key)
+
+
+def _unpack_incrementally(meta, path, spec, strings, lists):
     # read from the record's bytes (BytesIO shares them) in small steps: feed() would copy them
     unpacker = msgpack.Unpacker(io.BytesIO(meta), raw=False, strict_map_key=False, read_size=1 << 16,
                                 max_buffer_size=max(len(meta), 1 << 16))
@@ -256,8 +270,6 @@ def _unpack_incrementally(meta, path, spec, strings, cls):
         nkeys = unpacker.read_map_header()
     except Exception:
         raise _Irregular()
-    list_spec = spec.required["vmas"] if spec is not None else None
-    item_spec = list_spec.inner if spec is not None else None
     body = {}
     for _ in range(nkeys):
         try:
@@ -266,37 +278,38 @@ def _unpack_incrementally(meta, path, spec, strings, cls):
             raise _Irregular()
         if key in body:
             raise _Irregular()  # a repeated key: let the whole-record decode decide
-        if key != "vmas":
+        cls = lists.get(key) if isinstance(key, str) else None
+        if cls is None:
             try:
                 body[key] = unpacker.unpack()
             except Exception:
                 raise _Irregular()
             continue
+        list_spec = _list_spec(spec, key) if spec is not None else None
         try:
             count = unpacker.read_array_header()
         except Exception:
             raise _Irregular()
         if list_spec is not None and count > list_spec.max_len:
             raise _Irregular()
-        vmas = []
+        items = []
         for i in range(count):
             try:
                 v = unpacker.unpack()
             except Exception:
                 raise _Irregular()
-            if item_spec is not None:
-                item_spec.check(v, f"{path}.vmas[{i}]")
-            elif not isinstance(v, dict) or not _VMA_FIELDS.issuperset(v):
+            if list_spec is not None:
+                list_spec.inner.check(v, f"{path}.{key}[{i}]")
+            elif not isinstance(v, dict) or not cls.FIELDS.issuperset(v):
                 raise _Irregular()
-            vmas.append(cls.from_dict(_shared_strings(v, strings)))
-        body[key] = vmas
+            items.append(cls.from_dict(_shared_strings(v, strings)))
+        body[key] = items
     if unpacker.tell() != len(meta):
         raise _Irregular()
     if spec is not None:
-        vmas = body.get("vmas")
-        if not isinstance(vmas, list):
-            raise _Irregular()
-        shell = dict(body, vmas=[])  # the entries are checked above
+        shell = dict(body)
+        for key in lists:
+            if key in shell:
+                shell[key] = []  # the items are checked above
         spec.check(shell, path)
     return body
-
