@@ -7,15 +7,19 @@ pointer per field) that behaves like the dict (``v["start"]``, ``v.get("dev")``,
 ``dict(v)``, equality, assignment) and packs to the same bytes: its keys keep the
 order they had on the wire (``dict(v)`` is the dict msgpack would have made).
 
-``unpack_compact`` decodes a ``vmas`` record (or a plan's process record) one VMA at a
+PlanRange and PlanStep do the same for the ranges and steps of a plan process record
+(20,000 of each in that process); LayoutBody is a layout entry as cow-apply reads it.
+``LayoutVma`` is a layout entry as cow-plan makes it: an image VMA body plus its
+``pieces``, sharing the body's fields instead of copying them.
+
+``unpack_compact`` decodes a ``vmas`` record (or a plan's process record) one item at a
 time (checking each against the schema), so the record never exists as 20,000 dicts at
-once either.
-``LayoutVma`` is a plan layout entry: a VMA body plus its ``pieces``, sharing the
-body's fields instead of copying them.
+once either.  StreamReader(compact=...) uses it; the writer packs these bodies as the
+dicts they stand for (``plain``), and the schema checks them the same way (``as_dict``).
 """
 
 import io
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from operator import attrgetter
 
 import msgpack
