@@ -4,8 +4,8 @@ cow-collect -o | cow-plan -i -o | cow-apply -i, one stage at a time.
 
     .venv/bin/python scripts/bench_load.py [--procs 64] [--mib 256] [--vmas 20000] [--dir /dev/shm]
 
-Per stage: wall time and peak RSS (ru_maxrss of that command, from wait4), and the
-stream size it wrote.  Then the restored tree is checked (every process re-checksums its
+Per stage: wall time and peak RSS (ru_maxrss of that command, from wait4 in a small
+launcher: see LAUNCHER), and the stream size it wrote.  Then the restored tree is checked (every process re-checksums its
 memory), its distinct frames compared with the original's, and everything is killed.
 tests/test_load.py runs the same code small.
 """
@@ -46,28 +46,47 @@ def start(name, args, tmpdir, timeout=300):
         raise
 
 
+# Runs one stage and writes "maxrss_kib status wall_s" to the file argv[1].  It is a small
+# interpreter (-S, no imports): a process's peak RSS (ru_maxrss) includes the memory of the
+# process it was forked from, up to its exec, so a stage started straight from this script
+# would report at least this script's own peak RSS (40 MiB and more here).
+LAUNCHER = """
+import os, sys, time
+t0 = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{usage.ru_maxrss} {status} {time.monotonic() - t0}")
+"""
+
+
 def stage(argv, timeout=600):
     """Run one stage; (wall seconds, peak RSS in KiB, stderr).  Raises on failure."""
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as usage:
         t0 = time.monotonic()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = t0 + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise TimeoutError(f"{argv[0]}: more than {timeout}s")
-            time.sleep(0.005)
-        wall = time.monotonic() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, usage.name, *argv], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise TimeoutError(f"{argv[0]}: more than {timeout}s")
+        got = usage.read().split()
+        if proc.returncode != 0 or len(got) != 3:
+            raise RuntimeError(f"{os.path.basename(argv[0])}: the launcher failed ({proc.returncode})")
+        maxrss, status, wall = int(got[0]), int(got[1]), float(got[2])
+        returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         text = err.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{os.path.basename(argv[0])} exited {proc.returncode}: {text[-2000:]}")
-    return wall, usage.ru_maxrss, text
+    if returncode != 0:
+        raise RuntimeError(f"{os.path.basename(argv[0])} exited {returncode}: {text[-2000:]}")
+    return wall, maxrss, text
 
 
 class Restored:

@@ -115,14 +115,18 @@ def test_layout_unsorted(plan):
 def test_pieces_gap(plan):
     def m(h, r):
         v = r[1]["layout"][0]
-        v["pieces"][0][3] = 1
+        pieces = v["pieces"]  # make_plan's layout gives a new list: set it back
+        pieces[0][3] = 1
+        v["pieces"] = pieces
     assert "gap or overlap" in broken(plan, m)
 
 
 def test_pieces_short(plan):
     def m(h, r):
         v = r[1]["layout"][0]
-        v["pieces"][-1][2] -= 1
+        pieces = v["pieces"]
+        pieces[-1][2] -= 1
+        v["pieces"] = pieces
     assert "pieces cover" in broken(plan, m)
 
 

@@ -392,8 +392,10 @@ def _mutate(data, header, records):
         vmas = [v for v in proc["layout"] if v["pieces"]]
         if vmas:
             v = data.draw(st.sampled_from(vmas))
-            p = data.draw(st.sampled_from(v["pieces"]))
+            pieces = v["pieces"]  # a new list from make_plan's layout: set back below
+            p = data.draw(st.sampled_from(pieces))
             p[data.draw(st.integers(0, 3))] = data.draw(st.integers(1, 50) | INTS.filter(lambda x: x >= 1))
+            v["pieces"] = pieces
     elif what == "vma" and proc["layout"]:
         v = data.draw(st.sampled_from(proc["layout"]))
         field = data.draw(st.sampled_from(["start", "end", "kind", "shared", "pgoff"]))

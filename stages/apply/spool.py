@@ -51,7 +51,9 @@ class Plan:
 
 def spool_plan(fileobj, tmpdir=None):
     """Read the plan stream from fileobj to its trailer; returns a Plan (StreamError if bad)."""
-    reader = StreamReader(fileobj, expect=plans.FORMAT, in_place=True)
+    # in place: a plan file is mapped, its page data never copied; compact: layout entries,
+    # ranges and steps as slotted mappings, not a dict each
+    reader = StreamReader(fileobj, expect=plans.FORMAT, in_place=True, compact=True)
     if reader.map is not None:
         return _plan_in_place(reader, fileobj)
     fd, path = tempfile.mkstemp(prefix="cow-apply-spool-", dir=tmpdir)

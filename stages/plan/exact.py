@@ -20,7 +20,7 @@
 from array import array
 from itertools import compress, repeat
 
-from .layout import Draft, expand, pieces_of, without_gc
+from .layout import Draft, expand, flat, pieces_of, without_gc
 from .model import PAGE
 
 
@@ -31,12 +31,14 @@ class _Groups:
         self.up = list(range(len(nodes)))
         self.off = [0] * len(nodes)
         self.key = []
+        shared = {}  # equal keys are one tuple (20,000 anonymous VMAs have one key)
         for i, v in enumerate(nodes):
             tag = None if v.inheritable else i
             if v.is_file:
-                self.key.append(("file", v.body["path"], v.body["pgoff"] // PAGE, tag))
+                key = ("file", v.body["path"], v.body["pgoff"] // PAGE, tag)
             else:
-                self.key.append(("anon", None, 0, tag))
+                key = ("anon", None, 0, tag)
+            self.key.append(shared.setdefault(key, key) if tag is None else key)
 
     def find(self, i):
         up, off = self.up, self.off
@@ -116,39 +118,40 @@ def plan_exact(images):
                     misaligned.update(filter(None, ids[i:i + run]))
             i += run
     del firsts  # 4 bytes per page: not kept past alignment
-    node_of = {(v.pid, v.index): n for n, v in enumerate(nodes)}
+    node_at = {pid: array("i", [-1]) * len(images.vmas[pid]) for pid in images.pids}  # VMA index -> node
+    for n, v in enumerate(nodes):
+        node_at[v.pid][v.index] = n
     for n, v in enumerate(nodes):
         pp = parent[v.pid]
         if not pp:
             continue
         for pv in images.vmas[pp]:
             if pv.start == v.start and pv.end == v.end and pv.plannable:
-                m = node_of[(pp, pv.index)]
+                m = node_at[pp][pv.index]
                 if groups.find(m)[0] != groups.find(n)[0]:
                     groups.union(m, 0, n, 0)
                 break
 
-    place = [groups.find(n) for n in range(len(nodes))]  # (group, pos of page 0)
+    place = _Place(groups, len(nodes))  # node -> (group, pos of page 0)
     # a process whose two VMAs land on the same slots cannot keep them there
     for pid in images.pids:
-        spans = sorted((place[node_of[(pid, v.index)]], v.npages, v.index) for v in images.vmas[pid] if v.plannable)
+        spans = sorted((place[node_at[pid][v.index]], v.npages, v.index) for v in images.vmas[pid] if v.plannable)
         for (pa, na, ia), (pb, nb, ib) in zip(spans, spans[1:]):
             if pa[0] == pb[0] and pb[1] < pa[1] + na:
                 lo, hi = pb[1], min(pa[1] + na, pb[1] + nb)
                 for v, p in ((images.vmas[pid][ia], pa[1]), (images.vmas[pid][ib], pb[1])):
                     if v.ids is not None:
                         misaligned.update(f for f in v.ids[lo - p:hi - p] if f)
+    spans = None
+    del groups  # the union-find: place has what the rest needs
 
     # 2. equal content at the slot the nearest ancestor holds (only classes of 2+ frames matter)
-    canon = _merge_equal(images, nodes, place, node_of, cls, misaligned)
+    canon = _merge_equal(images, nodes, place, node_at, cls, misaligned)
+    del node_at, cls
 
     # 3. holders of every canonical frame: one list object per distinct holder set
     holders = _holders(nodes, canon, nframes, zeros)
-    slot_of = {}
-    for c in range(1, nframes + 1):
-        if holders[c] is not None:
-            g, p = place[first_node[c]]
-            slot_of[c] = (g, p + first_page[c])
+    slot_of = _FrameSlot(place, first_node, first_page)
 
     relocated = {canon[f] for f in misaligned}
     while True:
@@ -157,7 +160,49 @@ def plan_exact(images):
         if not conflicts:
             break
         relocated.update(units.frame[u] for u in conflicts)
+    del holders, slot_of, first_node, first_page, misaligned
+    units.holders = None  # not needed by _draft
     return _draft(images, nodes, place, units, schedule, canon, relocated)
+
+
+class _Place:
+    """node -> (its group, the position of its page 0 in the group), in two arrays (a
+    tuple per node costs a hundred bytes)."""
+
+    __slots__ = ("group", "pos")
+
+    def __init__(self, groups, nnodes):
+        self.group = array("q", [0]) * nnodes
+        self.pos = array("q", [0]) * nnodes
+        for n in range(nnodes):
+            self.group[n], self.pos[n] = groups.find(n)
+
+    def __getitem__(self, n):
+        return self.group[n], self.pos[n]
+
+
+# A slot (a page of a group's range) is one int: group * SLOT_SPAN + position + SLOT_BIAS
+# (a tuple per frame costs a hundred bytes); a relocated unit's slot is negative (_Units).
+SLOT_SPAN, SLOT_BIAS = 1 << 32, 1 << 31
+
+
+def _slot_place(slot):
+    """(group, position) of an aligned slot."""
+    g, pos = divmod(slot, SLOT_SPAN)
+    return g, pos - SLOT_BIAS
+
+
+class _FrameSlot:
+    """frame -> its slot: where it was first seen (made on demand, not kept per frame)."""
+
+    __slots__ = ("place", "first_node", "first_page")
+
+    def __init__(self, place, first_node, first_page):
+        self.place, self.first_node, self.first_page = place, first_node, first_page
+
+    def __getitem__(self, c):
+        n = self.first_node[c]
+        return self.place.group[n] * SLOT_SPAN + self.place.pos[n] + self.first_page[c] + SLOT_BIAS
 
 
 def _holders(nodes, canon, nframes, zeros):
@@ -242,7 +287,7 @@ def _common_prefix(a, i, b, j, n):
     return n
 
 
-def _merge_equal(images, nodes, place, node_of, cls, misaligned):
+def _merge_equal(images, nodes, place, node_at, cls, misaligned):
     """canon[f]: the frame whose physical page f's holders will share (f itself unless merged).
 
     A frame is merged into the frame with equal bytes that its process would inherit:
@@ -294,7 +339,7 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
         for v in images.vmas[pid]:
             if not v.plannable or v.ids is None:
                 continue
-            g0, p0 = place[node_of[(pid, v.index)]]
+            g0, p0 = place[node_at[pid][v.index]]
             w = parent_vmas.get((v.start, v.end))
             same_bounds = (w is not None and w.ids is not None and w.inheritable and v.inheritable
                            and w.body["kind"] == v.body["kind"] and w.body["path"] == v.body["path"]
@@ -324,8 +369,13 @@ def _merge_equal(images, nodes, place, node_of, cls, misaligned):
 
 
 class _Units:
+    """Per unit: its frame, slot, creator (arrays: 20,000 one-page VMAs make as many units)
+    and holders (one list object per distinct holder set).  A relocated unit's slot is
+    -1 - k: its (unit, backing key) is xslots[k]."""
+
     def __init__(self):
-        self.frame, self.slot, self.creator, self.holders = [], [], [], []
+        self.frame, self.slot, self.creator, self.holders = array("I"), array("q"), array("I"), []
+        self.xslots = []
         self.of_relocated = {}  # (pid, canonical frame) -> unit
 
     def add(self, frame, slot, holders, creator):
@@ -366,15 +416,16 @@ def _units(images, nodes, canon, holders, slot_of, relocated):
             units.add(c, slot_of[c], h, h[0] if len(h) == 1 else lca_of(h))
             continue
         for key, pids in keys[c].items():
-            u = units.add(c, None, pids, lca_of(pids))
-            units.slot[u] = ("x", u, key)
+            u = units.add(c, -1 - len(units.xslots), pids, lca_of(pids))
+            units.xslots.append((u, key))
             for pid in pids:
                 units.of_relocated[(pid, c)] = u
     return units
 
 
 def _schedule(images, units):
-    """Per process: the order of writes and forks; the units that conflict."""
+    """Per process: the order of writes and forks (ints: unit u to write, ~child to fork);
+    the units that conflict."""
     got = _schedule_bundles(images, units)
     return got if got is not None else _schedule_slots(images, units)
 
@@ -395,6 +446,8 @@ class _Bundle:
         common = self.slot_set & written if len(written) < len(self.slot_set) else written & self.slot_set
         if not common:
             return []
+        if self.unit_at is None:  # made when first needed: most bundles are never asked
+            self.unit_at = dict(zip(self.slots, self.units))
         return sorted(map(self.unit_at.__getitem__, common))
 
 
@@ -403,7 +456,6 @@ def _schedule_bundles(images, units):
     kept in bundles.  Valid when no two units meet at one slot in any dict
     _schedule_slots would build (each holder's final slots, each fork edge); else None."""
     parent = images.parent
-    slot_key = {}
     bundles = {}
     for u, s, top, holders in zip(range(len(units.frame)), units.slot, units.creator, units.holders):
         key = (top, id(holders))
@@ -412,7 +464,7 @@ def _schedule_bundles(images, units):
             b = bundles[key] = _Bundle(top)
             b.holders = holders
         b.units.append(u)
-        b.slots.append(slot_key.setdefault(s, len(slot_key)))
+        b.slots.append(s)
     final = {pid: [] for pid in images.pids}  # pid -> bundles it holds
     need = {pid: {} for pid in images.pids}  # pid -> {child: bundles the fork of child needs}
     own = {}  # creator -> its bundles
@@ -420,7 +472,6 @@ def _schedule_bundles(images, units):
         b.slot_set = frozenset(b.slots)
         if len(b.slot_set) != len(b.slots):
             return None
-        b.unit_at = dict(zip(b.slots, b.units))
         seen = set()
         for h in b.holders:
             final[h].append(b)
@@ -518,7 +569,7 @@ def _greedy_bundles(pid, order, need, final, contested):
                 whole.add(id(b))
         if writes:
             writes.sort()
-            seq.extend(zip(repeat("w"), writes))
+            seq.extend(writes)
         if written:
             for b in bundles:
                 if b.creator != pid:
@@ -526,7 +577,7 @@ def _greedy_bundles(pid, order, need, final, contested):
 
     for c in order:
         provide(need.get(c, ()))
-        seq.append(("f", c))
+        seq.append(~c)
     provide(final)
     return conflicts, seq
 
@@ -552,9 +603,7 @@ def _schedule_slots(images, units):
     conflicts = set()
     edges_of = {}  # (creator, holders) -> the dicts its units go into: holders' finals, fork edges
     setdefault = dict.setdefault
-    slot_key = {}  # slot -> small int: dict keys below hash cheaply
     for u, s, top, holders in zip(range(len(units.frame)), units.slot, units.creator, units.holders):
-        s = slot_key.setdefault(s, len(slot_key))
         key = (top, id(holders))  # equal holder lists are one object (see plan_exact)
         dicts = edges_of.get(key)
         if dicts is None:
@@ -615,80 +664,85 @@ def _greedy(pid, order, need, final, creator):
                     continue
                 cur[s] = u
                 done.add(u)
-                seq.append(("w", u))
+                seq.append(u)
             elif s in cur:
                 conflicts.append(u)
 
     for c in order:
         provide(need.get(c, {}))
-        seq.append(("f", c))
+        seq.append(~c)
     provide(final)
     return conflicts, seq
 
 
 def _draft(images, nodes, place, units, schedule, canon, relocated):
     draft = Draft(images)
-    # group ranges, created by the LCA of the processes holding the group's VMAs
-    extent = {}
+    # group ranges, created by the LCA of the processes holding the group's VMAs; per group
+    # (by its root node): extent lo..hi, that LCA, the first node (arrays, not a list each)
+    nnodes = len(nodes)
+    ext_lo, ext_hi, ext_top = (array("q", [0]) * nnodes for _ in range(3))
+    ext_node = array("q", [-1]) * nnodes
     for n, v in enumerate(nodes):
         g, p = place[n]
-        e = extent.get(g)
-        if e is None:
-            extent[g] = [p, p + v.npages, [v.pid], n]
-        else:
-            e[0] = min(e[0], p)
-            e[1] = max(e[1], p + v.npages)
-            e[2].append(v.pid)
-    # ranges are numbered in creator order so the plan reads top-down
+        if ext_node[g] < 0:
+            ext_node[g], ext_lo[g], ext_hi[g], ext_top[g] = n, p, p + v.npages, v.pid
+            continue
+        ext_lo[g] = min(ext_lo[g], p)
+        ext_hi[g] = max(ext_hi[g], p + v.npages)
+        if ext_top[g] != v.pid:
+            ext_top[g] = images.lca(ext_top[g], v.pid)
+    # ranges are numbered in creator order so the plan reads top-down: sort keys
+    # (creator's order, 0 = group | 1 = extra unit, group or unit) packed into one int
     order = images.order
-    group_rid = {}
+    group_rid = array("q", [0]) * nnodes  # group -> its range
+    group_lo = array("q", [0]) * nnodes  # group -> the group position of the range's page 0
     extra_rid = {}
-    todo = []
-    for g, (lo, hi, pids, n) in extent.items():
-        todo.append((order[images.lca_of(pids)], 0, g))
+    todo = [(order[ext_top[g]] << 34) | g for g in range(nnodes) if ext_node[g] >= 0]
     for u in range(len(units.frame)):
-        if units.slot[u][0] == "x":
-            todo.append((order[units.creator[u]], 1, u))
+        if units.slot[u] < 0:
+            todo.append((order[units.creator[u]] << 34) | (1 << 33) | u)
+    todo.sort()
     slot_page = {}
-    for _, kind, x in sorted(todo):
+    for key in todo:
+        kind, x = key >> 33 & 1, key & ((1 << 33) - 1)
         if kind == 0:
-            lo, hi, pids, n = extent[x]
-            v, p0 = nodes[n], place[n][1]
+            lo, hi, n = ext_lo[x], ext_hi[x], ext_node[x]
+            v, p0 = nodes[n], place.pos[n]
             pgoff = v.body["pgoff"] + (lo - p0) * PAGE if v.is_file else 0
-            group_rid[x] = (draft.new_range(images.lca_of(pids), hi - lo, v, pgoff), lo)
+            group_rid[x] = draft.new_range(ext_top[x], hi - lo, v, pgoff)
+            group_lo[x] = lo
         else:
             u = x
             creator = units.creator[u]
-            key = units.slot[u][2]
-            if key[0] == "file":
-                rid = draft.new_range(creator, 1, _FileLike(key[1]), key[2] * PAGE)
+            backing = units.xslots[-1 - units.slot[u]][1]
+            if backing[0] == "file":
+                rid = draft.new_range(creator, 1, _FileLike(backing[1]), backing[2] * PAGE)
                 slot_page[u] = (rid, 0)
             else:
                 r = extra_rid.get(creator)
                 if r is None:
                     r = extra_rid[creator] = draft.new_range(creator, 0)
-                slot_page[u] = (r, draft.ranges[r]["npages"])
-                draft.ranges[r]["npages"] += 1
+                slot_page[u] = (r, draft.ranges[r].npages)
+                draft.ranges[r].npages += 1
 
     def where(slot):
-        if slot[0] == "x":
-            return slot_page[slot[1]]
-        rid, lo = group_rid[slot[0]]
-        return rid, slot[1] - lo
+        if slot < 0:
+            return slot_page[units.xslots[-1 - slot][0]]
+        g, pos = _slot_place(slot)
+        return group_rid[g], pos - group_lo[g]
 
     for pid in images.pids:
-        ev = draft.events[pid]
-        for op, x in schedule[pid]:
-            if op == "f":
-                ev.append(("f", x))
+        for x in schedule.pop(pid):
+            if x < 0:
+                draft.fork(pid, ~x)
             else:
                 rid, page = where(units.slot[x])
-                ev.append(("w", rid, page, units.frame[x]))
+                draft.write(pid, rid, page, units.frame[x])
     for n, v in enumerate(nodes):
         g, p = place[n]
-        rid, lo = group_rid[g]
+        rid, lo = group_rid[g], group_lo[g]
         # an aligned frame's slot is its own page's slot: only relocated frames move elsewhere
-        pieces = [[rid, p - lo, v.npages, 0]]
+        pieces = (rid, p - lo, v.npages, 0)  # flat (layout.flat)
         if relocated and v.ids is not None:
             src = None
             for i in _relocated_pages(v.ids, canon, relocated):
@@ -697,7 +751,7 @@ def _draft(images, nodes, place, units, schedule, canon, relocated):
                 u = units.of_relocated[(v.pid, canon[v.ids[i]])]
                 src[i] = where(units.slot[u])
             if src is not None:
-                pieces = pieces_of(src)
+                pieces = flat(pieces_of(src))
         draft.sources[v.pid][v.index] = pieces
     return draft
 

@@ -9,6 +9,7 @@ import tempfile
 from array import array
 
 from stages.stream import StreamReader, unpack_u32, view_u32
+from stages.stream.compact import VmaBody
 
 from .shared import SharedError, SharedObjects
 
@@ -39,27 +40,45 @@ class PlanError(Exception):
     """The images are valid but the plan cannot handle them."""
 
 
-class Vma:
-    __slots__ = ("pid", "index", "body", "start", "end", "npages", "ids", "plannable", "inheritable")
+class Vma(VmaBody):
+    """An image VMA as the planner sees it: its compact body (the record's fields, made by
+    the stream reader as this class) plus what the plan asks of it.  One object per VMA:
+    a process may have 20,000."""
 
-    def __init__(self, pid, index, body):
-        self.pid, self.index, self.body = pid, index, body
-        self.start, self.end = body["start"], body["end"]
+    __slots__ = ("pid", "index", "npages", "_ids", "plannable", "inheritable")
+
+    def setup(self, pid, index):
+        self.pid, self.index = pid, index
         self.npages = (self.end - self.start) // PAGE
-        frames = body["frames"]
-        # a view of the record's bytes, not a copy: they go into the plan too
-        self.ids = view_u32(frames, f"process {pid} vma {index} frames") if frames is not None else None
-        self.plannable = not body["shared"] and body["kind"] in PLANNABLE_KINDS
-        self.inheritable = self.plannable and not (NOT_INHERITED_FLAGS & set(body["vmflags"]))
+        frames = self.frames
+        # big frame maps: a view of the record's bytes, not a copy (they go into the plan
+        # too); small ones are copied when asked for (an array kept per VMA costs more)
+        self._ids = view_u32(frames, f"process {pid} vma {index} frames") \
+            if frames is not None and len(frames) >= 1024 else None
+        self.plannable = not self.shared and self.kind in PLANNABLE_KINDS
+        self.inheritable = self.plannable and NOT_INHERITED_FLAGS.isdisjoint(self.vmflags)
+        return self
+
+    @property
+    def body(self):
+        return self
+
+    @property
+    def ids(self):
+        """The frame id of each page (uint32 values), or None."""
+        if self._ids is not None:
+            return self._ids
+        frames = self.frames
+        return None if frames is None else unpack_u32(frames, f"process {self.pid} vma {self.index} frames")
 
     @property
     def is_file(self):
-        return self.body["kind"] == "file" and self.body["path"] is not None
+        return self.kind == "file" and self.path is not None
 
     def backing_key(self):
         """Pages of VMAs with equal keys may live in one staging range (file offsets must match)."""
         if self.is_file:
-            return ("file", self.body["path"])
+            return ("file", self.path)
         return ("anon",)
 
 
@@ -77,7 +96,6 @@ class Images:
         self.pages_bodies = []  # the pages records' bodies (first, count, same, crcs or hashes): no bytes
         self.spooled = 0
         self.shared = SharedObjects()  # MAP_SHARED anonymous memory and memfds (shmem records)
-        self.strings = {}  # shared strings and flag lists of the VMA bodies
 
     # -- tree -------------------------------------------------------------
     def finish_tree(self):
@@ -165,22 +183,10 @@ class Images:
             self.spool = None
 
 
-def _share_strings(body, strings):
-    """One object for equal flag lists, kinds and paths across VMAs (msgpack makes new
-    ones each time: 20,000 VMAs would hold 120,000 copies of "rd", "wr", ...)."""
-    flags = body["vmflags"]
-    body["vmflags"] = strings.setdefault(tuple(flags), flags)  # read only, never changed
-    for key in ("kind", "path"):
-        value = body.get(key)
-        if isinstance(value, str):
-            body[key] = strings.setdefault(value, value)
-    return body
-
-
 def read_images(fileobj):
     """Read and check a whole image stream; raise StreamError / PlanError with a message."""
     images = Images()
-    reader = StreamReader(fileobj, expect="cowtree-images")
+    reader = StreamReader(fileobj, expect="cowtree-images", compact=Vma)
     images.header = reader.header
     images.spool = tempfile.TemporaryFile(prefix="cow-plan-pages-")
     next_first = 1
@@ -191,8 +197,7 @@ def read_images(fileobj):
             pid = rec.body["pid"]
             if pid in images.vmas:
                 raise PlanError(f"process {pid}: two vmas records")
-            images.vmas[pid] = [Vma(pid, i, _share_strings(v, images.strings))
-                                for i, v in enumerate(rec.body["vmas"])]
+            images.vmas[pid] = [v.setup(pid, i) for i, v in enumerate(rec.body["vmas"])]
         elif rec.kind == "pages":
             body = rec.body
             first, count = body["first"], body["count"]

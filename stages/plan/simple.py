@@ -12,7 +12,7 @@ from .layout import Draft, expand
 
 def _own_range(draft, pid, v):
     rid = draft.new_range(pid, v.npages, v, v.body["pgoff"])
-    draft.sources[pid][v.index] = [[rid, 0, v.npages, 0]]
+    draft.sources[pid][v.index] = (rid, 0, v.npages, 0)
     return rid
 
 
@@ -20,7 +20,7 @@ def plan_none(images):
     draft = Draft(images)
     for pid in images.pids:
         for child in images.children[pid]:
-            draft.events[pid].append(("f", child))
+            draft.fork(pid, child)
         for v in images.vmas[pid]:
             if not v.plannable:
                 continue
@@ -28,7 +28,7 @@ def plan_none(images):
             if v.ids is not None:
                 for i, f in enumerate(v.ids):
                     if f:
-                        draft.events[pid].append(("w", rid, i, f))
+                        draft.write(pid, rid, i, f)
     return draft
 
 
@@ -48,15 +48,15 @@ def plan_address(images):
             if not v.plannable:
                 continue
             pv = by_start.get(v.start)
-            if pv is None or not _same_vma(pv, v) or pv.index not in draft.sources[parent]:
+            if pv is None or not _same_vma(pv, v) or draft.sources[parent][pv.index] is None:
                 rid = _own_range(draft, pid, v)
                 if v.ids is not None:
                     for i, f in enumerate(v.ids):
                         if f:
-                            draft.events[pid].append(("w", rid, i, f))
+                            draft.write(pid, rid, i, f)
                 continue
             pieces = draft.sources[parent][pv.index]
-            draft.sources[pid][v.index] = [list(p) for p in pieces]
+            draft.sources[pid][v.index] = pieces  # a tuple: shared, never changed
             if v.ids is None:
                 continue
             src = expand(pieces)
@@ -67,7 +67,7 @@ def plan_address(images):
                 p = pids[i] if pids is not None else 0
                 if p and (p == f or cls[p] == cls[f]):
                     continue
-                draft.events[pid].append(("w", src[i][0], src[i][1], f))
+                draft.write(pid, src[i][0], src[i][1], f)
         for child in images.children[pid]:
-            draft.events[pid].append(("f", child))
+            draft.fork(pid, child)
     return draft

@@ -7,7 +7,7 @@ import stat
 
 import msgpack
 
-from . import envelope, images, plans
+from . import compact, envelope, images, plans
 from .errors import StreamError
 from .schema import Int, Map, MapOf, Str
 
@@ -75,10 +75,11 @@ class StreamWriter:
             if spec is None:
                 raise StreamError(f"cannot write record of unknown kind {kind!r}")
             spec.check(body, f"{kind} record")
-        self.write_encoded(kind, envelope.pack_meta(body), data, data_crc)
+        self.write_encoded(kind, envelope.pack_meta_parts(body), data, data_crc)
 
     def write_encoded(self, kind, meta, data=None, data_crc=None):
-        """Write a record whose body is already msgpack-encoded (pass-through of pages).
+        """Write a record whose body is already msgpack-encoded (pass-through of pages; or
+        a list of byte strings that join to it).
         ``data_crc``: envelope.data_crc(data), when the caller computed it already."""
         phase = self.module.PHASES.get(kind)
         if phase is None:
@@ -119,8 +120,13 @@ class StreamReader:
     is copied.  A memoryview of ``map`` must be released before it is closed.
     """
 
-    def __init__(self, fileobj, expect=None, validate=True, in_place=False):
+    def __init__(self, fileobj, expect=None, validate=True, in_place=False, compact=False):
         self.fileobj = fileobj
+        # compact: the VMAs of images vmas records, and the layout, ranges and steps of plan
+        # process records, as stages.stream.compact bodies (decoded one at a time), not dicts.
+        # A subclass of compact.VmaBody: the class of the images' VMA bodies.
+        self.compact = compact
+        self.strings = {}  # strings and flag lists shared by the compact bodies
         self.base = _regular_file_offset(fileobj)  # None unless fileobj is a regular file
         self.mapped = _MappedRecords(fileobj, self.base) if in_place and self.base is not None else None
         self.map = self.mapped.map if self.mapped is not None else None
@@ -193,9 +199,15 @@ class StreamReader:
         self.phase = phase
         if (data is not None) != (kind in self.module.DATA_KINDS):
             raise StreamError(f"record {seq} ({kind}): data payload present/absent wrongly")
-        body = envelope.unpack_meta(meta, kind, seq)
-        if self.validate:
-            spec.check(body, f"record {seq} ({kind})")
+        lists = compact.COMPACT_LISTS.get((self.format, kind)) if self.compact else None
+        if lists is not None:
+            if isinstance(self.compact, type) and "vmas" in lists:
+                lists = {"vmas": self.compact}
+            body = compact.unpack_compact(meta, kind, seq, spec if self.validate else None, self.strings, lists)
+        else:
+            body = envelope.unpack_meta(meta, kind, seq)
+            if self.validate:
+                spec.check(body, f"record {seq} ({kind})")
         self._account(kind, crc)
         offset = None
         if data is not None and self.mapped is not None:

@@ -22,6 +22,9 @@ import zlib
 
 import msgpack
 
+from . import compact
+from .errors import StreamError
+
 try:  # the same CRC-32 as zlib's, a few times faster (carry-less multiplication, no GIL)
     from stages._native import ffi as _ffi, lib as _lib
 except ImportError:  # pragma: no cover - a source tree without its native build: zlib gives equal values
@@ -36,7 +39,6 @@ def _crc32(data, crc=0):
         return zlib.crc32(data, crc)
     return _lib.cow_crc32(crc, _ffi.from_buffer(data), size)
 
-from .errors import StreamError
 
 # One record may carry at most this many bytes of meta or data.  Bigger than
 # any record cowtree writes (page runs are capped well below), small enough
@@ -68,11 +70,41 @@ def record_crc(kind, seq, meta, data, data_crc=None):
     if data is not None:
         crc = _payload_crc(data) if data_crc is None else data_crc
     crc = _crc32(f"{kind}:{seq}".encode(), crc)
+    if isinstance(meta, list):  # the parts of pack_meta_parts
+        for part in meta:
+            crc = _crc32(part, crc)
+        return crc
     return _crc32(meta, crc)
 
 
 def pack_meta(body):
-    return msgpack.packb(body, use_bin_type=True)
+    return msgpack.packb(body, use_bin_type=True, default=compact.plain)
+
+
+# A body list longer than this is packed in chunks (see pack_meta_parts).
+_CHUNK_ITEMS = 512
+
+
+def pack_meta_parts(body):
+    """pack_meta(body) as a list of byte strings that join to it.  A big list in the
+    top-level map (a layout of 20,000 VMAs) is packed a few hundred items at a time, so
+    the encoded record is never copied whole (msgpack grows its buffer by doubling,
+    then copies it out)."""
+    if not isinstance(body, dict) or not any(
+            isinstance(v, list) and len(v) > _CHUNK_ITEMS for v in body.values()):
+        return [pack_meta(body)]
+    packer = msgpack.Packer(use_bin_type=True, default=compact.plain)
+    parts = [packer.pack_map_header(len(body))]
+    for key, value in body.items():
+        parts.append(packer.pack(key))
+        if not (isinstance(value, list) and len(value) > _CHUNK_ITEMS):
+            parts.append(packer.pack(value))
+            continue
+        parts.append(packer.pack_array_header(len(value)))
+        for i in range(0, len(value), _CHUNK_ITEMS):
+            chunk = value[i:i + _CHUNK_ITEMS]
+            parts.append(b"".join(map(packer.pack, chunk)))
+    return parts
 
 
 def unpack_meta(meta, kind, seq):
@@ -103,18 +135,17 @@ def encode_record(kind, seq, meta, data, data_crc=None):
     (pieces of one payload, written one after another: no copy to join them).
     """
     crc = record_crc(kind, seq, meta, data, data_crc)
+    metas = meta if isinstance(meta, list) else [meta]
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
     packer.pack_array_header(5)
     packer.pack(kind)
     packer.pack(seq)
-    packer.pack(meta)
+    # meta as msgpack would pack it (a bin), but not copied into the packer's buffer
+    prefix = packer.bytes() + bin_header(sum(map(len, metas)))
     if data is None:
-        packer.pack(None)
-        packer.pack(crc)
-        return [packer.bytes()], crc
+        return [prefix, *metas, msgpack.packb(None) + msgpack.packb(crc)], crc
     pieces = data if isinstance(data, list) else [data]
-    prefix = packer.bytes() + bin_header(sum(map(len, pieces)))
-    return [prefix, *pieces, msgpack.packb(crc)], crc
+    return [prefix, *metas, bin_header(sum(map(len, pieces))), *pieces, msgpack.packb(crc)], crc
 
 
 def packed_crc_len(crc):

@@ -117,7 +117,10 @@ class Map(Spec):
 
     def check(self, value, path):
         if not isinstance(value, dict):
-            self.fail(path, f"expected a map, got {type(value).__name__}")
+            as_dict = getattr(type(value), "as_dict", None)  # a compact body (stream.compact)
+            if as_dict is None:
+                self.fail(path, f"expected a map, got {type(value).__name__}")
+            value = as_dict(value)  # checked as the dict it packs to
         for name, spec in self.required.items():
             if name not in value:
                 self.fail(path, f"missing field {name!r}")
