@@ -12,10 +12,9 @@ import time
 
 import pytest
 
-from tests.support.workloads import build, proc_state, reap, running_workload, wait_file
+from tests.support.workloads import ask_inside, build, proc_state, reap, running_workload
 
 from tests.support.commands import run, tool  # noqa: F401
-
 
 
 @pytest.fixture
@@ -25,23 +24,10 @@ def statewl():
     outdir = tempfile.mkdtemp(prefix="statewl-", dir="/tmp")
     os.chmod(outdir, 0o777)
     try:
-        with running_workload([build("statewl"), outdir], outdir) as w:
-            w.order = [int(x) for x in w.ready.split()]
-            w.pids.update(w.order)
+        with running_workload([build("statewl"), outdir], outdir, tree=True) as w:
             yield w
     finally:
         shutil.rmtree(outdir, ignore_errors=True)
-
-
-def inside(outdir, ns_pid, outer_pid):
-    """The state process ns_pid reports from inside (SIGUSR1 to outer_pid)."""
-    path = os.path.join(outdir, f"{ns_pid}.check")
-    if os.path.exists(path):
-        os.unlink(path)
-    os.kill(outer_pid, signal.SIGUSR1)
-    wait_file(path, outer_pid)
-    with open(path) as f:
-        return dict(line.split(" ", 1) for line in f.read().splitlines())
 
 
 def status(pid):
@@ -51,7 +37,7 @@ def status(pid):
 
 def test_credentials_and_process_state_restored(statewl, tmp_path):
     root, child = statewl.order
-    before = {pid: inside(statewl.outdir, pid, pid) for pid in (root, child)}
+    before = {pid: ask_inside(statewl.outdir, pid, pid) for pid in (root, child)}
     # the workload did set what it claims (so the comparison below is not vacuous)
     assert before[root]["uids"] == "1004 1005 1006 1006" and before[root]["gids"] == "1001 1002 1003 1003"
     assert before[root]["groups"] == "4 27 1234" and before[child]["groups"] == "5 6"
@@ -98,7 +84,7 @@ def test_credentials_and_process_state_restored(statewl, tmp_path):
     statewl.pids.update(outer.values())
     assert outer == {root: root, child: child}
     for pid in (root, child):
-        after = inside(statewl.outdir, pid, outer[pid])
+        after = ask_inside(statewl.outdir, pid, outer[pid])
         assert after == before[pid], {k: (before[pid].get(k), after.get(k)) for k in after if after.get(k) != before[pid].get(k)}
         st = status(pid)
         for key in ("Uid", "Gid", "Groups", "NoNewPrivs", "Umask", "CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):

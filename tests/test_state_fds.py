@@ -14,7 +14,7 @@ import pytest
 
 from stages._native import lib
 from tests.support.commands import run, tool
-from tests.support.workloads import build, proc_state, reap, running_workload, wait_file
+from tests.support.workloads import ask_inside, build, proc_state, reap, running_workload, wait_file
 
 SYS_KCMP, KCMP_FILE = 312, 0
 NAMES = [f"entry-{i:03d}" for i in range(60)]
@@ -30,22 +30,10 @@ def fdwl():
         open(os.path.join(outdir, "d", name), "w").close()
     os.mkfifo(os.path.join(outdir, "fifo"))
     try:
-        with running_workload([build("fdwl"), outdir], outdir) as w:
-            w.order = [int(x) for x in w.ready.split()]
-            w.pids.update(w.order)
+        with running_workload([build("fdwl"), outdir], outdir, tree=True) as w:
             yield w
     finally:
         shutil.rmtree(outdir, ignore_errors=True)
-
-
-def inside(outdir, pid, outer):
-    path = os.path.join(outdir, f"{pid}.check")
-    if os.path.exists(path):
-        os.unlink(path)
-    os.kill(outer, signal.SIGUSR1)
-    wait_file(path, outer)
-    with open(path) as f:
-        return dict(line.split(" ", 1) for line in f.read().splitlines())
 
 
 def same_description(pid1, fd1, pid2, fd2):
@@ -60,7 +48,7 @@ def fd_numbers(pid):
 
 def test_directories_and_fifo_restored(fdwl, tmp_path):
     root, child = fdwl.order
-    before = {pid: inside(fdwl.outdir, pid, pid) for pid in (root, child)}
+    before = {pid: ask_inside(fdwl.outdir, pid, pid) for pid in (root, child)}
     seen, rest = before[root]["seen"].split(), before[root]["rest"].split()
     # the workload did read part of d/ (so a lost position would show)
     assert len(seen) >= 8 and seen and rest and not set(seen) & set(rest) and sorted(seen + rest) == NAMES
@@ -89,7 +77,7 @@ def test_directories_and_fifo_restored(fdwl, tmp_path):
     fdwl.pids.update(outer.values())
     assert outer == {root: root, child: child}
     for pid in (root, child):
-        after = inside(fdwl.outdir, pid, pid)
+        after = ask_inside(fdwl.outdir, pid, pid)
         assert after == before[pid], {k: (before[pid].get(k), after.get(k)) for k in after if after.get(k) != before[pid].get(k)}
         assert fd_numbers(pid) == fds_before[pid]
     # the same FIFO (the inode is in the report), shared as before

@@ -128,10 +128,23 @@ class Running:
         self.outdir, self.popen, self.pids, self.ready = outdir, popen, {popen.pid}, ""
 
 
+def ask_inside(outdir, ns_pid, outer_pid):
+    """What process ns_pid reports from inside: SIGUSR1 to outer_pid, then the lines
+    "key value" of OUTDIR/<ns_pid>.check as a dict (the C state workloads' protocol)."""
+    path = os.path.join(outdir, f"{ns_pid}.check")
+    if os.path.exists(path):
+        os.unlink(path)
+    os.kill(outer_pid, signal.SIGUSR1)
+    wait_file(path, outer_pid)
+    with open(path) as f:
+        return dict(line.split(" ", 1) for line in f.read().splitlines())
+
+
 @contextlib.contextmanager
-def running_workload(argv, outdir, cwd="/"):
+def running_workload(argv, outdir, cwd="/", tree=False):
     """Start argv (which writes outdir/ready when it is set up) in its own session, wait for
-    it, and at the end SIGKILL and reap it, its live tree and every pid in .pids."""
+    it, and at the end SIGKILL and reap it, its live tree and every pid in .pids.
+    tree: ready holds the pids of the tree (.order, added to .pids)."""
     become_subreaper()
     popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              close_fds=True, cwd=cwd, start_new_session=True)
@@ -141,6 +154,9 @@ def running_workload(argv, outdir, cwd="/"):
         wait_file(ready, popen.pid)
         with open(ready) as f:
             w.ready = f.read()
+        if tree:
+            w.order = [int(x) for x in w.ready.split()]
+            w.pids.update(w.order)
         yield w
     finally:
         w.pids.update(tree_pids(popen.pid))
