@@ -21,7 +21,7 @@ import pytest
 from stages._native import lib
 from stages.linux import memstat
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids, wait_file
+from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids, wait_file, wait_killed
 
 PAGE = 4096
 SYS_KCMP, KCMP_FILE = 312, 0
@@ -129,11 +129,7 @@ def dump_kill_restore(tree, popen, pids, tmp_path, pidns=False, plan_file=False)
     (plan_file: from a plan file, whose pages cow-apply uses in place; else from a pipe)."""
     images = run([tool("cow-collect"), "--tree", str(pids[0])] + ([] if pidns else ["--kill"])).stdout
     if not pidns:
-        popen.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(p) for p in pids):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_killed(popen, pids)
     stats = tmp_path / "stats.json"
     plan = run([tool("cow-plan"), "--check", "--stats", str(stats)], images).stdout
     report = tmp_path / "apply.json"

@@ -8,11 +8,10 @@ import os
 import shutil
 import signal
 import tempfile
-import time
 
 import pytest
 
-from tests.support.workloads import ask_inside, build, proc_state, reap, running_workload
+from tests.support.workloads import ask_inside, build, proc_state, running_workload, wait_killed
 
 from tests.support.commands import run, tool  # noqa: F401
 
@@ -71,11 +70,7 @@ def test_credentials_and_process_state_restored(statewl, tmp_path):
     assert "caps eff 0x400 per 0x2400 inh 0x2400 bou " in shown and " amb 0x2000 securebits 0x10" in shown, shown
     assert "sched RR priority 3 cpus " in shown and "oom_score_adj 700" in shown, shown
     assert "sched BATCH priority 0 reset_on_fork cpus 0 oom_score_adj 300" in shown, shown
-    statewl.popen.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while not all(reap(p) for p in (root, child)):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_killed(statewl.popen, (root, child))
 
     report = tmp_path / "apply.json"
     run([tool("cow-apply"), "--report", str(report)], run([tool("cow-plan")], images).stdout)
@@ -99,33 +94,20 @@ def test_non_root_caller_is_refused_other_credentials(statewl, tmp_path):
     import io
     import types
 
-    from stages.apply.check import Refusal, check_state
+    from stages.apply.check import check_state
     from stages.stream import StreamReader
 
     root, child = statewl.order
     plan_bytes = run([tool("cow-plan")], run([tool("cow-collect"), "--tree", str(root)]).stdout).stdout
     plan = types.SimpleNamespace(processes=[r.body for r in StreamReader(io.BytesIO(plan_bytes)) if r.kind == "process"])
     check_state(plan)  # root: any credentials
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through the pipe
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(1001, 1001, 1001)
-            os.setresuid(1004, 1004, 1004)
-            try:
-                check_state(plan)
-                msg = "passed"
-            except Refusal as exc:
-                msg = f"refused: {exc}"
-            os.write(w, msg.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        msg = f.read().decode()
-    os.waitpid(pid, 0)
+
+    def become_uid_1004():
+        os.setgroups([])
+        os.setresgid(1001, 1001, 1001)
+        os.setresuid(1004, 1004, 1004)
+
+    msg = _check_state_in_child(plan, become_uid_1004)
     assert msg.startswith(f"refused: process {root}: uids [1004, 1005, 1006, 1006]"), msg
     assert "only root may restore credentials other than its own" in msg, msg
     assert all(proc_state(p) == "S" for p in (root, child))  # the originals run on

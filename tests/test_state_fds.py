@@ -8,13 +8,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 
 import pytest
 
 from stages._native import lib
 from tests.support.commands import run, tool
-from tests.support.workloads import ask_inside, build, proc_state, reap, running_workload, wait_file
+from tests.support.workloads import ask_inside, build, proc_state, running_workload, wait_file, wait_killed
 
 SYS_KCMP, KCMP_FILE = 312, 0
 NAMES = [f"entry-{i:03d}" for i in range(60)]
@@ -65,11 +64,7 @@ def test_directories_and_fifo_restored(fdwl, tmp_path):
     assert f"fd 10 fifo {fifo} pipe 1 read-write end, description 1" in shown, shown
     assert f"fd 12 fifo {fifo} pipe 1 write end, description 2 flags 0o104001" in shown, shown
     assert f"pipe 1 (FIFO {fifo}): capacity 65536, 10 bytes unread b'fifo-bytes'" in shown, shown
-    fdwl.popen.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while not all(reap(p) for p in (root, child)):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_killed(fdwl.popen, (root, child))
 
     report = tmp_path / "apply.json"
     run([tool("cow-apply"), "--report", str(report)], run([tool("cow-plan")], images).stdout)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support.commands import run, tool
-from tests.support.workloads import proc_state, reap, running_workload, wait_file
+from tests.support.workloads import proc_state, reap, running_workload, wait_file, wait_killed
 
 # A python3 workload: fd 5 flock (exclusive) on a, fd 6 POSIX write lock on bytes 10-19 and a
 # read lock from 100 to EOF of b, fd 7 an OFD write lock on bytes 0-99 of c; its child (forked
@@ -106,11 +106,7 @@ def test_file_locks_restored(lockwl, tmp_path):
     assert "fd 5 file" in shown and "locks flock write 0-EOF" in shown, shown
     assert "locks posix write 10-19, posix read 100-EOF" in shown and "locks ofdlck write 0-99" in shown, shown
     assert "locks posix write 50-59" in shown, shown
-    popen.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while not all(reap(p) for p in (root, child)):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_killed(popen, (root, child))
     # nobody holds them now: the restore must take them again
     for name in "abc":
         with open(tmp_path / name, "r+") as f:

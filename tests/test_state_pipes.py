@@ -14,7 +14,7 @@ import time
 import pytest
 
 from stages._native import lib
-from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids, wait_file
+from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids, wait_file, wait_killed
 
 from tests.support.commands import run, tool  # noqa: F401
 SYS_KCMP, KCMP_FILE = 312, 0
@@ -132,11 +132,7 @@ def test_pipes_restored_shared_with_unread_data_and_flags(trees, tmp_path, pidns
     assert "pipe 3: capacity 262144, 200000 bytes unread" in shown, shown
     assert "pipe 1: capacity 65536, 24 bytes unread b'J:00001\\nJ:00002\\n'" in shown, shown
     if not pidns:
-        popen.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(p) for p in pids):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_killed(popen, pids)
     plan = run([tool("cow-plan")], images).stdout
     report = tmp_path / "apply.json"
     run([tool("cow-apply"), "--report", str(report)] + (["--pidns"] if pidns else []), plan)
@@ -240,11 +236,7 @@ def test_python_prefork_workers_serve_over_pipes_after_restore(trees, tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     images = run([tool("cow-collect"), "--tree", str(root), "--kill"]).stdout
-    popen.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while not all(reap(p) for p in [w for w, _ in workers]):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_killed(popen, [w for w, _ in workers])
     run([tool("cow-apply")], run([tool("cow-plan")], images).stdout)
 
     resp = os.open(f"/proc/{root}/fd/{resp_fd}", os.O_RDONLY | os.O_NONBLOCK)

@@ -13,7 +13,7 @@ from stages.linux import ptrace
 from stages.linux.memstat import tree_frames
 from stages.stream import StreamReader
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state, reap
+from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state, wait_killed
 from tests.test_apply_e2e import apply, outer, plan, restored  # noqa: F401 (fixture)
 
 NTHREADS = 8
@@ -61,11 +61,7 @@ class ThreadTree:
 
     def wait_gone(self):
         """After collect --kill: reap the tree (its children come to us) so its pids are free."""
-        self.popen.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(p) for p in self.known):
-            assert time.monotonic() < deadline, "the killed tree was not reaped"
-            time.sleep(0.01)
+        wait_killed(self.popen, self.known)
 
     def kill(self):
         kill_and_reap(self.known, self.popen)

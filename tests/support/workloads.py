@@ -105,6 +105,16 @@ def wait_file(path, pid=None, timeout=20):
         time.sleep(0.005)
 
 
+def wait_killed(popen, pids, timeout=10):
+    """After cow-collect --kill: wait for popen, then reap every pid of the killed tree (they
+    come to us, the subreaper), so that a restore finds their pids free; fail if one stays."""
+    popen.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while not all(reap(p) for p in pids):
+        assert time.monotonic() < deadline, {p: proc_state(p) for p in pids}
+        time.sleep(0.01)
+
+
 def kill_and_reap(pids, popen=None, timeout=10):
     """SIGKILL every pid, wait for popen, reap them all (we are their subreaper): a test's
     teardown, pass or fail."""
