@@ -10,7 +10,6 @@ made (at most as many as before: it merges some frames of equal bytes)."""
 
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 from stages._native import lib
 from stages.linux import memstat
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids, wait_file, wait_killed
+from tests.support.workloads import Trees, become_subreaper, build, proc_state, wait_file, wait_killed
 
 PAGE = 4096
 SYS_KCMP, KCMP_FILE = 312, 0
@@ -31,33 +30,10 @@ SLOTS = 8  # counters at the start of the region, one u64 per process
 # 40..63 untouched; 256 private pages shared COW, 4 rewritten per child.
 
 
-class Tree:
-    def __init__(self):
-        self.pids = set()
-        self.popens = []
-
-    def kill_all(self):
-        for p in self.popens:
-            self.pids.update(tree_pids(p.pid))
-        for pid in sorted(self.pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        for p in self.popens:
-            p.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        for pid in sorted(self.pids):
-            while not reap(pid) and proc_state(pid) not in (None, "?"):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.01)
-
-
 @pytest.fixture
 def tree():
     become_subreaper()
-    t = Tree()
+    t = Trees()
     yield t
     t.kill_all()
 

@@ -14,35 +14,12 @@ import time
 import pytest
 
 from stages._native import lib
-from tests.support.workloads import become_subreaper, build, proc_state, reap, tree_pids, wait_file, wait_killed
+from tests.support.workloads import Trees, become_subreaper, build, proc_state, reap, wait_file, wait_killed
 
 from tests.support.commands import run, tool  # noqa: F401
 SYS_KCMP, KCMP_FILE = 312, 0
 FIONREAD = 0x541B
 
-
-
-class Trees:
-    """Every process a test started or restored; all SIGKILLed and reaped at teardown."""
-
-    def __init__(self):
-        self.pids = set()
-        self.popens = []
-
-    def kill_all(self):
-        for p in self.popens:
-            self.pids.update(tree_pids(p.pid))
-        for pid in sorted(self.pids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        for p in self.popens:
-            p.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not all(reap(pid) or proc_state(pid) == "Z" and not _ours(pid) for pid in self.pids):
-            assert time.monotonic() < deadline, {p: proc_state(p) for p in self.pids}
-            time.sleep(0.01)
 
 
 def _ours(pid):
@@ -58,7 +35,9 @@ def trees():
     become_subreaper()  # the workers of a killed root come back to us to be reaped
     t = Trees()
     yield t
-    t.kill_all()
+    # a restored process's zombie whose parent is not us is done with too
+    assert t.kill_all(gone=lambda pid: reap(pid) or proc_state(pid) == "Z" and not _ours(pid)), \
+        {p: proc_state(p) for p in t.pids}
 
 
 def start_pipewl(trees, tmp_path):

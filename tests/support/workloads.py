@@ -115,19 +115,39 @@ def wait_killed(popen, pids, timeout=10):
         time.sleep(0.01)
 
 
-def kill_and_reap(pids, popen=None, timeout=10):
-    """SIGKILL every pid, wait for popen, reap them all (we are their subreaper): a test's
-    teardown, pass or fail."""
+def kill_and_reap(pids, *popens, timeout=10, gone=None):
+    """SIGKILL every pid, wait for the popens, reap them all (we are their subreaper): a
+    test's teardown, pass or fail.  gone(pid) says a pid is done with (default: reap);
+    True when every pid is, within timeout."""
+    gone = gone or reap
     for pid in sorted(pids):
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    if popen is not None:
-        popen.wait(timeout=timeout)
+    for popen in popens:
+        if popen is not None:
+            popen.wait(timeout=timeout)
     deadline = time.monotonic() + timeout
-    while not all(reap(p) for p in pids) and time.monotonic() < deadline:
+    while not all(gone(p) for p in pids):
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.01)
+    return True
+
+
+class Trees:
+    """Every process a test started (popens) or restored (pids): kill_all SIGKILLs the live
+    tree below each popen and every pid, and reaps them."""
+
+    def __init__(self):
+        self.pids = set()
+        self.popens = []
+
+    def kill_all(self, gone=None):
+        for p in self.popens:
+            self.pids.update(tree_pids(p.pid))
+        return kill_and_reap(self.pids, *self.popens, gone=gone)
 
 
 class Running:
