@@ -489,14 +489,9 @@ def _schedule_bundles(images, units):
     for pid in images.pids:
         kids = images.children[pid]
         contested = _contested(own.get(pid, ()))
-        best = _greedy_bundles(pid, kids, need[pid], final[pid], contested)
-        if best[0] and len(kids) > 1:
-            for order in _other_orders_bundles(pid, kids, need[pid], final[pid]):
-                got = _greedy_bundles(pid, order, need[pid], final[pid], contested)
-                if len(got[0]) < len(best[0]):
-                    best = got
-                if not got[0]:
-                    break
+        best = _fewest_conflicts(
+            kids, lambda order: _greedy_bundles(pid, order, need[pid], final[pid], contested),
+            lambda: _other_orders_bundles(pid, kids, need[pid], final[pid]))
         conflicts.update(best[0])
         schedule[pid] = best[1]
     return conflicts, schedule
@@ -625,17 +620,26 @@ def _schedule_slots(images, units):
     creator = units.creator
     for pid in images.pids:
         kids = images.children[pid]
-        best = _greedy(pid, kids, need[pid], final[pid], creator)  # the dumped (fork) order first
-        if best[0] and len(kids) > 1:
-            for order in _other_orders(pid, kids, need[pid], final[pid], creator):
-                got = _greedy(pid, order, need[pid], final[pid], creator)
-                if len(got[0]) < len(best[0]):
-                    best = got
-                if not got[0]:
-                    break
+        best = _fewest_conflicts(kids, lambda order: _greedy(pid, order, need[pid], final[pid], creator),
+                                 lambda: _other_orders(pid, kids, need[pid], final[pid], creator))
         conflicts.update(best[0])
         schedule[pid] = best[1]
     return conflicts, schedule
+
+
+def _fewest_conflicts(kids, attempt, other_orders):
+    """attempt(order) -> (conflicts, schedule) of one fork order of a process's children: the
+    dumped order first, then other_orders() until one has no conflict; the attempt with the
+    fewest conflicts (the first of equals).  Both schedulers choose their order this way."""
+    best = attempt(kids)
+    if best[0] and len(kids) > 1:
+        for order in other_orders():
+            got = attempt(order)
+            if len(got[0]) < len(best[0]):
+                best = got
+            if not got[0]:
+                break
+    return best
 
 
 def _other_orders(pid, kids, need, final, creator):
