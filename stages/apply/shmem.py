@@ -97,15 +97,10 @@ def create(plan):
                 out[oid] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
             finally:
                 os.close(fd)
+        return out, _descriptions(plan, out, base)
     except BaseException:
         close_all(out)
         raise
-    try:
-        descs = _descriptions(plan, out, base)
-    except BaseException:
-        close_all(out)
-        raise
-    return out, descs
 
 
 O_CLOEXEC = 0o2000000
