@@ -15,7 +15,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 STAMP=.venv/.cowtree-installed
 WANT="$(find pyproject.toml setup.py native -type f ! -name '*.o' ! -name '*.bin' -print0 | sort -z | xargs -0 cat | sha256sum | cut -d' ' -f1)"
-if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || ! .venv/bin/python -c "import stages._native" 2>/dev/null; then
+# -I: the check must not import stages from the current directory (this one), only from the
+# install, and that install must be this checkout's (a .venv copied from elsewhere is not)
+installed() {
+    .venv/bin/python -I -c 'import sys, stages._native as n; sys.exit(not n.__file__.startswith(sys.argv[1] + "/"))' "$ROOT" 2>/dev/null
+}
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || ! installed; then
     echo "cowtree setup: installing into .venv (pip install -e '.[test]')" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' >&2
     echo "$WANT" > "$STAMP"
