@@ -22,6 +22,7 @@ from stages.stream import StreamWriter, images, is_broken_pipe
 from . import pages as pages_mod
 from . import state
 from .frames import FrameTable
+from .parallel import ordered_map
 from .refusals import Refused, mark_caller_terminal, pipe_reasons, process_reasons
 from .shmem import SharedObjects
 from .vdso import vdso_identity
@@ -96,12 +97,9 @@ class Collection:
         reasons += [(pid, f"its main thread has exited ({n} other threads run on)")
                     for pid, n in self.tree.leaderless.items()]
         terminal = tty.caller_terminal()
-        for pid in self.tree.order:
-            try:
-                view = state.ProcView(pid, self.tree.threads[pid])
-            except FileNotFoundError:
-                raise CollectError(f"process {pid}: vanished while frozen")
-            self.views.append(view)
+        # on several threads: each smaps read is a kernel page walk (~8 ms per 256 MiB process)
+        self.views = ordered_map(self._view, self.tree.order)
+        for pid, view in zip(self.tree.order, self.views):
             mark_caller_terminal(view.fds, terminal)
             reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
         holders = state.pipe_holders(self.views)
@@ -111,6 +109,12 @@ class Collection:
         reasons.extend(self.shared.reasons)
         if reasons:
             raise Refused(reasons)
+
+    def _view(self, pid):
+        try:
+            return state.ProcView(pid, self.tree.threads[pid])
+        except FileNotFoundError:
+            raise CollectError(f"process {pid}: vanished while frozen")
 
     def read(self):
         """Step 3: registers, brk, sigactions and frame maps of every process."""
