@@ -16,9 +16,9 @@ writes the current one.
 """
 
 import collections
-import queue
 import threading
 import time
+from _queue import SimpleQueue  # what queue.SimpleQueue is, without the queue module's import
 from array import array
 
 from stages._native import ffi, lib
@@ -184,7 +184,7 @@ class _Workers:
     (concurrent.futures would do, but importing it costs cow-collect 12 ms.)"""
 
     def __init__(self, fn, count):
-        self.fn, self.jobs = fn, queue.SimpleQueue()
+        self.fn, self.jobs = fn, SimpleQueue()
         self.threads = [threading.Thread(target=self._run, name=f"cow-pages-{i}", daemon=True)
                         for i in range(count)]
         for t in self.threads:

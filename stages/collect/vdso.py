@@ -1,9 +1,8 @@
 """The vDSO identity written in the image header: layout, sha256 and dynamic symbols."""
 
-import hashlib
-
 from stages.linux.memory import ProcessMemory
 from stages.linux.vdso import LAYOUT_KINDS, symbols
+from stages.sha256 import sha256
 
 
 def vdso_identity(pid, vmas):
@@ -13,4 +12,4 @@ def vdso_identity(pid, vmas):
         return {"layout": layout, "sha256": "", "symbols": []}
     with ProcessMemory(pid) as mem:
         blob = mem.read(vdso[0]["start"], vdso[0]["end"] - vdso[0]["start"])
-    return {"layout": layout, "sha256": hashlib.sha256(blob).hexdigest(), "symbols": symbols(blob)}
+    return {"layout": layout, "sha256": sha256(blob).hexdigest(), "symbols": symbols(blob)}

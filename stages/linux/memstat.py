@@ -12,13 +12,12 @@ say nothing useful here: a restored process has not touched its shared pages yet
 Shared mappings of disk files are page cache, not the tree's memory: not counted.
 """
 
-import ctypes
 import os
 
 from . import pagemap, procfs
 
 TMPFS_MAGIC = 0x01021994
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = None  # ctypes' libc, made at the first fs_type
 
 # Kernel-provided mappings whose PFNs are not process memory.
 SKIP_KINDS = {"vdso", "vvar", "vvar_vclock", "vsyscall"}
@@ -44,6 +43,13 @@ def process_anon_pfns(pid, zero_pfn):
 
 def fs_type(fd):
     """The f_type of the file system fd lives on (fstatfs), or None."""
+    # ctypes imported here: cow-collect imports this module but calls this only for shared
+    # memory, and the import costs ~2 ms of its start
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(120)  # struct statfs; f_type first
     if _libc.fstatfs(fd, buf) != 0:
         return None
