@@ -23,7 +23,7 @@ def test_restorer_blob_kept_is_the_parsed_one_and_only_for_that_object(tmp_path)
         data = f.read()
     parsed = restorer.Blob.from_object(data)
     kept = tmp_path / "restorer.o.blob"
-    digest = restorer.hashlib.sha256(data).digest()
+    digest = restorer.sha256(data).digest()
     restorer._save(str(kept), digest, parsed)
     again = restorer._cached(str(kept), digest)
     assert (again.code, again.entry) == (parsed.code, parsed.entry)

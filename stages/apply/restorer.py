@@ -12,11 +12,11 @@ A *program* is what the blob executes: a header, then operations of 8 words
 for one base address and copied there together with the code and a stack.
 """
 
-import hashlib
 import io
 import os
 import struct
-import tempfile
+
+from stages.sha256 import sha256
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGED = os.path.join(HERE, "restorer.o")
@@ -80,6 +80,7 @@ def object_path():
     if os.path.exists(PACKAGED):
         return PACKAGED
     import importlib.util
+    import tempfile
 
     src = os.path.join(os.path.dirname(os.path.dirname(HERE)), "native", "restorer", "build.py")
     if not os.path.exists(src):
@@ -103,7 +104,7 @@ def load():
         path = object_path()
         with open(path, "rb") as f:
             data = f.read()
-        digest = hashlib.sha256(data).digest()
+        digest = sha256(data).digest()
         _BLOB = _cached(path + ".blob", digest)
         if _BLOB is None:
             _BLOB = Blob.from_object(data)

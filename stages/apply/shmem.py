@@ -16,21 +16,15 @@ Opening map_files needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE: without them an
 object becomes a memfd named 'cowtree-shared-anonymous' (the same sharing; another name in maps).
 """
 
-import ctypes
 import fcntl
+import mmap
 import os
+
+from stages.linux.memory import address_of
 
 from .pipes import close_all  # noqa: F401 (restore.py closes shmem fds through it too)
 
 PAGE = 4096
-PROT_READ, PROT_WRITE = 1, 2
-MAP_SHARED, MAP_ANONYMOUS = 0x01, 0x20
-MAP_FAILED = ctypes.c_void_p(-1).value
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 class SharedMemoryError(OSError):
@@ -40,16 +34,17 @@ class SharedMemoryError(OSError):
 def _anonymous_object(size):
     """An fd on a new shmem object as MAP_SHARED|MAP_ANONYMOUS makes it (size > 0)."""
     length = (size + PAGE - 1) // PAGE * PAGE
-    addr = _libc.mmap(None, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
-    if addr in (None, MAP_FAILED):
-        err = ctypes.get_errno()
-        raise SharedMemoryError(err, f"mmap of {length} shared anonymous bytes: {os.strerror(err)}")
+    try:  # fd -1: MAP_SHARED | MAP_ANONYMOUS, read-write
+        region = mmap.mmap(-1, length, flags=mmap.MAP_SHARED)
+    except OSError as exc:
+        raise SharedMemoryError(exc.errno, f"mmap of {length} shared anonymous bytes: {os.strerror(exc.errno)}")
     try:
+        addr = address_of(region)
         return os.open(f"/proc/self/map_files/{addr:x}-{addr + length:x}", os.O_RDWR | os.O_CLOEXEC)
     except PermissionError:
         return os.memfd_create("cowtree-shared-anonymous", os.MFD_CLOEXEC)
     finally:
-        _libc.munmap(addr, length)
+        region.close()
 
 
 def _tmpfile(path):

@@ -12,9 +12,9 @@ stored.  Nothing is trusted until the trailer has been read and checked.
 import array
 import mmap
 import os
-import tempfile
 
 from stages.stream import StreamReader, plans, unpack_u32
+from stages.tmpfile import unnamed_file
 
 PAGE = 4096
 
@@ -56,8 +56,7 @@ def spool_plan(fileobj, tmpdir=None):
     reader = StreamReader(fileobj, expect=plans.FORMAT, in_place=True, compact=True)
     if reader.map is not None:
         return _plan_in_place(reader, fileobj)
-    fd, path = tempfile.mkstemp(prefix="cow-apply-spool-", dir=tmpdir)
-    os.unlink(path)  # private and gone when we are
+    fd = unnamed_file(tmpdir)  # private and gone when we are
     try:
         processes = []
         offsets = array.array("Q", [0])

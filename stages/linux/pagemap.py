@@ -8,7 +8,7 @@ import mmap
 import os
 from array import array
 
-from stages._native import ffi
+from .memory import address_of
 
 PAGE = 4096
 PFN_MASK = (1 << 55) - 1
@@ -61,9 +61,7 @@ def zero_pfn():
     if _zero_pfn is None:
         m = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
-            view = ffi.from_buffer(m)  # cffi, not ctypes: its import would cost ~2 ms at start
-            addr = int(ffi.cast("uintptr_t", view))
-            ffi.release(view)  # the buffer export, so the map can be closed
+            addr = address_of(m)
             assert m[0] == 0  # the read fault
             fd = open_pagemap(os.getpid())
             try:

@@ -5,11 +5,11 @@ to a temporary file and copied through to the plan afterwards.
 """
 
 import struct
-import tempfile
 from array import array
 
 from stages.stream import StreamReader, unpack_u32, view_u32
 from stages.stream.compact import VmaBody
+from stages.tmpfile import unnamed_file
 
 from .shared import SharedError, SharedObjects
 
@@ -188,7 +188,7 @@ def read_images(fileobj):
     images = Images()
     reader = StreamReader(fileobj, expect="cowtree-images", compact=Vma)
     images.header = reader.header
-    images.spool = tempfile.TemporaryFile(prefix="cow-plan-pages-")
+    images.spool = open(unnamed_file(), "w+b")
     next_first = 1
     for rec in reader:
         if rec.kind == "process":

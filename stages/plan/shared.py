@@ -9,9 +9,9 @@ refer to them, and keeps their bytes in a spool for the plan stream.
 """
 
 import struct
-import tempfile
 
 from stages.stream import unpack_u32
+from stages.tmpfile import unnamed_file
 
 PAGE = 4096
 
@@ -60,7 +60,7 @@ class SharedObjects:
             raise SharedError(f"{where}: {len(rec.data)} data bytes for {len(pages)} pages")
         self.objects[oid]["pages"] += len(pages)
         if self.spool is None:
-            self.spool = tempfile.TemporaryFile(prefix="cow-plan-shmem-")
+            self.spool = open(unnamed_file(), "w+b")
         self.spool.write(struct.pack("<QQ", len(rec.meta), len(rec.data)))
         self.spool.write(rec.meta)
         self.spool.write(rec.data)
