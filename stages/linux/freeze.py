@@ -13,7 +13,6 @@ FrozenTree.resume() / leave_stopped() / kill() end the ptrace session; every
 path detaches every thread, so a tree is never left frozen by us.
 """
 
-import contextlib
 import errno
 import os
 import signal
@@ -29,14 +28,15 @@ REAP_GRACE = 1.0  # seconds to wait for the parents of killed processes to reap 
 _HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
-@contextlib.contextmanager
-def _signals_held():
-    """Block SIGINT/SIGTERM/SIGHUP while the tree is being let go: all or nothing."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+class _SignalsHeld:
+    """Block SIGINT/SIGTERM/SIGHUP while the tree is being let go: all or nothing.
+    (A class, not contextlib.contextmanager: contextlib's import is ~0.7 ms of cow-collect's start.)"""
+
+    def __enter__(self):
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
 
 
 class FreezeError(Exception):
@@ -189,7 +189,7 @@ class FrozenTree:
 
     # -- releasing ------------------------------------------------------------
     def _detach_all(self):
-        with _signals_held():
+        with _SignalsHeld():
             return self._detach_all_threads()
 
     def _detach_all_threads(self):
@@ -214,7 +214,7 @@ class FrozenTree:
         """Detach into group-stop: SIGSTOP is queued first, so each process stops as it resumes."""
         if self.released:
             return []
-        with _signals_held():
+        with _SignalsHeld():
             for pid in self.order:
                 try:
                     os.kill(pid, signal.SIGSTOP)
@@ -227,7 +227,7 @@ class FrozenTree:
         parent has not reaped yet).  Returns the list of such unreaped zombies."""
         if self.released:
             return []
-        with _signals_held():
+        with _SignalsHeld():
             return self._kill(timeout)
 
     def _kill(self, timeout):
