@@ -12,24 +12,12 @@ import json
 
 import pytest
 
-from tests.support.images import Images
+from tests.support.images import Images, rseq_pages, without_rseq
 from tests.support.workloads import workload  # noqa: F401 (fixture)
 from tests.test_apply_e2e import apply, collect, plan, restored  # noqa: F401 (fixture)
 
 PAGE = 4096
 VMA_FIELDS = ("start", "end", "prot", "shared", "pgoff", "kind", "path")
-RSEQ_SIZE = 32
-
-
-def rseq_pages(images):
-    """{pid: {page address: offset of the rseq area}} from the thread records."""
-    out = {}
-    for p in images.processes:
-        for t in p["threads"]:
-            rs = t.get("rseq")
-            if rs and rs["addr"]:
-                out.setdefault(p["pid"], {})[rs["addr"] & ~(PAGE - 1)] = rs["addr"] % PAGE
-    return out
 
 
 def page_views(images):
@@ -41,11 +29,7 @@ def page_views(images):
             for i, fid in enumerate(v["ids"] or ()):
                 if fid:
                     addr = v["start"] + i * PAGE
-                    data = images.content[fid]
-                    off = masks.get(pid, {}).get(addr)
-                    if off is not None:  # cpu_id fields move with the scheduler
-                        data = data[:off] + bytes(RSEQ_SIZE) + data[off + RSEQ_SIZE:]
-                    out[(pid, addr)] = (fid, data)
+                    out[(pid, addr)] = (fid, without_rseq(images.content[fid], masks.get(pid, {}).get(addr)))
     return out
 
 

@@ -90,6 +90,7 @@ class Collection:
         self.table = None
         self.vdso = None
         self.shared = None  # SharedObjects: MAP_SHARED anonymous memory and memfds
+        self.notes = []  # warnings for the user
 
     def inspect(self):
         """Step 2: the /proc view of every process, and refusals."""
@@ -197,7 +198,8 @@ class Collection:
         memories = [ProcessMemory(view.pid) for view in self.views]
         try:
             progress = pages_mod.Progress(progress_stream, len(self.table)) if progress_stream else None
-            frames, stored, page_bytes = pages_mod.write_pages(writer, self.table, memories, progress)
+            frames, stored, page_bytes = pages_mod.write_pages(writer, self.table, memories, progress,
+                                                               views=self.views, notes=self.notes)
         except OSError as exc:
             if not is_broken_pipe(exc):
                 self.check_alive()  # a read failed: most likely its process died
@@ -236,7 +238,10 @@ def run_collect(root, output, mode=RESUME, progress_stream=None, notes=None):
         coll.inspect()
         coll.read()
         where = output.path or "the standard output"
-        summary = coll.write(_Sink(output.file, where), progress_stream)
+        try:
+            summary = coll.write(_Sink(output.file, where), progress_stream)
+        finally:
+            notes.extend(coll.notes)
         try:
             output.commit()  # the last buffered bytes: the disk may fill here too
         except OSError as exc:

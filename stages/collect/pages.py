@@ -1,9 +1,12 @@
 """The pages records: every frame's bytes once, in ascending id order, read in runs.
 
 A frame's bytes come from the process where it was first seen.  Consecutive ids
-at consecutive addresses of one process are read with one preadv of
-/proc/PID/mem straight into the record's buffer, and that buffer is what is
-written: a page is copied once from the process and once into the output.
+at consecutive addresses of one process form a run.  A process with at least
+PAGER_MIN_PAGES to give runs a pager (stages/linux/pager.py): it vmsplices its
+readable runs, in id order, into pipes that the reader threads read straight into
+the record's buffer, one copy.  The rest (small processes, runs in VMAs without
+PROT_READ, a process that cannot run the pager) is read with one preadv of
+/proc/PID/mem per run.  The record's buffer is what is written.
 
 Every frame gets the CRC-32 of its bytes (``crcs``, native/helpers/crc.c), the
 only pass over the bytes besides reading and writing them: the record's payload
@@ -15,6 +18,7 @@ without the GIL) while the caller's thread finds equal pages (in id order) and
 writes the current one.
 """
 
+import bisect
 import collections
 import threading
 import time
@@ -22,12 +26,17 @@ from _queue import SimpleQueue  # what queue.SimpleQueue is, without the queue m
 from array import array
 
 from stages._native import ffi, lib
+from stages.linux import pager as pager_mod
+from stages.linux import ptrace
+from stages.linux.remote import find_syscall_insn
 from stages.stream import pack_u32
 
 PAGE = 4096
 FRAMES_PER_RECORD = 256  # 1 MiB of data at most per record
 READERS = 2  # threads reading and checksumming records ahead of the writer
 VERIFIED_CACHE = 64  # pages kept from earlier records to compare candidates with (zero pages...)
+PAGER_MIN_PAGES = 256  # below this, setting a pager up (a dozen remote calls) costs more than it saves
+WAIT_POLL = 0.05  # seconds between looks at the running pagers while waiting for a record
 
 
 def _crc32_pages(buf, count):
@@ -66,12 +75,116 @@ class Progress:
         self.stream.flush()
 
 
+class _PipeStream:
+    """One process's pager and where each of its runs is in the pager's stream."""
+
+    def __init__(self, pid, vmas, ranges, first_id, last_id):
+        self.pid, self.vmas, self.ranges = pid, vmas, ranges
+        self.first_id, self.last_id = first_id, last_id  # the ids of the runs it gives
+        self.starts = array("Q", (a for a, _ in ranges))
+        self.offsets = array("Q")
+        total = 0
+        for _, length in ranges:
+            self.offsets.append(total)
+            total += length
+        self.pager = None
+
+    def offset_of(self, addr):
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i < 0 or addr >= self.starts[i] + self.ranges[i][1]:
+            return None
+        return self.offsets[i] + addr - self.starts[i]
+
+    def read_at(self, offset, view):
+        self.pager.read_at(offset, view)
+
+
+class _Pagers:
+    """The pipe streams of the processes that get a pager; started as the reading
+    reaches them and finished once their last record is read (tracer thread)."""
+
+    def __init__(self, table, views, notes):
+        self.notes = notes
+        self.streams = {}  # process index -> _PipeStream
+        by_proc = collections.defaultdict(list)
+        for first, proc, addr, n in table.runs:
+            by_proc[proc].append((first, addr, n))
+        for proc, runs in by_proc.items():
+            vmas = views[proc].vmas
+            starts = [v["start"] for v in vmas]
+            ranges, ids = [], []
+            for first, addr, n in runs:
+                vma = vmas[bisect.bisect_right(starts, addr) - 1]
+                if vma["prot"] & 1:  # vmsplice reads as the process does: PROT_READ only
+                    ranges.append((addr, n * PAGE))
+                    ids.append(first + n - 1)
+            if sum(length for _, length in ranges) >= PAGER_MIN_PAGES * PAGE:
+                self.streams[proc] = _PipeStream(views[proc].pid, vmas, ranges, runs[0][0], max(ids))
+        # the page of each such process's rseq area, where the kernel writes the cpu the
+        # pager runs on: its bytes in the image may not be its bytes at the end
+        self.volatile = set()
+        for proc, stream in self.streams.items():
+            addr = ptrace.get_rseq_configuration(stream.pid)[0] & ~(PAGE - 1)
+            for first, run_addr, n in by_proc[proc]:
+                if run_addr <= addr < run_addr + n * PAGE:
+                    self.volatile.add(first + (addr - run_addr) // PAGE)
+        self.waiting = sorted(self.streams.values(), key=lambda s: s.first_id)  # not started yet
+        self.running = []
+
+    def source(self, proc, addr):
+        """(stream, offset) when the run at addr of process proc comes through a pipe."""
+        stream = self.streams.get(proc)
+        if stream is None or stream.pager is None:
+            return None
+        offset = stream.offset_of(addr)
+        return None if offset is None else (stream, offset)
+
+    def start_upto(self, last_id):
+        """Start the pagers of the processes whose runs begin at or before id last_id."""
+        while self.waiting and self.waiting[0].first_id <= last_id:
+            stream = self.waiting.pop(0)
+            pager = pager_mod.Pager(stream.pid, find_syscall_insn(stream.pid, stream.vmas), stream.ranges)
+            try:
+                pager.start()
+            except pager_mod.Unavailable as exc:
+                self.notes.append(f"{exc}; its pages are read through /proc/{stream.pid}/mem")
+                continue
+            stream.pager = pager
+            self.running.append(stream)
+
+    def finish_upto(self, last_id):
+        """Finish the pagers whose runs all end at or before id last_id (all read)."""
+        for stream in [s for s in self.running if s.last_id <= last_id]:
+            self.running.remove(stream)
+            stream.pager.finish()
+
+    def poll(self):
+        for stream in self.running:
+            stream.pager.poll()
+
+    def abandon(self):
+        """After a failure: readers give up, then every running pager is taken out of its
+        process (the first error of those is raised only if nothing else was)."""
+        for stream in self.running:
+            stream.pager.cancel()
+
+    def clean_up(self):
+        error = None
+        for stream in self.running:
+            try:
+                stream.pager.finish()
+            except OSError as exc:
+                error = error or exc
+        self.running = []
+        return error
+
+
 class _Reader:
     """Reads and checksums the pages of one record; records are independent, so two
-    threads can each do one (the GIL is released while reading)."""
+    threads can each do one (the GIL is released while reading; pipes are read in turn)."""
 
-    def __init__(self, table, memories):
-        self.table, self.memories = table, memories
+    def __init__(self, table, memories, pagers):
+        self.table, self.memories, self.pagers = table, memories, pagers
         # record buffers, reused once written: a fresh 1 MiB bytearray costs page faults and
         # two passes of zeroing (kernel and bytearray) for bytes that are overwritten anyway
         self.free = collections.deque()
@@ -87,7 +200,12 @@ class _Reader:
         buf = memoryview(whole)[:count * PAGE]
         offset = 0
         for proc, addr, n in self.table.runs_between(first, count):
-            self.memories[proc].read_into(addr, buf[offset:offset + n * PAGE])
+            dest = buf[offset:offset + n * PAGE]
+            source = self.pagers.source(proc, addr) if self.pagers else None
+            if source is None:
+                self.memories[proc].read_into(addr, dest)
+            else:
+                source[0].read_at(source[1], dest)
             offset += n * PAGE
         return (buf, *_crc32_pages(buf, count))
 
@@ -99,8 +217,11 @@ class _Dedup:
     """Finds, in id order, the frames whose bytes an earlier frame has: a crc proposes,
     a byte comparison decides (a crc collision never merges two different pages)."""
 
-    def __init__(self, table, memories):
+    def __init__(self, table, memories, volatile=frozenset()):
         self.table, self.memories = table, memories
+        # frames whose bytes may have changed since they were written (rseq areas of processes
+        # that ran a pager): never the frame another one is said to equal
+        self.volatile = volatile
         # crc -> first frame id with that crc (native/helpers/crc.c: a dict costs ~0.4 us a page)
         self.index = ffi.gc(lib.cow_crc_index_new(), lib.cow_crc_index_free)
         if self.index == ffi.NULL:
@@ -112,7 +233,7 @@ class _Dedup:
         data = self.cached.get(fid)
         if data is None:
             proc, addr = self.table.where(fid)
-            data = self.memories[proc].read(addr, PAGE)  # the tree is frozen: still the same bytes
+            data = self.memories[proc].read(addr, PAGE)  # frozen: the same bytes (volatile ones aside)
             self.cached[fid] = data
             if len(self.cached) > VERIFIED_CACHE:
                 self.cached.popitem(last=False)
@@ -138,6 +259,8 @@ class _Dedup:
                 # bytes, not memoryviews: memoryview == compares item by item (7 us a page)
                 crc, page = crcs[i], view[i * PAGE:(i + 1) * PAGE].tobytes()
                 for cand in (cand, *self.more_with.get(crc, ())):
+                    if cand in self.volatile:
+                        continue
                     k = cand - first
                     if (view[k * PAGE:(k + 1) * PAGE].tobytes() if k >= 0 else self._bytes_of(cand)) == page:
                         same[i] = cand
@@ -172,8 +295,10 @@ class _Job:
     def __init__(self, args):
         self.args, self.done, self.value, self.error = args, threading.Event(), None, None
 
-    def result(self):
-        self.done.wait()
+    def result(self, poll=None):
+        """The value (or the error raised); poll() is called while waiting."""
+        while not self.done.wait(WAIT_POLL if poll else None):
+            poll()
         if self.error is not None:
             raise self.error
         return self.value
@@ -216,31 +341,54 @@ class _Workers:
             t.join()
 
 
-def write_pages(writer, table, memories, progress=None):
+def write_pages(writer, table, memories, progress=None, views=None, notes=None):
     """Write the pages records of every frame in table; memories[proc_index] reads that process.
+    With views (the frozen processes, in table order; called from the tracer thread), big
+    processes give their pages through a pager; notes gets a line for each that could not.
 
     Returns (frames, stored_pages, page_bytes)."""
     total = len(table)
-    reader = _Reader(table, memories)
-    dedup = _Dedup(table, memories)
+    pagers = _Pagers(table, views, notes if notes is not None else []) if views is not None else None
+    reader = _Reader(table, memories, pagers)
+    dedup = _Dedup(table, memories, pagers.volatile if pagers else frozenset())
     stored = 0
     pending = collections.deque()
-    with _Workers(reader.read, READERS) as pool:
-        for first in range(1, total + 1, FRAMES_PER_RECORD):
-            pending.append((first, pool.submit(first, min(FRAMES_PER_RECORD, total + 1 - first))))
-            # a few records in flight ahead of the writer: memory stays bounded
-            if len(pending) > READERS:
-                stored += _write(writer, pending.popleft(), reader, dedup, progress)
-        while pending:
-            stored += _write(writer, pending.popleft(), reader, dedup, progress)
+    poll = pagers.poll if pagers else None
+    try:
+        with _Workers(reader.read, READERS) as pool:
+            try:
+                for first in range(1, total + 1, FRAMES_PER_RECORD):
+                    count = min(FRAMES_PER_RECORD, total + 1 - first)
+                    if pagers:
+                        pagers.start_upto(first + count - 1)
+                    pending.append((first, pool.submit(first, count)))
+                    # a few records in flight ahead of the writer: memory stays bounded
+                    if len(pending) > READERS:
+                        stored += _write(writer, pending.popleft(), reader, dedup, progress, pagers, poll)
+                while pending:
+                    stored += _write(writer, pending.popleft(), reader, dedup, progress, pagers, poll)
+            except BaseException:
+                if pagers:
+                    pagers.abandon()  # before the workers are joined: none waits on a pipe
+                raise
+    except BaseException:
+        if pagers:
+            pagers.clean_up()  # the first error stays the one reported
+        raise
+    if pagers:
+        error = pagers.clean_up()
+        if error is not None:
+            raise error
     if progress:
         progress.update(total, writer.bytes_written, final=True)
     return total, stored, stored * PAGE
 
 
-def _write(writer, pending, reader, dedup, progress):
+def _write(writer, pending, reader, dedup, progress, pagers, poll):
     first, job = pending
-    buf, crcs, buf_crc = job.result()
+    buf, crcs, buf_crc = job.result(poll)
+    if pagers:
+        pagers.finish_upto(first + len(crcs) - 1)
     body, data, crc, stored = _record(first, buf, crcs, buf_crc, *dedup.record(first, buf, crcs))
     writer.write("pages", body, data, data_crc=crc)
     data = None

@@ -15,6 +15,7 @@ class Images:
         self.content = {}     # frame id -> bytes (resolved through 'same')
         self.crcs = {}        # frame id -> CRC-32 of its bytes, from the stream
         self.stored = 0
+        self.stored_ids = []  # the frames whose bytes the stream holds (not 'same' as another)
         with open(path, "rb") as f:
             reader = StreamReader(f)
             self.header = reader.header
@@ -42,6 +43,7 @@ class Images:
                 self.content[fid] = rec.data[offset:offset + PAGE]
                 offset += PAGE
                 self.stored += 1
+                self.stored_ids.append(fid)
             self.crcs[fid] = unpack_u32(body["crcs"])[i]
         assert offset == len(rec.data), "pages record data longer than its stored frames"
 
@@ -61,3 +63,23 @@ class Images:
 
     def crc_ok(self, fid):
         return zlib.crc32(self.content[fid]) == self.crcs[fid]
+
+
+RSEQ_SIZE = 32
+
+
+def rseq_pages(images):
+    """{pid: {page address: offset of the rseq area}} from the thread records."""
+    out = {}
+    for p in images.processes:
+        for t in p["threads"]:
+            rs = t.get("rseq")
+            if rs and rs["addr"]:
+                out.setdefault(p["pid"], {})[rs["addr"] & ~(PAGE - 1)] = rs["addr"] % PAGE
+    return out
+
+
+def without_rseq(page, offset):
+    """page with the rseq area at offset zeroed: its cpu fields are the kernel's, rewritten
+    whenever the thread returns to user space (a remote call, cow-collect's pager)."""
+    return page if offset is None else page[:offset] + bytes(RSEQ_SIZE) + page[offset + RSEQ_SIZE:]
