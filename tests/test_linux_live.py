@@ -1,12 +1,14 @@
 """Freezing, remote system calls and the zero page, on real processes."""
 
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 
-from stages.linux import freeze, pagemap, procfs, ptrace, remote
+from stages.collect import state
+from stages.linux import batch, freeze, pagemap, procfs, ptrace, remote
 from tests.support.workloads import proc_state, workload  # noqa: F401
 
 
@@ -47,21 +49,30 @@ def test_freeze_then_resume_restarts_the_interrupted_syscall(workload):
     assert all(v.startswith("ok ") for v in wl.check().values())
 
 
+def process_state(pid, tids, notes=None):
+    """(brk, sigactions, tid address) and the view with the rest, as collect reads them."""
+    view = state.ProcView(pid, tids)
+    return state.remote_state(view, notes), view
+
+
 def test_remote_brk_and_sigactions(workload):
     wl = workload("same", mib=1)
-    # give the root an ignored signal and a non-default flag set to find
     tree = freeze.freeze_tree(wl.root)
     try:
         for pid in tree.order:
             vmas = procfs.read_smaps(pid)
             before = ptrace.get_regs_raw(pid)
             mask = ptrace.get_sigmask(pid)
-            addr = remote.find_syscall_insn(pid, vmas)
-            with remote.RemoteSyscalls(pid, addr) as rs:
-                brk = remote.remote_brk(rs)
-                acts = remote.remote_sigactions(rs, pid, ptrace.get_regs(pid)["rsp"])
-                getpid = rs.call(39)
-            assert getpid == pid
+            maps = procfs.read_text(f"/proc/{pid}/maps")
+            fds = sorted(os.listdir(f"/proc/{pid}/fd"))
+            notes = []
+            (brk, acts, tid_address), view = process_state(pid, tree.threads[pid], notes)
+            assert notes == []  # in one stop, not one call at a time
+            calls = batch.Calls()
+            calls.add(39)  # getpid
+            with remote.RemoteSyscalls(pid, remote.find_syscall_insn(pid, vmas)) as rs:
+                calls.run(rs, ptrace.get_regs(pid)["rsp"])
+            assert calls.result(0) == pid
             heap = [v for v in vmas if v["kind"] == "heap"]
             stat = procfs.read_stat(pid)
             if heap:
@@ -74,9 +85,37 @@ def test_remote_brk_and_sigactions(workload):
             for n in range(1, 65):
                 assert bool(acts[n - 1][0] > 1) == bool(caught >> (n - 1) & 1), n
             assert acts[signal.SIGUSR1 - 1][0] > 1
-            # registers and mask are exactly as before
+            assert tid_address and view.prctl["dumpable"] == 1 and view.sigaltstack[1] == 2  # SS_DISABLE
+            # registers, mask, mappings and fds are exactly as before
             assert ptrace.get_regs_raw(pid) == before
             assert ptrace.get_sigmask(pid) == mask
+            assert procfs.read_text(f"/proc/{pid}/maps") == maps
+            assert sorted(os.listdir(f"/proc/{pid}/fd")) == fds
+    finally:
+        tree.resume()
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
+def test_process_state_one_call_at_a_time_is_the_same(workload):
+    """A process without a free fd cannot have the batch's pipe: the calls are made one by
+    one (and a note says so), with the same results."""
+    wl = workload("same", mib=1)
+    pid = wl.root
+    tree = freeze.freeze_tree(pid)
+    try:
+        (fast, view) = process_state(pid, tree.threads[pid])
+        nfds = len(os.listdir(f"/proc/{pid}/fd"))
+        old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (nfds + 1, old[1]))
+        try:
+            notes = []
+            (slow, view_slow) = process_state(pid, tree.threads[pid], notes)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+        assert len(notes) == 1 and "one system call at a time" in notes[0] and "Too many open files" in notes[0]
+        assert slow == fast
+        for name in ("prctl", "itimers", "sigaltstack", "posix_timers"):
+            assert getattr(view_slow, name) == getattr(view, name), name
     finally:
         tree.resume()
     assert all(v.startswith("ok ") for v in wl.check().values())
@@ -96,9 +135,7 @@ def test_ignored_signals_are_read_as_ignored(tmp_path):
             time.sleep(0.01)
         tree = freeze.freeze_tree(p.pid)
         try:
-            vmas = procfs.read_smaps(p.pid)
-            with remote.RemoteSyscalls(p.pid, remote.find_syscall_insn(p.pid, vmas)) as rs:
-                acts = remote.remote_sigactions(rs, p.pid, ptrace.get_regs(p.pid)["rsp"])
+            (_, acts, _), _ = process_state(p.pid, tree.threads[p.pid])
         finally:
             tree.resume()
         ignored = int(status_of(p.pid, "SigIgn"), 16)

@@ -1,4 +1,5 @@
-"""The pager (stages/linux/pager.py): a frozen process vmsplices its own pages into pipes.
+"""The pager (stages/linux/pager.py): a frozen process vmsplices its own pages into pipes
+(through inject.py, which batch.py shares: its code is checked here too).
 
 Checked from outside on real workloads: the bytes are the process's, its sharing is
 untouched (distinct PFNs), nothing of the pager stays in it (maps, fds, registers),
@@ -14,7 +15,7 @@ import threading
 import pytest
 
 from stages.collect.collector import Collection
-from stages.linux import freeze, pager, ptrace, remote
+from stages.linux import batch, freeze, pager, ptrace, remote
 from stages.linux.memory import ProcessMemory
 from stages.linux.memstat import tree_frames
 from tests.support.workloads import workload  # noqa: F401
@@ -22,13 +23,17 @@ from tests.support.workloads import workload  # noqa: F401
 PAGE = 4096
 
 
-def test_pager_code_is_its_assembly(tmp_path):
-    """PAGER_CODE is what PAGER_ASM assembles to (the bytes are reviewed as assembly)."""
-    src, obj, raw = tmp_path / "pager.S", tmp_path / "pager.o", tmp_path / "pager.bin"
-    src.write_text(pager.PAGER_ASM)
+@pytest.mark.parametrize("asm, code", [(pager.PAGER_ASM, pager.PAGER_CODE), (batch.BATCH_ASM, batch.BATCH_CODE)],
+                         ids=["pager", "batch"])
+def test_injected_code_is_its_assembly(tmp_path, asm, code):
+    """The code run in a tracee is what its listing assembles to (the bytes are reviewed as
+    assembly), and ends in its park loop."""
+    src, obj, raw = tmp_path / "code.S", tmp_path / "code.o", tmp_path / "code.bin"
+    src.write_text(asm)
     subprocess.run(["gcc", "-c", str(src), "-o", str(obj)], check=True)
     subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True)
-    assert raw.read_bytes() == pager.PAGER_CODE
+    assert raw.read_bytes() == code
+    assert code.endswith(bytes.fromhex("b8220000000f05ebf7"))  # park: pause(); jmp park
 
 
 @contextlib.contextmanager
@@ -148,7 +153,7 @@ def test_no_fd_left_for_a_pipe_means_unavailable_and_untouched(workload):
             ranges, view = root_ranges(coll)
             state = snapshot(pid)
             p = pager.Pager(pid, remote.find_syscall_insn(pid, view.vmas), ranges)
-            with pytest.raises(pager.Unavailable, match="pipe2 for the pager: Too many open files"):
+            with pytest.raises(pager.Unavailable, match="pipe2: Too many open files"):
                 p.start()
             assert snapshot(pid) == state
     finally:

@@ -135,7 +135,7 @@ class Collection:
             try:
                 state.abort_rseq_sections(view)
                 threads = state.thread_records(view)
-                brk, sigactions, tid_address = state.remote_state(view)
+                brk, sigactions, tid_address = state.remote_state(view, self.notes)
                 threads[0]["tid_address"] = tid_address  # the injected calls ran in the main thread
                 for thread in threads[1:]:
                     thread["tid_address"], thread["sigaltstack"] = state.remote_thread_state(view, thread["tid"])

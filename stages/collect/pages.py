@@ -147,7 +147,7 @@ class _Pagers:
             try:
                 pager.start()
             except pager_mod.Unavailable as exc:
-                self.notes.append(f"{exc}; its pages are read through /proc/{stream.pid}/mem")
+                self.notes.append(f"{exc}: its pages are read through /proc/{stream.pid}/mem instead of a pager")
                 continue
             stream.pager = pager
             self.running.append(stream)

@@ -1,10 +1,12 @@
 """Reading one frozen process: its /proc view (before refusals are decided), then its
 registers, remote-syscall state and frame maps (for the records)."""
 
+import errno
 import os
+import signal
 import struct
 
-from stages.linux import procfs, ptrace, remote
+from stages.linux import batch, procfs, ptrace, remote
 from stages.linux.memory import ProcessMemory
 from stages.stream import pack_u32
 
@@ -65,21 +67,69 @@ def thread_records(view):
     return out
 
 
-def remote_state(view):
-    """brk, the 64 sigactions and the tid address, by system calls run inside the process."""
+def remote_state(view, notes=None):
+    """brk, the 64 sigactions and the tid address (returned), and prctl values, interval
+    timers, alternate stack and POSIX timers (on view): by system calls run inside the
+    process, all in one stop (stages/linux/batch.py)."""
     pid = view.pid
     addr = remote.find_syscall_insn(pid, view.vmas)
     rsp = ptrace.get_regs(pid)["rsp"]
+    timers = procfs.parse_timers(procfs.read_text(f"/proc/{pid}/timers"))
+    calls = batch.Calls()
+    brk = calls.add(remote.SYS_BRK, 0)
+    acts = [calls.add(remote.SYS_RT_SIGACTION, sig, 0, batch.OUT, 8, out=remote.SIGACTION.size)
+            for sig in range(1, 65)]
+    tid_address = calls.add(remote.SYS_PRCTL, remote.PR_GET_TID_ADDRESS, batch.OUT, 0, 0, 0, out=8)
+    prctl_ints = {name: calls.add(remote.SYS_PRCTL, option, batch.OUT, 0, 0, 0, out=8)
+                  for name, option in (("subreaper", remote.PR_GET_CHILD_SUBREAPER),
+                                       ("pdeathsig", remote.PR_GET_PDEATHSIG))}
+    prctl_values = {name: calls.add(remote.SYS_PRCTL, option, 0, 0, 0, 0)
+                    for name, option in (("dumpable", remote.PR_GET_DUMPABLE),
+                                         ("securebits", remote.PR_GET_SECUREBITS))}
+    itimers = [calls.add(remote.SYS_GETITIMER, which, batch.OUT, out=remote.ITIMERVAL.size) for which in range(3)]
+    altstack = calls.add(remote.SYS_SIGALTSTACK, 0, batch.OUT, out=remote.STACK_T.size)
+    timer_times = [calls.add(remote.SYS_TIMER_GETTIME, t["id"], batch.OUT, out=remote.ITIMERVAL.size) for t in timers]
     with remote.RemoteSyscalls(pid, addr) as rs:
-        brk = remote.remote_brk(rs)
-        sigactions = remote.remote_sigactions(rs, pid, rsp)
-        tid_address = remote.remote_tid_address(rs, pid, rsp)
-        view.prctl = remote.remote_prctl_state(rs, pid, rsp)  # read by process_record
-        view.itimers, view.sigaltstack = remote.remote_timers_and_altstack(rs, pid, rsp)
-        view.posix_timers = posix_timers(rs, pid, rsp)
-    if brk < 0:
-        raise OSError(-brk, f"process {pid}: remote brk(0) failed: {os.strerror(-brk)}")
-    return brk, sigactions, tid_address
+        calls.run(rs, rsp, notes)
+
+    def ok(i, what):
+        res = calls.result(i)
+        if res < 0:
+            raise remote.RemoteError(f"process {pid}: {what} failed: {os.strerror(-res)}")
+        return res
+
+    sigactions = []
+    for sig, i in enumerate(acts, 1):
+        res = calls.result(i)
+        if res < 0 and (sig in (signal.SIGKILL, signal.SIGSTOP) or res == -errno.EINVAL):  # 32/33: glibc's
+            sigactions.append([0, 0, 0, 0])
+            continue
+        ok(i, f"rt_sigaction({sig})")
+        sigactions.append(list(remote.SIGACTION.unpack(calls.output(i))))
+    ok(tid_address, "prctl(PR_GET_TID_ADDRESS)")
+    view.prctl = {}  # read by process_record
+    for name, i in prctl_ints.items():
+        ok(i, f"prctl({name})")
+        view.prctl[name] = struct.unpack_from("<i", calls.output(i))[0]
+    view.prctl["subreaper"] = bool(view.prctl["subreaper"])
+    for name, i in prctl_values.items():
+        view.prctl[name] = ok(i, f"prctl({name})")
+    view.itimers = []
+    for which, i in enumerate(itimers):
+        ok(i, f"getitimer({which})")
+        view.itimers.append(list(remote.ITIMERVAL.unpack(calls.output(i))))
+    ok(altstack, "sigaltstack")
+    sp, flags, _pad, size = remote.STACK_T.unpack(calls.output(altstack))
+    view.sigaltstack = [sp, flags & 0xFFFFFFFF, size]
+    view.posix_timers = []
+    for t, i in zip(timers, timer_times):
+        ok(i, f"timer_gettime({t['id']})")
+        view.posix_timers.append({"id": t["id"], "clock": t["clock"], "signo": t["signo"], "sival": t["sival"],
+                                  "notify": timer_notify(t), "value": list(remote.ITIMERVAL.unpack(calls.output(i)))})
+    res = calls.result(brk)
+    if res < 0:
+        raise OSError(-res, f"process {pid}: remote brk(0) failed: {os.strerror(-res)}")
+    return res, sigactions, struct.unpack("<Q", calls.output(tid_address))[0]
 
 
 def remote_thread_state(view, tid):
@@ -117,15 +167,6 @@ def abort_rseq_sections(view):
                 regs["rip"] = abort
                 ptrace.set_regs(tid, regs)
                 mem.write(addr + 8, bytes(8))  # rseq_cs = NULL, as the kernel leaves it
-
-
-def posix_timers(rs, pid, rsp):
-    """The process's POSIX timers: /proc/PID/timers (refusals passed: each can be made
-    again) and each one's timer_gettime, run inside it."""
-    timers = procfs.parse_timers(procfs.read_text(f"/proc/{pid}/timers"))
-    times = remote.remote_posix_timers(rs, pid, rsp, [t["id"] for t in timers])
-    return [{"id": t["id"], "clock": t["clock"], "signo": t["signo"], "sival": t["sival"],
-             "notify": timer_notify(t), "value": times[t["id"]]} for t in timers]
 
 
 def process_record(view, threads, brk, sigactions, pipes=None):

@@ -1,4 +1,4 @@
-"""A frozen process writes its own pages into a pipe that we read: one copy, no round trips.
+"""A frozen process writes its own pages into pipes that we read: one copy, few round trips.
 
 /proc/PID/mem copies every page twice (through a kernel bounce page) and takes the
 page tables for each page; process_vm_readv pins pages and so unshares copy-on-write
@@ -6,39 +6,28 @@ pages (see memory.py).  vmsplice(2) run *by the process itself* hands the pipe
 references to its pages (get_user_pages without FOLL_PIN: nothing is unshared), and
 reading the pipe is then the only copy.
 
-A tracer can only run one system call per ptrace round trip (about 0.2 ms here), and
-a pipe holds at most 1 MiB without CAP_SYS_RESOURCE, so one vmsplice per remote call
-would cost a round trip per MiB.  Instead the process runs a small loop (PAGER_CODE,
-in a private mapping of its own for the time of the reading) that vmsplices a whole
-list of ranges, blocking while the pipe is full, and we read the pipe meanwhile.
-At the end it closes its pipe end (we see end of file if it stops early) and parks
-in pause(): every signal is blocked (RemoteSyscalls), so only our PTRACE_INTERRUPT
-ends that, and the registers and mask are put back as after any remote call.
-
-Running in user space, the process returns from its system calls like any running
-process: the kernel may rewrite its rseq area's cpu fields (as it does at every
-resume), nothing else.
+One vmsplice per remote call would cost a ptrace round trip per MiB (a pipe holds at
+most 1 MiB without CAP_SYS_RESOURCE).  Instead the process runs a loop of ours
+(PAGER_CODE, through inject.py) that vmsplices a whole list of ranges into PIPES
+pipes in turn, blocking while one is full, while our readers drain them: several MiB
+can wait for a reader busy elsewhere.  The loop closes its pipe ends when done (or
+when a vmsplice fails: the readers then see end of file instead of waiting).
 """
 
 import errno
 import fcntl
 import os
 import select
-import signal
 import struct
 import threading
 
-from stages._native import lib
-
-from . import ptrace
-from .memory import ProcessMemory
-from .remote import RemoteError, RemoteSyscalls, _wait_stop
+from .inject import InjectedCode, InjectError, Unavailable  # noqa: F401 (Unavailable: for callers)
 
 # The loop, assembled (tests/test_linux_pager.py assembles PAGER_ASM again and compares).
 PAGER_ASM = """
     .intel_syntax noprefix
     .text
-pager:                      # rdi = entries {fd, base, len}, rsi = how many; rdx = int fds[], rcx = how many
+pager:                      # rdi = entries {fd, base, len}, rsi = how many; rdx = int fds[] to close first, rcx = how many
     mov rbx, rdi            # rbx: the first entry
     lea rsi, [rsi+rsi*2]
     lea r14, [rdi+rsi*8]    # r14: the end of the entries
@@ -94,30 +83,15 @@ PAGER_CODE = bytes.fromhex(
     "31ff4d39f5732fb816010000418b7d00498d7508ba010000004531d20f054885c07e10490145084929451075"
     "da4983c518ebcf4989c74989dc4d39f47311b803000000418b3c240f054983c418ebeab8220000000f05ebf7")
 
-SYS_MMAP, SYS_MUNMAP, SYS_CLOSE, SYS_PIPE2, SYS_PIDFD_GETFD = 9, 11, 3, 293, 438
-PARK_OFFSET = PAGER_CODE.rindex(bytes.fromhex("b822000000"))  # where the loop has closed its pipe ends
-PROT_RWX = 7  # the entries are advanced in place, next to the code
-MAP_PRIVATE_ANON = 0x22
-F_SETPIPE_SZ = 1031
+PARK_OFFSET = PAGER_CODE.rindex(bytes.fromhex("b822000000"))  # the pause() loop
 CHUNK = 1 << 20  # the most a pipe may hold without CAP_SYS_RESOURCE (fs.pipe-max-size)
 PIPES = 4  # chunk i of the stream goes through pipe i % PIPES: several MiB can wait for the reader
-PAGE = 4096
 ENTRY = struct.Struct("<qQQ")  # the loop's entries: fd, then a struct iovec
+READ_FDS = 4 * PIPES  # the process's read ends (int[PIPES]) at the start of the data area
+F_SETPIPE_SZ = 1031
 POLL_SECONDS = 0.1  # how often a reader waiting for data looks whether it should give up
-U64 = (1 << 64) - 1
 
-
-class PagerError(OSError):
-    pass
-
-
-class Unavailable(Exception):
-    """The process cannot run the pager (no room for a mapping, no fd left, ...): nothing of
-    it is left in the process; read it through /proc/PID/mem instead."""
-
-
-def _fail(pid, what, res):
-    raise Unavailable(f"process {pid}: {what}: {os.strerror(-res)}")
+PagerError = InjectError
 
 
 class Pager:
@@ -128,14 +102,10 @@ class Pager:
     any threads: they take turns by stream offset."""
 
     def __init__(self, pid, syscall_addr, ranges):
-        self.pid, self.syscall_addr, self.ranges = pid, syscall_addr, ranges
-        self.rs = None
-        self.scratch = self.scratch_size = 0
+        self.pid, self.ranges = pid, ranges
         self.entries = self._entries()
-        self.write_fds = []  # their numbers in the process
-        self.remote_read_fds = []  # closed by the loop when it starts, by _clean_up if it never does
-        self.fds = []  # our read ends
-        self.running = False
+        self.code = InjectedCode(pid, syscall_addr, PAGER_CODE, PARK_OFFSET,
+                                 READ_FDS + ENTRY.size * len(self.entries), PIPES)
         self.cancelled = False  # a reader waiting must give up
         self.position = 0  # bytes of the stream read so far
         self.turn = threading.Condition()
@@ -153,59 +123,20 @@ class Pager:
     def start(self):
         """Set the process going.  Raises Unavailable (and leaves the process as it was)
         when it cannot."""
-        self.rs = RemoteSyscalls(self.pid, self.syscall_addr)
+        code = self.code
+        code.open()
         try:
-            read_fds = self._prepare()
+            for fd in code.fds:
+                try:
+                    fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
+                except OSError:
+                    pass  # over the user's pipe quota: the default size works, with more wake-ups
+            code.write(0, struct.pack(f"<{PIPES}i", *code.remote_read_fds) + b"".join(
+                ENTRY.pack(code.write_fds[i], addr, n) for i, addr, n in self.entries))
         except BaseException:
-            self._clean_up()
+            code.close()
             raise
-        regs = dict(self.rs.regs)
-        regs.update(rip=self.scratch, rdi=self.scratch + PAGE, rsi=len(self.entries),
-                    rdx=self.scratch + PAGE - 4 * PIPES, rcx=len(read_fds),
-                    orig_rax=U64)  # orig_rax -1: no syscall restart logic on our registers
-        with ProcessMemory(self.pid, write=True) as mem:
-            mem.write(self.scratch + PAGE - 4 * PIPES, struct.pack(f"<{PIPES}i", *read_fds))
-        ptrace.set_regs(self.pid, regs)
-        ptrace.cont(self.pid)
-        self.running = True
-        self.remote_read_fds = []  # the loop's first job
-
-    def _prepare(self):
-        """The mapping with code and entries, and the pipes; returns the process's read ends
-        (the loop closes them first: we hold our own)."""
-        rs = self.rs
-        self.scratch_size = PAGE + -(-ENTRY.size * len(self.entries) // PAGE) * PAGE
-        res = rs.call(SYS_MMAP, 0, self.scratch_size, PROT_RWX, MAP_PRIVATE_ANON, U64, 0)
-        if res < 0:
-            self.scratch_size = 0
-            _fail(self.pid, "mmap for the pager", res)
-        self.scratch = res
-        pidfd = os.pidfd_open(self.pid)
-        try:
-            with ProcessMemory(self.pid, write=True) as mem:
-                mem.write(self.scratch, PAGER_CODE)
-                for _ in range(PIPES):
-                    res = rs.call(SYS_PIPE2, self.scratch + PAGE - 8, os.O_CLOEXEC)
-                    if res < 0:
-                        _fail(self.pid, "pipe2 for the pager", res)
-                    read_fd, write_fd = struct.unpack("<ii", mem.read(self.scratch + PAGE - 8, 8))
-                    self.remote_read_fds.append(read_fd)
-                    self.write_fds.append(write_fd)
-                    fd = lib.cow_syscall6(SYS_PIDFD_GETFD, pidfd, read_fd, 0, 0, 0, 0)
-                    if fd < 0:
-                        _fail(self.pid, "pidfd_getfd of the pager's pipe", fd)
-                    self.fds.append(fd)
-                    os.set_inheritable(fd, False)
-                    os.set_blocking(fd, False)  # a reader waits in select(), where it can see cancel()
-                    try:
-                        fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
-                    except OSError:
-                        pass  # over the user's pipe quota: the default size works, with more wake-ups
-                mem.write(self.scratch + PAGE, b"".join(
-                    ENTRY.pack(self.write_fds[i], addr, n) for i, addr, n in self.entries))
-        finally:
-            os.close(pidfd)
-        return self.remote_read_fds
+        code.start(rdi=code.data + READ_FDS, rsi=len(self.entries), rdx=code.data, rcx=PIPES)
 
     def read_at(self, offset, view):
         """Fill view with the stream's bytes from offset on, once every earlier byte is read."""
@@ -218,7 +149,7 @@ class Pager:
                 done = 0
                 while done < len(view):
                     n = min(len(view) - done, CHUNK - (offset + done) % CHUNK)
-                    self._read(self.fds[(offset + done) // CHUNK % PIPES], view[done:done + n])
+                    self._read(self.code.fds[(offset + done) // CHUNK % PIPES], view[done:done + n])
                     done += n
             finally:
                 self.position = offset + len(view)  # a failed read ends the pager anyway
@@ -241,55 +172,24 @@ class Pager:
     def poll(self):
         """Tracer thread, while the process runs: raise if it stopped for a signal we cannot
         hold back (a fault in the loop), or died."""
-        if not self.running:
-            return
-        got, status = ptrace.waitpid(self.pid, os.WNOHANG)
-        if not got:
-            return
-        self._stopped(status)
-        ptrace.cont(self.pid)
-
-    def _stopped(self, status):
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-            self.running = False
-            raise PagerError(errno.ESRCH, f"process {self.pid} died while writing its pages")
-        sig = os.WSTOPSIG(status)
-        if ptrace.is_group_stop(status):
-            return  # a group stop (SIGSTOP from someone else): going on, its signal is deferred
-        if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
-            self.rs.deferred.append(sig)  # sent again when the process is put back
-            return
-        self.running = False
-        raise PagerError(errno.EFAULT, f"process {self.pid}: signal {sig} while writing its pages")
+        self.code.poll()
 
     def finish(self):
         """Stop the loop and take everything out of the process; raises PagerError if the
         loop did not splice every range."""
         error, closed = None, False
         try:
-            if self.running:
-                ptrace.interrupt(self.pid)
-                while True:
-                    status = _wait_stop(self.pid, "stopping the pager")
-                    if ptrace.is_group_stop(status) and os.WSTOPSIG(status) == signal.SIGTRAP:
-                        break  # our PTRACE_INTERRUPT
-                    try:
-                        self._stopped(status)
-                    except PagerError as exc:
-                        error = error or exc
-                    ptrace.cont(self.pid)
-                self.running = False
-                regs = ptrace.get_regs(self.pid)
-                closed = regs["rip"] - self.scratch >= PARK_OFFSET  # the loop closed its pipe ends
-                if error is None and regs["r13"] != self.scratch + PAGE + ENTRY.size * len(self.entries):
-                    res = regs["r15"] - (1 << 64) if regs["r15"] >> 63 else regs["r15"]
-                    why = os.strerror(-res) if res < 0 else "stopped early"
-                    error = PagerError(-res if res < 0 else errno.EIO,
-                                       f"process {self.pid}: vmsplice of its pages failed: {why}")
+            regs = self.code.stop()
+            closed = self.code.parked(regs)
+            if regs["r13"] != self.code.data + READ_FDS + ENTRY.size * len(self.entries):
+                res = regs["r15"] - (1 << 64) if regs["r15"] >> 63 else regs["r15"]
+                why = os.strerror(-res) if res < 0 else "stopped early"
+                error = PagerError(-res if res < 0 else errno.EIO,
+                                   f"process {self.pid}: vmsplice of its pages failed: {why}")
         except OSError as exc:
-            error = error or exc
+            error = exc
         try:
-            self._clean_up(closed)
+            self.code.close(closed)
         except OSError as exc:
             error = error or exc
         if error is not None:
@@ -300,23 +200,3 @@ class Pager:
         self.cancelled = True
         with self.turn:
             self.turn.notify_all()
-
-    def _clean_up(self, closed=False):
-        """Our fds closed; its pipe ends and mapping gone from the process; registers and
-        mask back (RemoteSyscalls.close)."""
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        rs, self.rs = self.rs, None
-        if rs is None:
-            return
-        try:
-            for fd in self.remote_read_fds:
-                rs.call(SYS_CLOSE, fd)
-            if not closed:
-                for fd in self.write_fds:
-                    rs.call(SYS_CLOSE, fd)  # EBADF when the loop closed it: fine
-            if self.scratch_size:
-                rs.call(SYS_MUNMAP, self.scratch, self.scratch_size)
-        finally:
-            rs.close()

@@ -129,33 +129,6 @@ class RemoteSyscalls:
             ptrace.cont(self.pid, os.WSTOPSIG(status))
 
 
-def remote_brk(rs):
-    return rs.call(SYS_BRK, 0)
-
-
-def remote_sigactions(rs, pid, rsp):
-    """All 64 dispositions as [handler, flags, restorer, mask]; index n-1 is signal n.
-
-    The kernel writes each old action into scratch memory below the tracee's red zone;
-    those bytes are put back afterwards."""
-    scratch = (rsp - 128 - 256) & ~15
-    out = []
-    with ProcessMemory(pid, write=True) as mem:
-        saved = mem.read(scratch, SIGACTION.size)
-        try:
-            for sig in range(1, 65):
-                res = rs.call(SYS_RT_SIGACTION, sig, 0, scratch, 8)
-                if res < 0:
-                    if sig in (signal.SIGKILL, signal.SIGSTOP) or res == -22:  # EINVAL: 32/33 are glibc's
-                        out.append([0, 0, 0, 0])
-                        continue
-                    raise RemoteError(f"process {pid}: rt_sigaction({sig}) failed: {os.strerror(-res)}")
-                out.append(list(SIGACTION.unpack(mem.read(scratch, SIGACTION.size))))
-        finally:
-            mem.write(scratch, saved)
-    return out
-
-
 def remote_tid_address(rs, pid, rsp):
     """The thread's clear_child_tid pointer (prctl PR_GET_TID_ADDRESS writes it to scratch)."""
     scratch = (rsp - 128 - 256) & ~15
@@ -173,56 +146,9 @@ def remote_tid_address(rs, pid, rsp):
 PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER, PR_GET_SECUREBITS = 2, 3, 37, 27
 
 
-def remote_prctl_state(rs, pid, rsp):
-    """{'subreaper', 'pdeathsig', 'dumpable', 'securebits'}: prctl values only the process itself can read
-    (the two PR_GET_* that store an int write it to scratch below the red zone, put back after)."""
-    scratch = (rsp - 128 - 256) & ~15
-    out = {}
-    with ProcessMemory(pid, write=True) as mem:
-        saved = mem.read(scratch, 8)
-        try:
-            for name, option in (("subreaper", PR_GET_CHILD_SUBREAPER), ("pdeathsig", PR_GET_PDEATHSIG)):
-                mem.write(scratch, b"\0" * 8)
-                res = rs.call(SYS_PRCTL, option, scratch, 0, 0, 0)
-                if res < 0:
-                    raise RemoteError(f"process {pid}: prctl({option}) failed: {os.strerror(-res)}")
-                out[name] = struct.unpack("<i", mem.read(scratch, 4))[0]
-        finally:
-            mem.write(scratch, saved)
-    res = rs.call(SYS_PRCTL, PR_GET_DUMPABLE, 0, 0, 0, 0)
-    if res < 0:
-        raise RemoteError(f"process {pid}: prctl(PR_GET_DUMPABLE) failed: {os.strerror(-res)}")
-    out["dumpable"] = res
-    res = rs.call(SYS_PRCTL, PR_GET_SECUREBITS, 0, 0, 0, 0)
-    if res < 0:
-        raise RemoteError(f"process {pid}: prctl(PR_GET_SECUREBITS) failed: {os.strerror(-res)}")
-    out["securebits"] = res
-    out["subreaper"] = bool(out["subreaper"])
-    return out
-
-
 SYS_GETITIMER, SYS_SIGALTSTACK, SYS_TIMER_GETTIME = 36, 131, 224
 ITIMERVAL = struct.Struct("<4q")  # it_interval (sec, usec), it_value (sec, usec)
 STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, padding, ss_size
-
-
-def remote_timers_and_altstack(rs, pid, rsp):
-    """(itimers, sigaltstack): the three interval timers (REAL, VIRTUAL, PROF) as
-    [interval sec, interval usec, value sec, value usec], and the thread's
-    alternate signal stack as [sp, flags, size]; through scratch below the red zone."""
-    scratch = (rsp - 128 - 256) & ~15
-    with ProcessMemory(pid, write=True) as mem:
-        saved = mem.read(scratch, 32)
-        try:
-            timers = []
-            for which in range(3):
-                res = rs.call(SYS_GETITIMER, which, scratch)
-                if res < 0:
-                    raise RemoteError(f"process {pid}: getitimer({which}) failed: {os.strerror(-res)}")
-                timers.append(list(ITIMERVAL.unpack(mem.read(scratch, ITIMERVAL.size))))
-        finally:
-            mem.write(scratch, saved)
-    return timers, remote_sigaltstack(rs, pid, rsp)
 
 
 def remote_sigaltstack(rs, pid, rsp):
@@ -239,24 +165,6 @@ def remote_sigaltstack(rs, pid, rsp):
         finally:
             mem.write(scratch, saved)
     return [sp, flags & 0xFFFFFFFF, size]
-
-
-def remote_posix_timers(rs, pid, rsp, ids):
-    """{timer id: [interval sec, interval nsec, value sec, value nsec]} by timer_gettime in
-    the process (value 0 = disarmed), through scratch below the red zone."""
-    scratch = (rsp - 128 - 256) & ~15
-    out = {}
-    with ProcessMemory(pid, write=True) as mem:
-        saved = mem.read(scratch, 32)
-        try:
-            for timer_id in ids:
-                res = rs.call(SYS_TIMER_GETTIME, timer_id, scratch)
-                if res < 0:
-                    raise RemoteError(f"process {pid}: timer_gettime({timer_id}) failed: {os.strerror(-res)}")
-                out[timer_id] = list(ITIMERVAL.unpack(mem.read(scratch, ITIMERVAL.size)))
-        finally:
-            mem.write(scratch, saved)
-    return out
 
 
 PTRACE_PEEKSIGINFO_SHARED = 1
