@@ -174,6 +174,36 @@ def test_root_killed_while_its_pages_are_read(workload):
     assert all(v.startswith("ok ") for v in wl.check().values())
 
 
+def test_sigterm_while_pages_come_through_the_pager(workload):
+    """cow-collect stopped by SIGTERM while the root's pages stream out of its pager: the
+    tree runs on exactly as before (no mapping, pipe or register of the pager left)."""
+    wl = workload("same", mib=64)
+
+    def looks(pid):
+        with open(f"/proc/{pid}/maps") as f:
+            return f.read(), sorted(os.listdir(f"/proc/{pid}/fd"))
+
+    before = {pid: looks(pid) for pid in wl.pids}
+    proc = subprocess.Popen(COLLECT + ["--tree", str(wl.root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert len(proc.stdout.read(4 << 20)) == 4 << 20  # the pages are being written
+        with open(f"/proc/{wl.root}/maps") as f:
+            assert "rwxp" in f.read()  # the pager's mapping, while it runs
+        proc.send_signal(signal.SIGTERM)
+        proc.stdout.read()
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and "terminated by signal 15; the tree was resumed" in err, err
+    assert_running_untraced(wl.pids)
+    assert {pid: looks(pid) for pid in wl.pids} == before
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
 CHURN = (
     # children that live a few ms and exit, forever: some exit while being frozen
     "import os, time\n"
