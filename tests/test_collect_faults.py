@@ -204,6 +204,40 @@ def test_sigterm_while_pages_come_through_the_pager(workload):
     assert all(v.startswith("ok ") for v in wl.check().values())
 
 
+def test_sigkill_while_pages_come_through_the_pager(workload):
+    """cow-collect killed by SIGKILL (it cannot clean up) while the root runs its pager: the
+    kernel detaches the tree, the pager sees its watch pipe close and puts the root's mask
+    and registers back itself.  The tree runs on, every checksum right; only the pager's
+    mapping stays in the root."""
+    wl = workload("same", mib=64)
+
+    def syscall_nr(pid):
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0]
+
+    waiting_in = syscall_nr(wl.root)  # cowload waits for requests in a system call
+    proc = subprocess.Popen(COLLECT + ["--tree", str(wl.root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert len(proc.stdout.read(4 << 20)) == 4 << 20  # the pages are being written
+        with open(f"/proc/{wl.root}/maps") as f:
+            assert "rwxp" in f.read()  # the pager runs
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    deadline = time.monotonic() + 10
+    while any(tracer(pid) or proc_state(pid) not in ("S", "R") for pid in wl.pids):
+        assert time.monotonic() < deadline, {pid: (tracer(pid), proc_state(pid)) for pid in wl.pids}
+        time.sleep(0.05)
+    assert syscall_nr(wl.root) == waiting_in  # restarted, as the kernel would have
+    assert all(v.startswith("ok ") for v in wl.check().values())
+
+
 CHURN = (
     # children that live a few ms and exit, forever: some exit while being frozen
     "import os, time\n"

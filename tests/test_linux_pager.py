@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from stages.collect.collector import Collection
-from stages.linux import batch, freeze, pager, ptrace, remote
+from stages.linux import batch, freeze, inject, pager, ptrace, remote
 from stages.linux.memory import ProcessMemory
 from stages.linux.memstat import tree_frames
 from tests.support.workloads import workload  # noqa: F401
@@ -33,7 +33,7 @@ def test_injected_code_is_its_assembly(tmp_path, asm, code):
     subprocess.run(["gcc", "-c", str(src), "-o", str(obj)], check=True)
     subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True)
     assert raw.read_bytes() == code
-    assert code.endswith(bytes.fromhex("b8220000000f05ebf7"))  # park: pause(); jmp park
+    assert code.count(inject.PARK) == 1 and code.endswith(bytes(inject.RESUME.size))  # TAIL_ASM
 
 
 @contextlib.contextmanager

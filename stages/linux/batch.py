@@ -3,7 +3,8 @@
 Reading a process's state takes ~80 calls (64 rt_sigaction, prctl, getitimer...), each
 a ptrace round trip when made one by one (remote.py): ~10 ms per process.  run()
 makes them all in one stop with a loop of ours (BATCH_CODE, through inject.py): each
-call's result is stored next to it, each output buffer is in our mapping.  Where the
+call's result is stored next to it, each output buffer is in our mapping, and one byte
+in the watch pipe says when all are made.  Where the
 process cannot have that mapping or pipe, run() falls back to one remote call each,
 with the buffers in scratch memory below the red zone (put back afterwards): the same
 results either way.
@@ -12,13 +13,13 @@ results either way.
 import os
 import struct
 
-from .inject import InjectedCode, Unavailable
+from .inject import PARK, TAIL_ASM, InjectedCode, Unavailable
 from .memory import ProcessMemory
 
 BATCH_ASM = """
     .intel_syntax noprefix
     .text
-batch:                      # rdi = entries {nr, 6 arguments, result}, rsi = how many, rdx = fd to close first, rcx = fd to close last
+batch:                      # rdi = entries {nr, 6 arguments, result}, rsi = how many, rdx = fd to close first, rcx = fd to write to last
     mov rbx, rdi            # rbx: the current entry
     shl rsi, 6
     lea r14, [rdi+rsi]      # r14: the end of the entries
@@ -41,18 +42,29 @@ next:
     add rbx, 64
     jmp next
 done:
-    mov eax, 3              # close(rcx): the tracer sees end of file, all calls made
+    mov eax, 1              # write(rcx, resume, 1): one byte tells the tracer all calls are made
     mov rdi, r12
+    lea rsi, [rip+resume]
+    mov edx, 1
     syscall
-park:
-    mov eax, 34             # pause() until PTRACE_INTERRUPT: every signal is blocked
-    syscall
-    jmp park
-"""
+    mov r15, rax            # -EPIPE if the tracer is gone
+""" + TAIL_ASM
 BATCH_CODE = bytes.fromhex(
     "4889fb48c1e6064c8d34374989ccb8030000004889d70f054c39f37327488b03488b7b08488b7310488b5318"
-    "4c8b53204c8b43284c8b4b300f05488943384883c340ebd4b8030000004c89e70f05b8220000000f05ebf7")
-PARK_OFFSET = BATCH_CODE.rindex(bytes.fromhex("b822000000"))
+    "4c8b53204c8b43284c8b4b300f05488943384883c340ebd4b8010000004c89e7488d35ed000000ba01000000"
+    "0f054989c7b807000000488d3dd7000000be01000000baffffffff0f054983ffe0751db880000000488d3dc9"
+    "00000031f6488d15c800000041ba080000000f05b80e000000bf02000000488d359f00000031d241ba080000"
+    "000f05488b25460100004881ec88000000ff35310100009d4c8b3d990000004c8b359a0000004c8b2d9b0000"
+    "004c8b259c000000488b2d9d000000488b1d9e0000004c8b1d9f0000004c8b15a00000004c8b0da10000004c"
+    "8b05a2000000488b05a3000000488b0da4000000488b15a5000000488b35a6000000488b3da7000000488b25"
+    "c8000000ff25aa00000066900000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "00000000")
+PARK_OFFSET = BATCH_CODE.index(PARK)
 ENTRY = struct.Struct("<7Qq")  # nr, 6 arguments, result
 OUT = object()  # an argument that is the call's output buffer
 SCRATCH_BELOW_RED_ZONE = 128 + 256  # one-by-one: the buffer's distance below the stack pointer
@@ -82,7 +94,7 @@ class Calls:
     def run(self, rs, rsp, notes=None):
         """Make the calls in the thread of ``rs`` (a RemoteSyscalls; rsp: the thread's stack
         pointer): in one stop when it can, else one by one (a note says why)."""
-        code = InjectedCode(rs.pid, rs.syscall_addr, BATCH_CODE, PARK_OFFSET, self._size(), 1)
+        code = InjectedCode(rs.pid, rs.syscall_addr, BATCH_CODE, PARK_OFFSET, self._size(), 0)
         try:
             self._run_injected(code, rs)
         except Unavailable as exc:
@@ -95,7 +107,6 @@ class Calls:
 
     def _run_injected(self, code, rs):
         code.open(rs)
-        closed = False
         try:
             outs, at = [], code.data + ENTRY.size * len(self.calls)
             entries = []
@@ -106,14 +117,12 @@ class Calls:
                 at += out
             code.write(0, b"".join(entries))
             code.start(rdi=code.data, rsi=len(self.calls), rdx=code.remote_read_fds[0], rcx=code.write_fds[0])
-            code.wait_closed(0, WAIT_SECONDS)
-            regs = code.stop()
-            closed = code.parked(regs)  # and so the pipe's write end closed
-            if not closed:
+            code.wait_signal(WAIT_SECONDS)
+            if not code.parked(code.stop()):
                 raise OSError(f"process {rs.pid}: our system calls did not all run")
             blob = code.read(0, self._size())
         finally:
-            code.close(closed)
+            code.close()
         self.results = [ENTRY.unpack_from(blob, i * ENTRY.size)[7] for i in range(len(self.calls))]
         self.outputs = [blob[a - code.data:a - code.data + out] if out else None
                         for a, (_, _, out) in zip(outs, self.calls)]

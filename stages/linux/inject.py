@@ -2,10 +2,15 @@
 
 A remote system call (remote.py) costs a ptrace round trip, about 0.1-0.2 ms.  For
 many calls in a row (cow-collect's pager, the process state's ~80 calls) the thread
-runs a small loop instead, in a private mapping made for it, and tells us it is done
-by closing its end of a pipe: we read end of file.  The loop then parks in pause();
-every signal is blocked (RemoteSyscalls), so only our PTRACE_INTERRUPT ends that, and
-the registers and mask are put back as after any remote call.
+runs a small loop instead, in a private mapping made for it, with pipes whose read
+ends we hold.  The loop then parks (TAIL_ASM, shared by every loop) in poll() on the
+write end of a "watch" pipe, events 0: every signal is blocked (RemoteSyscalls), so
+only our PTRACE_INTERRUPT ends that, and the registers and mask are put back as after
+any remote call.  Should cow-collect die instead (SIGKILL), the kernel detaches the
+thread and closes our end of the watch pipe: poll() returns (POLLERR) and the loop
+puts back the signal mask and the registers itself, from the resume block we filled
+in, with the kernel's restart of an interrupted system call done as the kernel would.
+The thread runs on where it was stopped; only the mapping stays.
 
 Running in user space, the thread returns from its system calls like any running
 thread: the kernel may rewrite its rseq area's cpu fields (as at every resume),
@@ -31,6 +36,69 @@ PAGE = 4096
 U64 = (1 << 64) - 1
 PIPE_FDS_AT = PAGE - 8  # where pipe2 stores the two fds: the end of the code page
 
+# The end of every loop: park until interrupted, or resume on our own once the tracer is gone.
+TAIL_ASM = """park:                       # until PTRACE_INTERRUPT; should the tracer die instead, its end of the
+    mov eax, 7              # watch pipe closes and poll() returns (POLLERR): resume on our own
+    lea rdi, [rip+resume]   # poll(&resume.pollfd, 1, -1): events 0, only POLLERR ends it
+    mov esi, 1
+    mov edx, -1
+    syscall
+    cmp r15, -32            # -EPIPE: our last write met no reader and queued a SIGPIPE: take it back
+    jne 1f
+    mov eax, 128            # rt_sigtimedwait(&resume.sigpipe, NULL, &resume.zero, 8)
+    lea rdi, [rip+resume+16]
+    xor esi, esi
+    lea rdx, [rip+resume+24]
+    mov r10d, 8
+    syscall
+1:
+    mov eax, 14             # rt_sigprocmask(SIG_SETMASK, &resume.mask, NULL, 8)
+    mov edi, 2
+    lea rsi, [rip+resume+8]
+    xor edx, edx
+    mov r10d, 8
+    syscall
+    mov rsp, [rip+resume+40+19*8]
+    sub rsp, 136            # flags through the stack, below the red zone
+    push qword ptr [rip+resume+40+18*8]
+    popfq
+    mov r15, [rip+resume+40]
+    mov r14, [rip+resume+40+1*8]
+    mov r13, [rip+resume+40+2*8]
+    mov r12, [rip+resume+40+3*8]
+    mov rbp, [rip+resume+40+4*8]
+    mov rbx, [rip+resume+40+5*8]
+    mov r11, [rip+resume+40+6*8]
+    mov r10, [rip+resume+40+7*8]
+    mov r9, [rip+resume+40+8*8]
+    mov r8, [rip+resume+40+9*8]
+    mov rax, [rip+resume+40+10*8]
+    mov rcx, [rip+resume+40+11*8]
+    mov rdx, [rip+resume+40+12*8]
+    mov rsi, [rip+resume+40+13*8]
+    mov rdi, [rip+resume+40+14*8]
+    mov rsp, [rip+resume+40+19*8]
+    jmp qword ptr [rip+resume+40+16*8]
+    .balign 8
+resume:                     # filled in by the tracer: pollfd, mask, SIGPIPE's set, a zero timespec, the registers
+    .zero 256
+"""
+PARK = bytes.fromhex("b807000000488d3d")  # TAIL_ASM's first instructions: where a loop parks
+RESUME = struct.Struct("<iHHQQ16s27Q")  # pollfd {fd, events, revents}, mask, SIGPIPE's set, zero timespec, registers
+SIGPIPE_SET = 1 << (signal.SIGPIPE - 1)
+RESTART = {-512: None, -513: None, -514: None, -516: 219}  # -ERESTART*: the call again (or restart_syscall)
+
+
+def resume_registers(regs):
+    """The registers a thread stopped with ``regs`` goes on with when it is resumed without a
+    signal: an interrupted system call restarted, as the kernel does."""
+    regs = dict(regs)
+    rax = regs["rax"] - (1 << 64) if regs["rax"] >> 63 else regs["rax"]
+    if regs["orig_rax"] >> 63 == 0 and rax in RESTART:
+        regs["rax"] = regs["orig_rax"] if RESTART[rax] is None else RESTART[rax]
+        regs["rip"] -= 2  # the syscall instruction again
+    return regs
+
 
 class InjectError(OSError):
     pass
@@ -46,9 +114,10 @@ def _fail(pid, what, res):
 
 
 class InjectedCode:
-    """``code`` (ending in the park loop at ``park``) mapped in thread pid with ``data_size``
-    bytes after its page, and ``pipes`` pipes whose read ends we hold (``fds``; their numbers
-    in the process: ``remote_read_fds``, which the code closes first, and ``write_fds``).
+    """``code`` (ending in TAIL_ASM, from ``park`` on) mapped in thread pid with ``data_size``
+    bytes after its page, and ``pipes`` pipes and the watch pipe (the last) whose read ends
+    we hold (``fds``; their numbers in the process: ``remote_read_fds``, which the code
+    closes first, and ``write_fds``).
 
     open(), start(), poll(), stop() and close() must run in the tracer thread."""
 
@@ -83,7 +152,7 @@ class InjectedCode:
         try:
             with ProcessMemory(self.pid, write=True) as mem:
                 mem.write(self.base, self.code)
-                for _ in range(self.pipes):
+                for _ in range(self.pipes + 1):
                     res = rs.call(SYS_PIPE2, self.base + PIPE_FDS_AT, os.O_CLOEXEC)
                     if res < 0:
                         _fail(self.pid, "pipe2", res)
@@ -115,6 +184,11 @@ class InjectedCode:
 
     def start(self, **regs):
         """Run the code from its start with these registers set (the rest as stopped)."""
+        resume = resume_registers(self.rs.regs)
+        with ProcessMemory(self.pid, write=True) as mem:
+            mem.write(self.base + len(self.code) - RESUME.size, RESUME.pack(
+                self.write_fds[-1], 0, 0, self.rs.saved_mask, SIGPIPE_SET, bytes(16),
+                *(resume[name] & U64 for name in ptrace.USER_REGS_FIELDS)))
         values = dict(self.rs.regs)
         values.update(regs, rip=self.base, orig_rax=U64)  # orig_rax -1: no syscall restart logic
         ptrace.set_regs(self.pid, values)
@@ -122,18 +196,18 @@ class InjectedCode:
         self.running = True
         self.remote_read_fds = []  # the code's first job
 
-    def wait_closed(self, index, poll_seconds):
-        """Wait until the code has closed its end of pipe ``index`` (nothing is written there),
-        looking at the thread every poll_seconds."""
-        fd = self.fds[index]
+    def wait_signal(self, poll_seconds):
+        """Wait for the byte the code writes into the watch pipe, looking at the thread every
+        poll_seconds."""
+        fd = self.fds[-1]
         while True:
             if select.select([fd], [], [], poll_seconds)[0]:
                 try:
-                    if not os.read(fd, 1):
+                    if os.read(fd, 1):
                         return
                 except BlockingIOError:
                     continue
-                raise InjectError(errno.EIO, f"process {self.pid}: unexpected bytes from our code")
+                raise InjectError(errno.EIO, f"process {self.pid}: our code stopped early")
             self.poll()
 
     def poll(self):
@@ -183,8 +257,9 @@ class InjectedCode:
         return regs["rip"] - self.base >= self.park
 
     def close(self, closed=False):
-        """Our fds closed; the pipe ends (unless ``closed``: the code did) and the mapping gone
-        from the process; registers and mask back (RemoteSyscalls.close)."""
+        """Our fds closed; the pipe ends (those but the watch pipe's unless ``closed``: the
+        code did) and the mapping gone from the process; registers and mask back
+        (RemoteSyscalls.close when the session is ours)."""
         for fd in self.fds:
             os.close(fd)
         self.fds = []
@@ -192,7 +267,7 @@ class InjectedCode:
         if rs is None:
             return
         try:
-            for fd in self.remote_read_fds + ([] if closed else self.write_fds):
+            for fd in self.remote_read_fds + (self.write_fds[-1:] if closed else self.write_fds):
                 rs.call(SYS_CLOSE, fd)  # EBADF where the code closed it already: fine
             if self.base:
                 rs.call(SYS_MUNMAP, self.base, self.size)

@@ -11,7 +11,7 @@ most 1 MiB without CAP_SYS_RESOURCE).  Instead the process runs a loop of ours
 (PAGER_CODE, through inject.py) that vmsplices a whole list of ranges into PIPES
 pipes in turn, blocking while one is full, while our readers drain them: several MiB
 can wait for a reader busy elsewhere.  The loop closes its pipe ends when done (or
-when a vmsplice fails: the readers then see end of file instead of waiting).
+when a vmsplice fails: the readers then see end of file instead of waiting), and parks.
 """
 
 import errno
@@ -21,7 +21,7 @@ import select
 import struct
 import threading
 
-from .inject import InjectedCode, InjectError, Unavailable  # noqa: F401 (Unavailable: for callers)
+from .inject import PARK, TAIL_ASM, InjectedCode, InjectError, Unavailable  # noqa: F401 (Unavailable: for callers)
 
 # The loop, assembled (tests/test_linux_pager.py assembles PAGER_ASM again and compares).
 PAGER_ASM = """
@@ -33,7 +33,7 @@ pager:                      # rdi = entries {fd, base, len}, rsi = how many; rdx
     lea r14, [rdi+rsi*8]    # r14: the end of the entries
     mov r12, rdx
     lea r13, [rdx+rcx*4]
-close_ours:                 # our read ends: we hold them already
+close_ours:                 # the pipes' read ends: the tracer holds its own
     cmp r12, r13
     jae start
     mov eax, 3
@@ -63,7 +63,7 @@ again:
     jmp next
 fail:
     mov r15, rax
-done:                       # close the write ends (an fd met again: EBADF, harmless)
+done:                       # close the pipes' write ends (an fd met again: EBADF, harmless)
     mov r12, rbx
 close_next:
     cmp r12, r14
@@ -73,21 +73,28 @@ close_next:
     syscall
     add r12, 24
     jmp close_next
-park:
-    mov eax, 34             # pause() until PTRACE_INTERRUPT: every signal is blocked
-    syscall
-    jmp park
-"""
+""" + TAIL_ASM
 PAGER_CODE = bytes.fromhex(
     "4889fb488d34764c8d34f74989d44c8d2c8a4d39ec7311b803000000418b3c240f054983c404ebea4989dd45"
     "31ff4d39f5732fb816010000418b7d00498d7508ba010000004531d20f054885c07e10490145084929451075"
-    "da4983c518ebcf4989c74989dc4d39f47311b803000000418b3c240f054983c418ebeab8220000000f05ebf7")
+    "da4983c518ebcf4989c74989dc4d39f47311b803000000418b3c240f054983c418ebeab807000000488d3dd9"
+    "000000be01000000baffffffff0f054983ffe0751db880000000488d3dcb00000031f6488d15ca00000041ba"
+    "080000000f05b80e000000bf02000000488d35a100000031d241ba080000000f05488b25480100004881ec88"
+    "000000ff35330100009d4c8b3d9b0000004c8b359c0000004c8b2d9d0000004c8b259e000000488b2d9f0000"
+    "00488b1da00000004c8b1da10000004c8b15a20000004c8b0da30000004c8b05a4000000488b05a500000048"
+    "8b0da6000000488b15a7000000488b35a8000000488b3da9000000488b25ca000000ff25ac0000000f1f4000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "000000000000000000000000000000000000000000000000000000000000000000000000")
 
-PARK_OFFSET = PAGER_CODE.rindex(bytes.fromhex("b822000000"))  # the pause() loop
+PARK_OFFSET = PAGER_CODE.index(PARK)
 CHUNK = 1 << 20  # the most a pipe may hold without CAP_SYS_RESOURCE (fs.pipe-max-size)
 PIPES = 4  # chunk i of the stream goes through pipe i % PIPES: several MiB can wait for the reader
 ENTRY = struct.Struct("<qQQ")  # the loop's entries: fd, then a struct iovec
-READ_FDS = 4 * PIPES  # the process's read ends (int[PIPES]) at the start of the data area
+READ_FDS = 4 * (PIPES + 1)  # the process's read ends (and the watch pipe's) at the start of the data area
 F_SETPIPE_SZ = 1031
 POLL_SECONDS = 0.1  # how often a reader waiting for data looks whether it should give up
 
@@ -126,17 +133,17 @@ class Pager:
         code = self.code
         code.open()
         try:
-            for fd in code.fds:
+            for fd in code.fds[:PIPES]:
                 try:
                     fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
                 except OSError:
                     pass  # over the user's pipe quota: the default size works, with more wake-ups
-            code.write(0, struct.pack(f"<{PIPES}i", *code.remote_read_fds) + b"".join(
+            code.write(0, struct.pack(f"<{PIPES + 1}i", *code.remote_read_fds) + b"".join(
                 ENTRY.pack(code.write_fds[i], addr, n) for i, addr, n in self.entries))
         except BaseException:
             code.close()
             raise
-        code.start(rdi=code.data + READ_FDS, rsi=len(self.entries), rdx=code.data, rcx=PIPES)
+        code.start(rdi=code.data + READ_FDS, rsi=len(self.entries), rdx=code.data, rcx=PIPES + 1)
 
     def read_at(self, offset, view):
         """Fill view with the stream's bytes from offset on, once every earlier byte is read."""
