@@ -121,6 +121,28 @@ def test_process_state_one_call_at_a_time_is_the_same(workload):
     assert all(v.startswith("ok ") for v in wl.check().values())
 
 
+def test_a_sleep_interrupted_for_the_state_batch_finishes_its_sleep():
+    """sleep(1) stopped in clock_nanosleep, whose restart needs the thread's restart block: the
+    batch's loop must not overwrite it (an interrupted poll() did: sleep then died with
+    "cannot read realtime clock: Bad address")."""
+    p = subprocess.Popen(["sleep", "1"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.3)
+        tree = freeze.freeze_tree(p.pid)
+        try:
+            notes = []
+            process_state(p.pid, tree.threads[p.pid], notes)
+            assert notes == []  # the batch ran (not one call at a time)
+        finally:
+            tree.resume()
+        assert p.wait(timeout=10) == 0, p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+
+
 def test_ignored_signals_are_read_as_ignored(tmp_path):
     ready = tmp_path / "ready"
     p = subprocess.Popen(

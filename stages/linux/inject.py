@@ -3,11 +3,11 @@
 A remote system call (remote.py) costs a ptrace round trip, about 0.1-0.2 ms.  For
 many calls in a row (cow-collect's pager, the process state's ~80 calls) the thread
 runs a small loop instead, in a private mapping made for it, with pipes whose read
-ends we hold.  The loop then parks (TAIL_ASM, shared by every loop) in poll() on the
+ends we hold.  The loop then parks (TAIL_ASM, shared by every loop) in ppoll() on the
 write end of a "watch" pipe, events 0: every signal is blocked (RemoteSyscalls), so
 only our PTRACE_INTERRUPT ends that, and the registers and mask are put back as after
 any remote call.  Should cow-collect die instead (SIGKILL), the kernel detaches the
-thread and closes our end of the watch pipe: poll() returns (POLLERR) and the loop
+thread and closes our end of the watch pipe: ppoll() returns (POLLERR) and the loop
 puts back the signal mask and the registers itself, from the resume block we filled
 in, with the kernel's restart of an interrupted system call done as the kernel would.
 The thread runs on where it was stopped; only the mapping stays.
@@ -38,10 +38,12 @@ PIPE_FDS_AT = PAGE - 8  # where pipe2 stores the two fds: the end of the code pa
 
 # The end of every loop: park until interrupted, or resume on our own once the tracer is gone.
 TAIL_ASM = """park:                       # until PTRACE_INTERRUPT; should the tracer die instead, its end of the
-    mov eax, 7              # watch pipe closes and poll() returns (POLLERR): resume on our own
-    lea rdi, [rip+resume]   # poll(&resume.pollfd, 1, -1): events 0, only POLLERR ends it
-    mov esi, 1
-    mov edx, -1
+    mov eax, 271            # watch pipe closes and ppoll() returns (POLLERR): resume on our own
+    lea rdi, [rip+resume]   # ppoll(&resume.pollfd, 1, NULL, NULL, 8): events 0, only POLLERR ends it
+    mov esi, 1              # (not poll(): interrupted, it would overwrite the thread's restart block,
+    xor edx, edx            # which an interrupted nanosleep of the process still needs)
+    xor r10d, r10d
+    mov r8d, 8
     syscall
     cmp r15, -32            # -EPIPE: our last write met no reader and queued a SIGPIPE: take it back
     jne 1f
@@ -83,7 +85,7 @@ TAIL_ASM = """park:                       # until PTRACE_INTERRUPT; should the t
 resume:                     # filled in by the tracer: pollfd, mask, SIGPIPE's set, a zero timespec, the registers
     .zero 256
 """
-PARK = bytes.fromhex("b807000000488d3d")  # TAIL_ASM's first instructions: where a loop parks
+PARK = bytes.fromhex("b80f010000488d3d")  # TAIL_ASM's first instructions: where a loop parks
 RESUME = struct.Struct("<iHHQQ16s27Q")  # pollfd {fd, events, revents}, mask, SIGPIPE's set, zero timespec, registers
 SIGPIPE_SET = 1 << (signal.SIGPIPE - 1)
 RESTART = {-512: None, -513: None, -514: None, -516: 219}  # -ERESTART*: the call again (or restart_syscall)
