@@ -15,7 +15,8 @@ scripts/get-criu.sh, or ``--criu PATH``) each pattern is also started afresh,
 dumped with ``criu dump`` and restored with ``criu restore -d``, and checked and
 measured the same way: its rows have strategy ``criu``.
 
-Times are wall-clock on a shared machine: compare ratios within one run.
+Times are wall-clock on a shared machine: compare ratios within one run.  Every timed
+command starts after a sync(), so no tool pays for the writeback of an earlier image.
 """
 
 import argparse
@@ -42,6 +43,9 @@ def run(cmd, what, reap_for=None):
     """Run cmd, timed.  reap_for: a Workload whose dead processes we reap meanwhile: we are
     their subreaper, and `--kill` (like a restore) wants their pids free, so we must not
     leave them as zombies while blocked in a wait for the command."""
+    # the dirty pages of the previous command (images of up to several GiB) are written back
+    # first, so that their writeback does not slow this one down: each tool starts alike
+    os.sync()
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
