@@ -176,3 +176,39 @@ def test_check_failure_exits_3(tmp_path, capsys, monkeypatch):
     code, _, err = run_plan(capsys, "-i", golden_images("same"), "-o", str(out), "--check")
     assert code == 3 and "frames_planned" in err
     assert not out.exists()
+
+
+def test_images_from_a_pipe_give_the_plan_a_file_gives(tmp_path):
+    """From a regular file the pages are read again where they are, from a pipe they are
+    spooled: the same plan, byte for byte."""
+    images = golden_images("mixed")
+    from_file, from_pipe = tmp_path / "file.plan", tmp_path / "pipe.plan"
+    cmd = [sys.executable, "-m", "stages.plan.cli"]
+    res = subprocess.run(cmd + ["-i", images, "-o", str(from_file)], capture_output=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    with open(images, "rb") as f:
+        res = subprocess.run(cmd + ["-o", str(from_pipe)], input=f.read(), capture_output=True, cwd=ROOT,
+                             timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert from_file.read_bytes() == from_pipe.read_bytes()
+
+
+def test_an_images_file_changed_before_the_plan_is_written_is_refused(tmp_path):
+    from stages.plan.model import read_images
+    from stages.stream import StreamError
+
+    path = tmp_path / "images.cow"
+    path.write_bytes(SAMPLES["rewrote"]())
+    with open(path, "rb") as f:
+        images = read_images(f)
+    try:
+        assert images.in_source and images.spool is None  # nothing spooled: read again from the file
+        _, _, offset, length, _ = images.in_source[0]
+        data = bytearray(path.read_bytes())
+        data[offset + length // 2] ^= 1
+        with open(path, "r+b") as f:  # the same file, changed in place
+            f.write(data)
+        with pytest.raises(StreamError, match="record .* the input file has changed since it was read"):
+            list(images.pages_records())
+    finally:
+        images.close()

@@ -1,13 +1,17 @@
 """Reading an image stream into the planner's model: tree, VMAs, frame maps, content classes.
 
-Page bytes are never kept in memory: ``pages`` records are spooled (raw meta + data)
-to a temporary file and copied through to the plan afterwards.
+Page bytes are never kept in memory.  From a regular file, ``pages`` records are read
+again where they are when the plan is written (checked against their crc: a file that
+changed meanwhile is an error); from a pipe they are spooled (raw meta + data) to a
+temporary file and copied through to the plan afterwards.  Not spooling what is in a
+file saves writing and reading the whole payload once more (2 GiB for a 1 GiB tree).
 """
 
+import os
 import struct
 from array import array
 
-from stages.stream import StreamReader, unpack_u32, view_u32
+from stages.stream import StreamReader, reread_data, unpack_u32, view_u32
 from stages.stream.compact import VmaBody
 from stages.tmpfile import unnamed_file
 
@@ -92,7 +96,9 @@ class Images:
         self.same = {}  # frame id -> earlier frame with equal bytes
         self.hashes = {}  # frame id -> 16-byte SHA-256 prefix (older streams; crcs are never merged on)
         self.nframes = 0
-        self.spool = None  # temporary file of (meta, data) pages records
+        self.spool = None  # temporary file of (meta, data) pages records (input from a pipe)
+        self.source_fd = -1  # the input file (a regular file): its pages records are read again
+        self.in_source = []  # (meta, seq, data offset, data length, crc) of each, from source_fd
         self.pages_bodies = []  # the pages records' bodies (first, count, same, crcs or hashes): no bytes
         self.spooled = 0
         self.shared = SharedObjects()  # MAP_SHARED anonymous memory and memfds (shmem records)
@@ -165,8 +171,22 @@ class Images:
             cls[f] = c
         return cls
 
+    def keep_pages(self, rec):
+        """Where to find the bytes of pages record rec when the plan is written."""
+        if self.source_fd >= 0:
+            self.in_source.append((rec.meta, rec.seq, rec.data_offset, len(rec.data), rec.crc))
+            return
+        if self.spool is None:
+            self.spool = open(unnamed_file(), "w+b")
+        self.spool.write(struct.pack("<QQ", len(rec.meta), len(rec.data)))
+        self.spool.write(rec.meta)
+        self.spool.write(rec.data)
+        self.spooled += 1
+
     def pages_records(self):
-        """(meta, data) of every spooled pages record, in stream order."""
+        """(meta, data) of every pages record, in stream order."""
+        for meta, seq, offset, length, crc in self.in_source:
+            yield meta, reread_data(self.source_fd, "pages", seq, meta, offset, length, crc)
         if self.spool is None:
             return
         self.spool.seek(0)
@@ -178,6 +198,9 @@ class Images:
 
     def close(self):
         self.shared.close()
+        if self.source_fd >= 0:
+            os.close(self.source_fd)
+            self.source_fd = -1
         if self.spool is not None:
             self.spool.close()
             self.spool = None
@@ -186,61 +209,63 @@ class Images:
 def read_images(fileobj):
     """Read and check a whole image stream; raise StreamError / PlanError with a message."""
     images = Images()
-    reader = StreamReader(fileobj, expect="cowtree-images", compact=Vma)
-    images.header = reader.header
-    images.spool = open(unnamed_file(), "w+b")
-    next_first = 1
-    for rec in reader:
-        if rec.kind == "process":
-            images.processes.append(rec.body)
-        elif rec.kind == "vmas":
-            pid = rec.body["pid"]
-            if pid in images.vmas:
-                raise PlanError(f"process {pid}: two vmas records")
-            images.vmas[pid] = [v.setup(pid, i) for i, v in enumerate(rec.body["vmas"])]
-        elif rec.kind == "pages":
-            body = rec.body
-            first, count = body["first"], body["count"]
-            if first != next_first:
-                raise PlanError(f"pages record {rec.seq}: starts at frame {first}, expected {next_first}")
-            same = unpack_u32(body["same"], f"pages record {rec.seq} same")
-            hashes = body.get("hashes")  # older streams: SHA-256 prefixes, strong enough to merge on
-            if len(same) != count or (hashes is not None and len(hashes) != 16 * count) or \
-                    ("crcs" in body and len(body["crcs"]) != 4 * count):
-                raise PlanError(f"pages record {rec.seq}: same/hashes/crcs do not have {count} entries")
-            stored = 0
-            for i, s in enumerate(same):
-                fid = first + i
-                if s:
-                    if s >= fid:
-                        raise PlanError(f"pages record {rec.seq}: frame {fid} is 'same' as later frame {s}")
-                    images.same[fid] = s
-                else:
-                    stored += 1
-                if hashes is not None:
-                    images.hashes[fid] = bytes(hashes[16 * i:16 * i + 16])
-            if len(rec.data) != stored * PAGE:
-                raise PlanError(f"pages record {rec.seq}: {len(rec.data)} data bytes for {stored} stored pages")
-            images.pages_bodies.append(body)
-            images.spool.write(struct.pack("<QQ", len(rec.meta), len(rec.data)))
-            images.spool.write(rec.meta)
-            images.spool.write(rec.data)
-            images.spooled += 1
-            next_first = first + count
-        elif rec.kind == "shmem":
-            try:
-                images.shared.add(rec)
-            except SharedError as exc:
-                raise PlanError(str(exc))
-    images.nframes = next_first - 1
-    images.trailer = reader.trailer
-    images.finish_tree()
-    check_images(images)
     try:
-        images.shared.check_references(images.vmas, images.processes)
-    except SharedError as exc:
-        raise PlanError(str(exc))
-    return images
+        reader = StreamReader(fileobj, expect="cowtree-images", compact=Vma)
+        images.header = reader.header
+        if reader.base is not None:  # a regular file: its records can be read again
+            images.source_fd = os.dup(fileobj.fileno())
+        next_first = 1
+        for rec in reader:
+            if rec.kind == "process":
+                images.processes.append(rec.body)
+            elif rec.kind == "vmas":
+                pid = rec.body["pid"]
+                if pid in images.vmas:
+                    raise PlanError(f"process {pid}: two vmas records")
+                images.vmas[pid] = [v.setup(pid, i) for i, v in enumerate(rec.body["vmas"])]
+            elif rec.kind == "pages":
+                body = rec.body
+                first, count = body["first"], body["count"]
+                if first != next_first:
+                    raise PlanError(f"pages record {rec.seq}: starts at frame {first}, expected {next_first}")
+                same = unpack_u32(body["same"], f"pages record {rec.seq} same")
+                hashes = body.get("hashes")  # older streams: SHA-256 prefixes, strong enough to merge on
+                if len(same) != count or (hashes is not None and len(hashes) != 16 * count) or \
+                        ("crcs" in body and len(body["crcs"]) != 4 * count):
+                    raise PlanError(f"pages record {rec.seq}: same/hashes/crcs do not have {count} entries")
+                stored = 0
+                for i, s in enumerate(same):
+                    fid = first + i
+                    if s:
+                        if s >= fid:
+                            raise PlanError(f"pages record {rec.seq}: frame {fid} is 'same' as later frame {s}")
+                        images.same[fid] = s
+                    else:
+                        stored += 1
+                    if hashes is not None:
+                        images.hashes[fid] = bytes(hashes[16 * i:16 * i + 16])
+                if len(rec.data) != stored * PAGE:
+                    raise PlanError(f"pages record {rec.seq}: {len(rec.data)} data bytes for {stored} stored pages")
+                images.pages_bodies.append(body)
+                images.keep_pages(rec)
+                next_first = first + count
+            elif rec.kind == "shmem":
+                try:
+                    images.shared.add(rec)
+                except SharedError as exc:
+                    raise PlanError(str(exc))
+        images.nframes = next_first - 1
+        images.trailer = reader.trailer
+        images.finish_tree()
+        check_images(images)
+        try:
+            images.shared.check_references(images.vmas, images.processes)
+        except SharedError as exc:
+            raise PlanError(str(exc))
+        return images
+    except BaseException:
+        images.close()  # the input file's duplicate fd, the spool
+        raise
 
 
 def check_images(images):

@@ -21,13 +21,14 @@ TRAILER = Map(
 
 class Record:
     """One checked record.  ``data_offset``: where ``data`` starts in the input file, when the
-    input is a regular file (a reader may then use the payload in place), else None."""
+    input is a regular file (a reader may then use the payload in place, or read it again
+    with reread_data), else None.  ``crc``: the record's checksum."""
 
-    __slots__ = ("kind", "seq", "body", "data", "meta", "data_offset")
+    __slots__ = ("kind", "seq", "body", "data", "meta", "data_offset", "crc")
 
-    def __init__(self, kind, seq, body, data, meta, data_offset=None):
+    def __init__(self, kind, seq, body, data, meta, data_offset=None, crc=None):
         self.kind, self.seq, self.body, self.data, self.meta = kind, seq, body, data, meta
-        self.data_offset = data_offset
+        self.data_offset, self.crc = data_offset, crc
 
     def __repr__(self):
         return f"<Record {self.seq} {self.kind}>"
@@ -215,7 +216,7 @@ class StreamReader:
         elif data is not None and self.base is not None:
             # the payload is the last bytes of the record but the crc that follows it
             offset = self.base + self.unpacker.tell() - envelope.packed_crc_len(crc) - len(data)
-        return Record(kind, seq, body, data, meta, offset)
+        return Record(kind, seq, body, data, meta, offset, crc)
 
     def _finish(self, meta):
         body = envelope.unpack_meta(meta, "trailer", self.seq)
@@ -266,6 +267,20 @@ class _MappedRecords:
 
     def bytes_left(self):
         return self.size - self.pos
+
+
+def reread_data(fd, kind, seq, meta, offset, length, crc):
+    """The payload of a record read before from the regular file fd (Record's data_offset, crc
+    and meta), read again and checked: StreamError if the file has changed since."""
+    data = bytearray()
+    while len(data) < length:
+        chunk = os.pread(fd, length - len(data), offset + len(data))
+        if not chunk:
+            break
+        data += chunk
+    if len(data) != length or envelope.record_crc(kind, seq, meta, data) != crc:
+        raise StreamError(f"record {seq} ({kind}): the input file has changed since it was read")
+    return data
 
 
 def _regular_file_offset(fileobj):
