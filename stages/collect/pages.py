@@ -33,7 +33,10 @@ from stages.stream import pack_u32
 
 PAGE = 4096
 FRAMES_PER_RECORD = 256  # 1 MiB of data at most per record
-READERS = 2  # threads reading and checksumming records ahead of the writer
+# threads reading and checksumming records ahead of the writer: two when /proc/PID/mem is read
+# (its two copies cost more than the writer's one), one when pagers give most pages (the
+# pagers run too: a second reader only takes the 2 cores' time from the writer and them)
+READERS, READERS_WITH_PAGERS = 2, 1
 VERIFIED_CACHE = 64  # pages kept from earlier records to compare candidates with (zero pages...)
 PAGER_MIN_PAGES = 256  # below this, setting a pager up (a dozen remote calls) costs more than it saves
 WAIT_POLL = 0.05  # seconds between looks at the running pagers while waiting for a record
@@ -354,8 +357,9 @@ def write_pages(writer, table, memories, progress=None, views=None, notes=None):
     stored = 0
     pending = collections.deque()
     poll = pagers.poll if pagers else None
+    readers = READERS_WITH_PAGERS if pagers and pagers.streams else READERS
     try:
-        with _Workers(reader.read, READERS) as pool:
+        with _Workers(reader.read, readers) as pool:
             try:
                 for first in range(1, total + 1, FRAMES_PER_RECORD):
                     count = min(FRAMES_PER_RECORD, total + 1 - first)
@@ -363,7 +367,7 @@ def write_pages(writer, table, memories, progress=None, views=None, notes=None):
                         pagers.start_upto(first + count - 1)
                     pending.append((first, pool.submit(first, count)))
                     # a few records in flight ahead of the writer: memory stays bounded
-                    if len(pending) > READERS:
+                    if len(pending) > readers:
                         stored += _write(writer, pending.popleft(), reader, dedup, progress, pagers, poll)
                 while pending:
                     stored += _write(writer, pending.popleft(), reader, dedup, progress, pagers, poll)
