@@ -8,13 +8,12 @@ file saves writing and reading the whole payload once more (2 GiB for a 1 GiB tr
 """
 
 import os
-import struct
 from array import array
 
 from stages.stream import StreamReader, reread_data, unpack_u32, view_u32
 from stages.stream.compact import VmaBody
-from stages.tmpfile import unnamed_file
 
+from .records import RecordSpool
 from .shared import SharedError, SharedObjects
 
 PAGE = 4096
@@ -96,11 +95,10 @@ class Images:
         self.same = {}  # frame id -> earlier frame with equal bytes
         self.hashes = {}  # frame id -> 16-byte SHA-256 prefix (older streams; crcs are never merged on)
         self.nframes = 0
-        self.spool = None  # temporary file of (meta, data) pages records (input from a pipe)
+        self.spool = RecordSpool()  # the pages records, when the input is a pipe
         self.source_fd = -1  # the input file (a regular file): its pages records are read again
         self.in_source = []  # (meta, seq, data offset, data length, crc) of each, from source_fd
         self.pages_bodies = []  # the pages records' bodies (first, count, same, crcs or hashes): no bytes
-        self.spooled = 0
         self.shared = SharedObjects()  # MAP_SHARED anonymous memory and memfds (shmem records)
 
     # -- tree -------------------------------------------------------------
@@ -176,34 +174,20 @@ class Images:
         if self.source_fd >= 0:
             self.in_source.append((rec.meta, rec.seq, rec.data_offset, len(rec.data), rec.crc))
             return
-        if self.spool is None:
-            self.spool = open(unnamed_file(), "w+b")
-        self.spool.write(struct.pack("<QQ", len(rec.meta), len(rec.data)))
-        self.spool.write(rec.meta)
-        self.spool.write(rec.data)
-        self.spooled += 1
+        self.spool.add(rec)
 
     def pages_records(self):
         """(meta, data) of every pages record, in stream order."""
         for meta, seq, offset, length, crc in self.in_source:
             yield meta, reread_data(self.source_fd, "pages", seq, meta, offset, length, crc)
-        if self.spool is None:
-            return
-        self.spool.seek(0)
-        for _ in range(self.spooled):
-            mlen, dlen = struct.unpack("<QQ", self.spool.read(16))
-            meta = self.spool.read(mlen)
-            data = self.spool.read(dlen)
-            yield meta, data
+        yield from self.spool.records()
 
     def close(self):
         self.shared.close()
         if self.source_fd >= 0:
             os.close(self.source_fd)
             self.source_fd = -1
-        if self.spool is not None:
-            self.spool.close()
-            self.spool = None
+        self.spool.close()
 
 
 def read_images(fileobj):

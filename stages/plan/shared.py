@@ -8,10 +8,9 @@ This module checks the records against each other and against the VMAs and fds t
 refer to them, and keeps their bytes in a spool for the plan stream.
 """
 
-import struct
-
 from stages.stream import unpack_u32
-from stages.tmpfile import unnamed_file
+
+from .records import RecordSpool
 
 PAGE = 4096
 
@@ -24,8 +23,7 @@ class SharedObjects:
     def __init__(self):
         self.objects = {}  # id -> {"kind", "size", "npages", "name", "pages": count}
         self.last_page = {}  # id -> the last page index seen (records ascend)
-        self.spool = None
-        self.spooled = 0
+        self.spool = RecordSpool()
 
     def __len__(self):
         return len(self.objects)
@@ -59,12 +57,7 @@ class SharedObjects:
         if len(rec.data) != len(pages) * PAGE:
             raise SharedError(f"{where}: {len(rec.data)} data bytes for {len(pages)} pages")
         self.objects[oid]["pages"] += len(pages)
-        if self.spool is None:
-            self.spool = open(unnamed_file(), "w+b")
-        self.spool.write(struct.pack("<QQ", len(rec.meta), len(rec.data)))
-        self.spool.write(rec.meta)
-        self.spool.write(rec.data)
-        self.spooled += 1
+        self.spool.add(rec)
 
     def check_references(self, vmas_by_pid, processes):
         """Every VMA and fd naming an object names one that exists; a VMA that maps an object
@@ -91,12 +84,7 @@ class SharedObjects:
 
     def records(self):
         """(meta, data) of every spooled shmem record, in stream order."""
-        if self.spool is None:
-            return
-        self.spool.seek(0)
-        for _ in range(self.spooled):
-            mlen, dlen = struct.unpack("<QQ", self.spool.read(16))
-            yield self.spool.read(mlen), self.spool.read(dlen)
+        return self.spool.records()
 
     def stats(self):
         """Plan header statistics (only when the images have shared memory)."""
@@ -105,6 +93,4 @@ class SharedObjects:
         return {"shmem_objects": len(self.objects), "shmem_pages": self.pages}
 
     def close(self):
-        if self.spool is not None:
-            self.spool.close()
-            self.spool = None
+        self.spool.close()
