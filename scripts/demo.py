@@ -33,10 +33,23 @@ def tool(name):
     return os.path.join(BIN, name)
 
 
-def run(cmd, what, **kw):
+def run(cmd, what, reap=(), **kw):
+    """Run cmd, timed.  reap: pids we reap meanwhile (our dead children and orphans): cow-collect
+    --kill waits until the pids of the tree it killed are free, which needs their parent, us."""
     start = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, **kw)
+    if reap:
+        while proc.poll() is None:
+            for pid in reap:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            time.sleep(0.002)
+    out, err = proc.communicate()
     elapsed = time.monotonic() - start
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if res.returncode != 0:
         raise DemoError(f"{what} failed (exit {res.returncode}):\n{res.stderr.strip()}")
     return res, elapsed
@@ -126,7 +139,8 @@ def demo(args, workdir):
         mem_before = tree_memory(root)
 
         images = os.path.join(workdir, "images.cow")
-        _, t_collect = run([tool("cow-collect"), "--tree", str(root), "--kill", "-o", images], "cow-collect")
+        _, t_collect = run([tool("cow-collect"), "--tree", str(root), "--kill", "-o", images], "cow-collect",
+                           reap=pids)
         reap_all(pids, timeout=10)
         print(f"checkpointed {len(pids)} processes with cow-collect --kill in {t_collect:.2f} s")
 
