@@ -13,9 +13,10 @@ only pass over the bytes besides reading and writing them: the record's payload
 crc is combined from the page crcs, not computed again.  Equal crcs only propose equal content:
 two frames become one (``same``) after their bytes compared equal.
 
-Reader threads read and checksum the next records (preadv and the native crc run
-without the GIL) while the caller's thread finds equal pages (in id order) and
-writes the current one.
+A reader thread (two when /proc/PID/mem does the reading) reads and checksums the
+next records (the reads and the native crc run without the GIL) while the caller's
+thread, the tracer, finds equal pages (in id order), writes the current record and
+starts, watches and finishes the pagers.
 """
 
 import bisect
@@ -166,12 +167,13 @@ class _Pagers:
             stream.pager.poll()
 
     def abandon(self):
-        """After a failure: readers give up, then every running pager is taken out of its
-        process (the first error of those is raised only if nothing else was)."""
+        """After a failure, before the readers are joined: none of them waits on a pipe."""
         for stream in self.running:
             stream.pager.cancel()
 
     def clean_up(self):
+        """Every running pager taken out of its process; returns the first error of those
+        (raised by the caller only when nothing else failed)."""
         error = None
         for stream in self.running:
             try:
