@@ -42,7 +42,9 @@ def main(argv=None):
     ap = Parser(
         prog="cow-collect",
         description="Freeze the process tree rooted at PID, write its image stream, then resume it "
-        "(or kill it, or leave it stopped).",
+        "(or kill it, or leave it stopped). While frozen, each process runs a little code of "
+        "cow-collect's (with every signal blocked) that reads its state and hands its pages over "
+        "through pipes; it is taken out again before the tree goes on (docs/SECURITY.md).",
         epilog="exit codes: 0 done, 1 failure, 2 refused (not supported yet), 64 bad usage. "
         "On failure the tree is resumed and a partial output file removed.",
     )
