@@ -150,23 +150,33 @@ def test_vdso_symbols_read_with_struct_match_pyelftools():
     assert expected and vdso.symbols(blob) == expected
 
 
-def test_show_checks_page_crcs():
+def one_vma_images(same, **pages_fields):
+    """An image stream of one process with one anonymous VMA of len(same) frames: frame i's
+    bytes are all i, stored unless same[i-1] names an earlier frame; pages_fields (crcs,
+    hashes) go into the pages record as given."""
     from stages.stream import StreamWriter, pack_u32
-    from stages.tools.show import show
     from tests.test_stream import tiny_header, tiny_process
 
+    ids = list(range(1, len(same) + 1))
+    out = io.BytesIO()
+    w = StreamWriter(out, "cowtree-images", tiny_header())
+    w.write("process", tiny_process(100, 1))
+    vma = {"start": 0x10000, "end": 0x10000 + len(ids) * PAGE, "prot": 3, "shared": False, "pgoff": 0,
+           "kind": "anon", "path": None, "vmflags": ["rd", "wr"], "frames": pack_u32(ids)}
+    w.write("vmas", {"pid": 100, "vmas": [vma]})
+    data = b"".join(bytes([i]) * PAGE for i, s in zip(ids, same) if not s)
+    w.write("pages", dict(pages_fields, first=1, count=len(ids), same=pack_u32(same)), data)
+    w.close(summary={"frames": len(ids)})
+    return out.getvalue()
+
+
+def test_show_checks_page_crcs():
+    from stages.stream import pack_u32
+    from stages.tools.show import show
+
     def images(crcs, same):
-        out = io.BytesIO()
-        w = StreamWriter(out, "cowtree-images", tiny_header())
-        w.write("process", tiny_process(100, 1))
-        vma = {"start": 0x10000, "end": 0x10000 + 3 * PAGE, "prot": 3, "shared": False, "pgoff": 0,
-               "kind": "anon", "path": None, "vmflags": ["rd", "wr"], "frames": pack_u32([1, 2, 3])}
-        w.write("vmas", {"pid": 100, "vmas": [vma]})
-        data = b"".join(bytes([i]) * PAGE for i, s in zip((1, 2, 3), same) if not s)
-        w.write("pages", {"first": 1, "count": 3, "same": pack_u32(same), "crcs": pack_u32(crcs)}, data)
-        w.close(summary={"frames": 3})
         text = io.StringIO()
-        show(io.BytesIO(out.getvalue()), text)
+        show(io.BytesIO(one_vma_images(same, crcs=pack_u32(crcs))), text)
         return text.getvalue()
 
     good = [zlib.crc32(bytes([i]) * PAGE) for i in (1, 2, 3)]
@@ -200,20 +210,10 @@ def test_crc_index_keeps_the_first_id_of_each_crc_while_it_grows():
 def test_plan_merges_equal_content_on_same_never_on_equal_crcs():
     from stages.plan import simulate
     from stages.plan.model import read_images
-    from stages.stream import StreamWriter, pack_u32
-    from tests.test_stream import tiny_header, tiny_process
+    from stages.stream import pack_u32
 
     def classes(pages_fields, same):
-        out = io.BytesIO()
-        w = StreamWriter(out, "cowtree-images", tiny_header())
-        w.write("process", tiny_process(100, 1))
-        vma = {"start": 0x10000, "end": 0x10000 + 2 * PAGE, "prot": 3, "shared": False, "pgoff": 0,
-               "kind": "anon", "path": None, "vmflags": ["rd", "wr"], "frames": pack_u32([1, 2])}
-        w.write("vmas", {"pid": 100, "vmas": [vma]})
-        data = b"".join(bytes([i]) * PAGE for i, s in zip((1, 2), same) if not s)
-        w.write("pages", dict(pages_fields, first=1, count=2, same=pack_u32(same)), data)
-        w.close(summary={"frames": 2})
-        images = read_images(io.BytesIO(out.getvalue()))
+        images = read_images(io.BytesIO(one_vma_images(same, **pages_fields)))
         try:
             by_sim = simulate.content_classes(images.pages_bodies)
             return images.content_class()[1:], [by_sim[1], by_sim[2]]
