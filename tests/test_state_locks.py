@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support.commands import run, tool
-from tests.support.workloads import proc_state, reap, running_workload, wait_file, wait_killed
+from tests.support.workloads import ask, proc_state, reap, running_workload, wait_killed
 
 # A python3 workload: fd 5 flock (exclusive) on a, fd 6 POSIX write lock on bytes 10-19 and a
 # read lock from 100 to EOF of b, fd 7 an OFD write lock on bytes 0-99 of c; its child (forked
@@ -85,12 +85,7 @@ def lockwl(tmp_path):
 
 
 def inside(d, pid):
-    path = d / f"{pid}.check"
-    if path.exists():
-        path.unlink()
-    os.kill(pid, signal.SIGUSR1)
-    wait_file(path)
-    return path.read_text()
+    return ask(d / f"{pid}.check", pid)
 
 
 def test_file_locks_restored(lockwl, tmp_path):

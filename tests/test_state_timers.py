@@ -5,7 +5,6 @@ restored python3 workload checks them from inside and its periodic timer keeps f
 import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import pytest
 
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, proc_state, running_workload, wait_file
+from tests.support.workloads import ask, become_subreaper, proc_state, running_workload, wait_file
 
 # Timers by raw system calls (ids as the kernel gives them): 0 = MONOTONIC, signal 36 with value
 # 0x1234, in 1000 s then every 500 s; 1 made and deleted (a hole); 2 = MONOTONIC, SIGUSR2 every
@@ -63,12 +62,7 @@ while True:
 
 
 def check(d, pid):
-    path = d / "check"
-    if path.exists():
-        path.unlink()
-    os.kill(pid, signal.SIGUSR1)
-    wait_file(path)
-    text = path.read_text()
+    text = ask(d / "check", pid)
     timers, rest = text.split("\ntimer ", 1)
     values = {}
     for line in ("timer " + rest).splitlines():

@@ -3,7 +3,6 @@ terminal is refused by name at collect time, and cow-apply without a terminal re
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import pytest
 
 from tests.support.commands import tool
-from tests.support.workloads import proc_state, running_workload, wait_file
+from tests.support.workloads import ask, proc_state, running_workload
 
 # fd 5 on the pseudo-terminal argv[1]; SIGUSR1: write "hello <pid>" to fd 5, and DIR/check =
 # what fd 5 is, from inside
@@ -60,12 +59,7 @@ def ttywl(tmp_path, ptys):
 
 
 def check(tmp_path, pid):
-    path = tmp_path / "check"
-    if path.exists():
-        path.unlink()
-    os.kill(pid, signal.SIGUSR1)
-    wait_file(path)
-    return path.read_text()
+    return ask(tmp_path / "check", pid)
 
 
 def test_fd_on_the_collect_terminal_goes_onto_the_apply_terminal(ttywl, ptys, tmp_path):

@@ -158,16 +158,21 @@ class Running:
         self.outdir, self.popen, self.pids, self.ready = outdir, popen, {popen.pid}, ""
 
 
+def ask(path, pid):
+    """The text a workload writes at path when it gets SIGUSR1 (an old answer removed first)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    os.kill(pid, signal.SIGUSR1)
+    wait_file(path, pid)
+    with open(path) as f:
+        return f.read()
+
+
 def ask_inside(outdir, ns_pid, outer_pid):
     """What process ns_pid reports from inside: SIGUSR1 to outer_pid, then the lines
     "key value" of OUTDIR/<ns_pid>.check as a dict (the C state workloads' protocol)."""
-    path = os.path.join(outdir, f"{ns_pid}.check")
-    if os.path.exists(path):
-        os.unlink(path)
-    os.kill(outer_pid, signal.SIGUSR1)
-    wait_file(path, outer_pid)
-    with open(path) as f:
-        return dict(line.split(" ", 1) for line in f.read().splitlines())
+    text = ask(os.path.join(outdir, f"{ns_pid}.check"), outer_pid)
+    return dict(line.split(" ", 1) for line in text.splitlines())
 
 
 @contextlib.contextmanager
