@@ -121,13 +121,7 @@ static void serve(int is_root)
 
 int main(int argc, char **argv)
 {
-	if (argc != 2)
-		return 64;
-	outdir = argv[1];
-	sigset_t all;
-	sigfillset(&all);
-	sigprocmask(SIG_BLOCK, &all, NULL);
-	signal(SIGUSR1, on_usr1);
+	start(argc, argv);
 	signal(SIGUSR2, on_usr2);
 	char path[4096], name[64];
 	snprintf(path, sizeof path, "%s/fifo", outdir);

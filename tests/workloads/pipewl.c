@@ -166,15 +166,10 @@ static void root_check(void)
 
 int main(int argc, char **argv)
 {
-	if (argc != 2)
-		return 64;
-	outdir = argv[1];
+	start(argc, argv);
 	int jobs[2], replies[2], bigp[2], orphan[2];
-	sigset_t all, none;
-	sigfillset(&all);
+	sigset_t none;
 	sigemptyset(&none);
-	sigprocmask(SIG_BLOCK, &all, NULL);
-	signal(SIGUSR1, on_usr1);
 	signal(SIGPIPE, SIG_IGN);
 	if (pipe(jobs) || pipe(replies) || pipe(bigp) || pipe(orphan))
 		return 2;

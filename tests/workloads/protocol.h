@@ -51,4 +51,17 @@ PROTOCOL_FN void write_file(const char *name, const char *text)
 PROTOCOL_FN void on_usr1(int sig) { (void)sig; got_usr1 = 1; }
 PROTOCOL_FN void on_term(int sig) { (void)sig; got_term = 1; }
 
+/* The start of main: OUTDIR is the one argument (else exit 64), every signal blocked (the
+ * main loops take them in sigsuspend) and SIGUSR1 caught. */
+PROTOCOL_FN void start(int argc, char **argv)
+{
+	if (argc != 2)
+		_exit(64);
+	outdir = argv[1];
+	sigset_t all;
+	sigfillset(&all);
+	sigprocmask(SIG_BLOCK, &all, NULL);
+	signal(SIGUSR1, on_usr1);
+}
+
 #endif

@@ -78,13 +78,8 @@ static void drain(void)
 
 int main(int argc, char **argv)
 {
-	if (argc != 2)
-		return 64;
-	outdir = argv[1];
-	sigset_t all, wait_mask;
-	sigfillset(&all);
-	sigprocmask(SIG_BLOCK, &all, NULL);
-	signal(SIGUSR1, on_usr1);
+	start(argc, argv);
+	sigset_t wait_mask;
 	signal(SIGHUP, on_hup);
 	signal(SIGALRM, SIG_IGN);
 	signal(SIGVTALRM, SIG_IGN);

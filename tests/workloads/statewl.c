@@ -161,13 +161,7 @@ static void set_limit(int res, rlim_t soft, rlim_t hard)
 
 int main(int argc, char **argv)
 {
-	if (argc != 2)
-		return 64;
-	outdir = argv[1];
-	sigset_t all;
-	sigfillset(&all);
-	sigprocmask(SIG_BLOCK, &all, NULL);
-	signal(SIGUSR1, on_usr1);
+	start(argc, argv);
 	char name[64];
 	pid_t child = fork();
 	if (child == 0) {
