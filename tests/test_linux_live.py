@@ -232,8 +232,7 @@ def test_rseq_robust_list_and_tid_address(workload):
             vmas = procfs.read_maps(pid)
             rseq_addr, rseq_len, rseq_sig = ptrace.get_rseq_configuration(pid)
             head, length = ptrace.get_robust_list(pid)
-            with remote.RemoteSyscalls(pid, remote.find_syscall_insn(pid, vmas)) as rs:
-                tid_addr = remote.remote_tid_address(rs, pid, ptrace.get_regs(pid)["rsp"])
+            (_, _, tid_addr), _ = process_state(pid, tree.threads[pid])
             tls = [v for v in vmas if v["start"] <= head < v["end"]]
             assert tls and tls[0]["kind"] == "anon" and tls[0]["prot"] == 3
             assert tls[0]["start"] <= rseq_addr < tls[0]["end"] and rseq_len >= 32 and rseq_sig

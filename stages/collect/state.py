@@ -79,7 +79,7 @@ def remote_state(view, notes=None):
     brk = calls.add(remote.SYS_BRK, 0)
     acts = [calls.add(remote.SYS_RT_SIGACTION, sig, 0, batch.OUT, 8, out=remote.SIGACTION.size)
             for sig in range(1, 65)]
-    tid_address = calls.add(remote.SYS_PRCTL, remote.PR_GET_TID_ADDRESS, batch.OUT, 0, 0, 0, out=8)
+    tid_address, altstack = _add_thread_calls(calls)
     prctl_ints = {name: calls.add(remote.SYS_PRCTL, option, batch.OUT, 0, 0, 0, out=8)
                   for name, option in (("subreaper", remote.PR_GET_CHILD_SUBREAPER),
                                        ("pdeathsig", remote.PR_GET_PDEATHSIG))}
@@ -87,16 +87,12 @@ def remote_state(view, notes=None):
                     for name, option in (("dumpable", remote.PR_GET_DUMPABLE),
                                          ("securebits", remote.PR_GET_SECUREBITS))}
     itimers = [calls.add(remote.SYS_GETITIMER, which, batch.OUT, out=remote.ITIMERVAL.size) for which in range(3)]
-    altstack = calls.add(remote.SYS_SIGALTSTACK, 0, batch.OUT, out=remote.STACK_T.size)
     timer_times = [calls.add(remote.SYS_TIMER_GETTIME, t["id"], batch.OUT, out=remote.ITIMERVAL.size) for t in timers]
     with remote.RemoteSyscalls(pid, addr) as rs:
         calls.run(rs, rsp, notes)
 
     def ok(i, what):
-        res = calls.result(i)
-        if res < 0:
-            raise remote.RemoteError(f"process {pid}: {what} failed: {os.strerror(-res)}")
-        return res
+        return _checked(calls, i, pid, what)
 
     sigactions = []
     for sig, i in enumerate(acts, 1):
@@ -106,7 +102,6 @@ def remote_state(view, notes=None):
             continue
         ok(i, f"rt_sigaction({sig})")
         sigactions.append(list(remote.SIGACTION.unpack(calls.output(i))))
-    ok(tid_address, "prctl(PR_GET_TID_ADDRESS)")
     view.prctl = {}  # read by process_record
     for name, i in prctl_ints.items():
         ok(i, f"prctl({name})")
@@ -118,9 +113,7 @@ def remote_state(view, notes=None):
     for which, i in enumerate(itimers):
         ok(i, f"getitimer({which})")
         view.itimers.append(list(remote.ITIMERVAL.unpack(calls.output(i))))
-    ok(altstack, "sigaltstack")
-    sp, flags, _pad, size = remote.STACK_T.unpack(calls.output(altstack))
-    view.sigaltstack = [sp, flags & 0xFFFFFFFF, size]
+    view.sigaltstack = _sigaltstack(calls, altstack, pid)
     view.posix_timers = []
     for t, i in zip(timers, timer_times):
         ok(i, f"timer_gettime({t['id']})")
@@ -129,16 +122,45 @@ def remote_state(view, notes=None):
     res = calls.result(brk)
     if res < 0:
         raise OSError(-res, f"process {pid}: remote brk(0) failed: {os.strerror(-res)}")
-    return res, sigactions, struct.unpack("<Q", calls.output(tid_address))[0]
+    return res, sigactions, _tid_address(calls, tid_address, pid)
+
+
+def _add_thread_calls(calls):
+    """The calls of what is per thread (tid address, alternate stack): their indexes."""
+    return (calls.add(remote.SYS_PRCTL, remote.PR_GET_TID_ADDRESS, batch.OUT, 0, 0, 0, out=8),
+            calls.add(remote.SYS_SIGALTSTACK, 0, batch.OUT, out=remote.STACK_T.size))
+
+
+def _checked(calls, i, tid, what):
+    res = calls.result(i)
+    if res < 0:
+        raise remote.RemoteError(f"process {tid}: {what} failed: {os.strerror(-res)}")
+    return res
+
+
+def _tid_address(calls, i, tid):
+    _checked(calls, i, tid, "prctl(PR_GET_TID_ADDRESS)")
+    return struct.unpack("<Q", calls.output(i))[0]
+
+
+def _sigaltstack(calls, i, tid):
+    """[sp, flags, size] of the thread's alternate signal stack."""
+    _checked(calls, i, tid, "sigaltstack")
+    sp, flags, _pad, size = remote.STACK_T.unpack(calls.output(i))
+    return [sp, flags & 0xFFFFFFFF, size]
 
 
 def remote_thread_state(view, tid):
     """(tid address, sigaltstack) of one thread other than the main one: both are per thread
-    and only the thread itself can read them, so the calls run in that thread."""
+    and only the thread itself can read them, so the calls run in that thread (one remote
+    call each: for two calls, cheaper than setting the batch's loop up)."""
     addr = remote.find_syscall_insn(view.pid, view.vmas)
     rsp = ptrace.get_regs(tid)["rsp"]
+    calls = batch.Calls()
+    tid_address, altstack = _add_thread_calls(calls)
     with remote.RemoteSyscalls(tid, addr) as rs:
-        return remote.remote_tid_address(rs, tid, rsp), remote.remote_sigaltstack(rs, tid, rsp)
+        calls.run_each(rs, rsp)
+    return _tid_address(calls, tid_address, tid), _sigaltstack(calls, altstack, tid)
 
 
 RSEQ_CS = struct.Struct("<IIQQQ")  # struct rseq_cs: version, flags, start_ip, post_commit_offset, abort_ip

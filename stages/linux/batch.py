@@ -10,7 +10,6 @@ with the buffers in scratch memory below the red zone (put back afterwards): the
 results either way.
 """
 
-import os
 import struct
 
 from .inject import PARK, TAIL_ASM, InjectedCode, Unavailable
@@ -100,7 +99,7 @@ class Calls:
         except Unavailable as exc:
             if notes is not None:
                 notes.append(f"{exc}: its state is read one system call at a time")
-            self._run_each(rs, rsp)
+            self.run_each(rs, rsp)
 
     def _size(self):
         return ENTRY.size * len(self.calls) + sum(out for _, _, out in self.calls)
@@ -126,7 +125,9 @@ class Calls:
         self.outputs = [blob[a - code.data:a - code.data + out] if out else None
                         for a, (_, _, out) in zip(outs, self.calls)]
 
-    def _run_each(self, rs, rsp):
+    def run_each(self, rs, rsp):
+        """One remote call each, with every output buffer in scratch memory below the red zone
+        of the stack at rsp (put back afterwards): for a few calls, cheaper than the loop."""
         scratch = (rsp - SCRATCH_BELOW_RED_ZONE) & ~15
         size = max((out for _, _, out in self.calls), default=0)
         self.results, self.outputs = [], []
@@ -142,10 +143,3 @@ class Calls:
                 if size:
                     mem.write(scratch, saved)
 
-
-def signed(value):
-    return value - (1 << 64) if value >> 63 else value
-
-
-def describe(pid, what, res):
-    return f"process {pid}: {what} failed: {os.strerror(-res)}"

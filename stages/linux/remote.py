@@ -129,42 +129,12 @@ class RemoteSyscalls:
             ptrace.cont(self.pid, os.WSTOPSIG(status))
 
 
-def remote_tid_address(rs, pid, rsp):
-    """The thread's clear_child_tid pointer (prctl PR_GET_TID_ADDRESS writes it to scratch)."""
-    scratch = (rsp - 128 - 256) & ~15
-    with ProcessMemory(pid, write=True) as mem:
-        saved = mem.read(scratch, 8)
-        try:
-            res = rs.call(SYS_PRCTL, PR_GET_TID_ADDRESS, scratch, 0, 0, 0)
-            if res < 0:
-                raise RemoteError(f"process {pid}: prctl(PR_GET_TID_ADDRESS) failed: {os.strerror(-res)}")
-            return struct.unpack("<Q", mem.read(scratch, 8))[0]
-        finally:
-            mem.write(scratch, saved)
-
-
 PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER, PR_GET_SECUREBITS = 2, 3, 37, 27
 
 
 SYS_GETITIMER, SYS_SIGALTSTACK, SYS_TIMER_GETTIME = 36, 131, 224
 ITIMERVAL = struct.Struct("<4q")  # it_interval (sec, usec), it_value (sec, usec)
 STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, padding, ss_size
-
-
-def remote_sigaltstack(rs, pid, rsp):
-    """The calling thread's alternate signal stack as [sp, flags, size] (per thread: run it in
-    each thread), through scratch below the red zone."""
-    scratch = (rsp - 128 - 256) & ~15
-    with ProcessMemory(pid, write=True) as mem:
-        saved = mem.read(scratch, STACK_T.size)
-        try:
-            res = rs.call(SYS_SIGALTSTACK, 0, scratch)
-            if res < 0:
-                raise RemoteError(f"process {pid}: sigaltstack failed: {os.strerror(-res)}")
-            sp, flags, _pad, size = STACK_T.unpack(mem.read(scratch, STACK_T.size))
-        finally:
-            mem.write(scratch, saved)
-    return [sp, flags & 0xFFFFFFFF, size]
 
 
 PTRACE_PEEKSIGINFO_SHARED = 1
