@@ -29,7 +29,6 @@ from array import array
 from stages._native import ffi, lib
 from stages.linux import pager as pager_mod
 from stages.linux import ptrace
-from stages.linux.remote import find_syscall_insn
 from stages.stream import pack_u32
 
 PAGE = 4096
@@ -82,8 +81,8 @@ class Progress:
 class _PipeStream:
     """One process's pager and where each of its runs is in the pager's stream."""
 
-    def __init__(self, pid, vmas, ranges, first_id, last_id):
-        self.pid, self.vmas, self.ranges = pid, vmas, ranges
+    def __init__(self, view, ranges, first_id, last_id):
+        self.view, self.ranges = view, ranges  # view: the process's state.ProcView
         self.first_id, self.last_id = first_id, last_id  # the ids of the runs it gives
         self.starts = array("Q", (a for a, _ in ranges))
         self.offsets = array("Q")
@@ -123,12 +122,12 @@ class _Pagers:
                     ranges.append((addr, n * PAGE))
                     ids.append(first + n - 1)
             if sum(length for _, length in ranges) >= PAGER_MIN_PAGES * PAGE:
-                self.streams[proc] = _PipeStream(views[proc].pid, vmas, ranges, runs[0][0], max(ids))
+                self.streams[proc] = _PipeStream(views[proc], ranges, runs[0][0], max(ids))
         # the page of each such process's rseq area, where the kernel writes the cpu the
         # pager runs on: its bytes in the image may not be its bytes at the end
         self.volatile = set()
         for proc, stream in self.streams.items():
-            addr = ptrace.get_rseq_configuration(stream.pid)[0] & ~(PAGE - 1)
+            addr = ptrace.get_rseq_configuration(stream.view.pid)[0] & ~(PAGE - 1)
             for first, run_addr, n in by_proc[proc]:
                 if run_addr <= addr < run_addr + n * PAGE:
                     self.volatile.add(first + (addr - run_addr) // PAGE)
@@ -147,11 +146,12 @@ class _Pagers:
         """Start the pagers of the processes whose runs begin at or before id last_id."""
         while self.waiting and self.waiting[0].first_id <= last_id:
             stream = self.waiting.pop(0)
-            pager = pager_mod.Pager(stream.pid, find_syscall_insn(stream.pid, stream.vmas), stream.ranges)
+            pid = stream.view.pid
+            pager = pager_mod.Pager(pid, stream.view.syscall_addr, stream.ranges)
             try:
                 pager.start()
             except pager_mod.Unavailable as exc:
-                self.notes.append(f"{exc}: its pages are read through /proc/{stream.pid}/mem instead of a pager")
+                self.notes.append(f"{exc}: its pages are read through /proc/{pid}/mem instead of a pager")
                 continue
             stream.pager = pager
             self.running.append(stream)

@@ -25,6 +25,15 @@ class ProcView:
         self.status = procfs.read_status(pid)
         self.vmas = procfs.read_smaps(pid)
         self.fds = [procfs.describe_fd(pid, n) for n in procfs.fd_numbers(pid)]
+        self._syscall_addr = None
+
+    @property
+    def syscall_addr(self):
+        """Where the process has a ``syscall`` instruction, for every remote call into any of
+        its threads (found once: the tree is frozen)."""
+        if self._syscall_addr is None:
+            self._syscall_addr = remote.find_syscall_insn(self.pid, self.vmas)
+        return self._syscall_addr
 
 
 def fd_record(fd, pipe_fields=None):
@@ -72,7 +81,6 @@ def remote_state(view, notes=None):
     timers, alternate stack and POSIX timers (on view): by system calls run inside the
     process, all in one stop (stages/linux/batch.py)."""
     pid = view.pid
-    addr = remote.find_syscall_insn(pid, view.vmas)
     rsp = ptrace.get_regs(pid)["rsp"]
     timers = procfs.parse_timers(procfs.read_text(f"/proc/{pid}/timers"))
     calls = batch.Calls()
@@ -88,7 +96,7 @@ def remote_state(view, notes=None):
                                          ("securebits", remote.PR_GET_SECUREBITS))}
     itimers = [calls.add(remote.SYS_GETITIMER, which, batch.OUT, out=remote.ITIMERVAL.size) for which in range(3)]
     timer_times = [calls.add(remote.SYS_TIMER_GETTIME, t["id"], batch.OUT, out=remote.ITIMERVAL.size) for t in timers]
-    with remote.RemoteSyscalls(pid, addr) as rs:
+    with remote.RemoteSyscalls(pid, view.syscall_addr) as rs:
         calls.run(rs, rsp, notes)
 
     def ok(i, what):
@@ -154,11 +162,10 @@ def remote_thread_state(view, tid):
     """(tid address, sigaltstack) of one thread other than the main one: both are per thread
     and only the thread itself can read them, so the calls run in that thread (one remote
     call each: for two calls, cheaper than setting the batch's loop up)."""
-    addr = remote.find_syscall_insn(view.pid, view.vmas)
     rsp = ptrace.get_regs(tid)["rsp"]
     calls = batch.Calls()
     tid_address, altstack = _add_thread_calls(calls)
-    with remote.RemoteSyscalls(tid, addr) as rs:
+    with remote.RemoteSyscalls(tid, view.syscall_addr) as rs:
         calls.run_each(rs, rsp)
     return _tid_address(calls, tid_address, tid), _sigaltstack(calls, altstack, tid)
 
