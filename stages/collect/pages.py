@@ -115,14 +115,14 @@ class _Pagers:
         for proc, runs in by_proc.items():
             vmas = views[proc].vmas
             starts = [v["start"] for v in vmas]
-            ranges, ids = [], []
+            ranges, last_id = [], 0  # runs come in id order: the last readable one ends the stream
             for first, addr, n in runs:
                 vma = vmas[bisect.bisect_right(starts, addr) - 1]
                 if vma["prot"] & 1:  # vmsplice reads as the process does: PROT_READ only
                     ranges.append((addr, n * PAGE))
-                    ids.append(first + n - 1)
+                    last_id = first + n - 1
             if sum(length for _, length in ranges) >= PAGER_MIN_PAGES * PAGE:
-                self.streams[proc] = _PipeStream(views[proc], ranges, runs[0][0], max(ids))
+                self.streams[proc] = _PipeStream(views[proc], ranges, runs[0][0], last_id)
         # the page of each such process's rseq area, where the kernel writes the cpu the
         # pager runs on: its bytes in the image may not be its bytes at the end
         self.volatile = set()
