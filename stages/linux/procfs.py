@@ -225,16 +225,17 @@ def tids(pid):
 
 
 def children(pid):
-    """Direct children of pid (over all its threads); [] when pid is gone."""
+    """Direct children of pid (over all its threads); [] when pid is gone.  A process being
+    reaped answers ESRCH rather than ENOENT: gone too."""
     out = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             try:
                 with open(f"/proc/{pid}/task/{tid}/children") as f:
                     out.extend(int(x) for x in f.read().split())
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):
                 pass
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         pass
     return out
 
