@@ -76,6 +76,11 @@ def tree_pids(root):
     return order
 
 
+# States of a process that runs on: D is a short uninterruptible wait (file
+# I/O, a fault being served), not a stop; T, t, Z and X are what we test against.
+RUNNING_STATES = ("R", "S", "D")
+
+
 def proc_state(pid):
     """The one-letter state of /proc/PID/stat, or None when the pid is gone."""
     try:
