@@ -175,7 +175,35 @@ def test_kill_removes_the_tree_after_the_stream(workload, tmp_path):
     assert sorted(img.pids) == sorted(wl.pids)
     # when cow-collect returns every process is dead: gone, or a zombie waiting for its parent
     assert all(proc_state(pid) in (None, "Z") for pid in wl.pids)
+    # this test is the root's parent and reaps nothing meanwhile: told, with the parent
+    assert f"process {wl.root} is dead but not yet reaped by its parent {os.getpid()}" in res.stderr.decode()
     assert wl.wait_gone(timeout=5)
+
+
+REAPER = """
+import os, subprocess, sys
+child = subprocess.Popen(["sleep", "1000"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+print(child.pid, flush=True)
+child.wait()  # reaps it the moment it dies
+print("reaped", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_kill_waits_for_a_parent_that_reaps(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", REAPER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        res = collect(child, "--kill", out=tmp_path / "images.cow")
+        assert res.returncode == 0, res.stderr.decode()
+        assert res.stderr == b""  # reaped while cow-collect waited: no note
+        assert parent.stdout.readline() == "reaped\n"
+        assert proc_state(child) is None
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def test_leave_stopped(workload, tmp_path):

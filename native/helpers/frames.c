@@ -17,6 +17,8 @@ struct cow_frames {
 	unsigned long mask; /* slots - 1, slots a power of two */
 	unsigned long used;
 	unsigned long count; /* ids given so far */
+	uint64_t *key_of; /* key_of[id]: the key + 1 of each id given (0 unused) */
+	unsigned long key_of_size;
 };
 
 static unsigned long slot_of(uint64_t key, unsigned long mask)
@@ -57,7 +59,22 @@ void cow_frames_free(struct cow_frames *t)
 		return;
 	free(t->keys);
 	free(t->ids);
+	free(t->key_of);
 	free(t);
+}
+
+static int remember_key(struct cow_frames *t, unsigned long id, uint64_t k)
+{
+	if (id >= t->key_of_size) {
+		unsigned long size = t->key_of_size ? t->key_of_size * 2 : 1UL << 16;
+		uint64_t *bigger = realloc(t->key_of, size * sizeof *bigger);
+		if (!bigger)
+			return -1;
+		t->key_of = bigger;
+		t->key_of_size = size;
+	}
+	t->key_of[id] = k;
+	return 0;
 }
 
 struct cow_frames *cow_frames_new(void)
@@ -85,6 +102,7 @@ long cow_frames_assign(struct cow_frames *t, const uint64_t *entries, unsigned l
 {
 	long present = 0;
 	unsigned long r = 0, run_next = (unsigned long)-1;
+	uint32_t last = 0; /* the id of the last present page */
 	for (unsigned long i = 0; i < n; i++) {
 		uint64_t e = entries[i], key;
 		frames[i] = 0;
@@ -99,13 +117,23 @@ long cow_frames_assign(struct cow_frames *t, const uint64_t *entries, unsigned l
 		} else {
 			continue;
 		}
+		uint64_t k = key + 1;
+		/* a forked child maps its parent's frames in its parent's order: the frame after
+		 * the last one seen is most often the next page's, found without a hash probe (a
+		 * cache miss in a table of megabytes) */
+		if (last && last < t->count && t->key_of[last + 1] == k) {
+			frames[i] = ++last;
+			present++;
+			continue;
+		}
 		if ((t->used + 1) * 2 > t->mask + 1 && grow(t) < 0)
 			return -1;
-		uint64_t k = key + 1;
 		unsigned long s = slot_of(k, t->mask);
 		while (t->keys[s] && t->keys[s] != k)
 			s = (s + 1) & t->mask;
 		if (!t->keys[s]) {
+			if (remember_key(t, t->count + 1, k) < 0)
+				return -1;
 			t->keys[s] = k;
 			t->ids[s] = (uint32_t)++t->count;
 			t->used++;
@@ -119,7 +147,7 @@ long cow_frames_assign(struct cow_frames *t, const uint64_t *entries, unsigned l
 			}
 			run_next = i + 1;
 		}
-		frames[i] = t->ids[s];
+		frames[i] = last = t->ids[s];
 		present++;
 	}
 	*nruns = r;

@@ -21,7 +21,7 @@ from stages.stream import StreamWriter, images, is_broken_pipe
 
 from . import pages as pages_mod
 from . import state
-from .frames import FrameTable
+from .frames import FrameTable, PagemapPrefetch
 from .parallel import ordered_map
 from .refusals import Refused, mark_caller_terminal, pipe_reasons, process_reasons
 from .shmem import SharedObjects
@@ -130,6 +130,14 @@ class Collection:
             self.shared.assign_descs(1 + max(pipe_descs, default=0))
         except OSError as exc:
             raise CollectError(f"reading memfds: {exc}")
+        prefetch = PagemapPrefetch()
+        try:
+            self._read_states(pipes, prefetch)
+            self._read_frames(prefetch)
+        finally:
+            prefetch.close()
+
+    def _read_states(self, pipes, prefetch):
         for index, view in enumerate(self.views):
             pid = view.pid
             try:
@@ -148,10 +156,19 @@ class Collection:
                 if sid:
                     fd_rec["shmem"], fd_rec["desc"] = sid, self.shared.fd_desc[(pid, fd["fd"])]
             self.records.append(record)
+            # its remote calls are over: what the pagemap says now is what it will be
+            prefetch.submit(index, pid, view.vmas)
+
+    def _read_frames(self, prefetch):
+        """Frame ids are given in process order: they need every earlier process's."""
+        for index, view in enumerate(self.views):
+            pid = view.pid
+            entries = prefetch.entries(index, len(view.vmas))
             try:
                 fd = pagemap.open_pagemap(pid)
                 try:
-                    vmas = [self._vma_record(v, self.table.vma_frames(fd, index, v), pid) for v in view.vmas]
+                    vmas = [self._vma_record(v, self.table.vma_frames(fd, index, v, pre), pid)
+                            for v, pre in zip(view.vmas, entries)]
                 finally:
                     os.close(fd)
             except OSError:

@@ -37,6 +37,9 @@ FRAMES_PER_RECORD = 256  # 1 MiB of data at most per record
 # (its two copies cost more than the writer's one), one when pagers give most pages (the
 # pagers run too: a second reader only takes the 2 cores' time from the writer and them)
 READERS, READERS_WITH_PAGERS = 2, 1
+# records read ahead of the writer beyond one per reader: reading and writing a record cost
+# about the same (a copy each), so with no slack the writer waits at every hiccup of the reader
+AHEAD = 2
 VERIFIED_CACHE = 64  # pages kept from earlier records to compare candidates with (zero pages...)
 PAGER_MIN_PAGES = 256  # below this, setting a pager up (a dozen remote calls) costs more than it saves
 WAIT_POLL = 0.05  # seconds between looks at the running pagers while waiting for a record
@@ -368,8 +371,8 @@ def write_pages(writer, table, memories, progress=None, views=None, notes=None):
                     if pagers:
                         pagers.start_upto(first + count - 1)
                     pending.append((first, pool.submit(first, count)))
-                    # a few records in flight ahead of the writer: memory stays bounded
-                    if len(pending) > readers:
+                    # a few records in flight ahead of the writer (readers + AHEAD MiB): memory stays bounded
+                    if len(pending) > readers + AHEAD:
                         stored += _write(writer, pending.popleft(), reader, dedup, progress, pagers, poll)
                 while pending:
                     stored += _write(writer, pending.popleft(), reader, dedup, progress, pagers, poll)

@@ -15,6 +15,7 @@ path detaches every thread, so a tree is never left frozen by us.
 
 import errno
 import os
+import select
 import signal
 import time
 
@@ -231,6 +232,21 @@ class FrozenTree:
             return self._kill(timeout)
 
     def _kill(self, timeout):
+        # opened while the pids are surely ours: a pidfd reports POLLHUP once its process is
+        # reaped, so the wait below wakes then instead of polling /proc
+        pidfds = {}
+        for pid in self.order:
+            try:
+                pidfds[pid] = os.pidfd_open(pid)
+            except OSError:
+                pass
+        try:
+            return self._kill_and_wait(timeout, pidfds)
+        finally:
+            for fd in pidfds.values():
+                os.close(fd)
+
+    def _kill_and_wait(self, timeout, pidfds):
         for pid in self.order:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -247,9 +263,15 @@ class FrozenTree:
         self.released = True
         # dead processes leave /proc once reaped; give parents a moment to do it
         start = time.monotonic()
+        poller = select.poll()
+        for fd in pidfds.values():
+            poller.register(fd, 0)  # only POLLHUP, which a pidfd reports once its process is reaped
+        reaped = set()
         while True:
             left = []
             for pid in self.order:
+                if pid in reaped:
+                    continue
                 try:
                     st = procfs.read_stat(pid)
                 except OSError:
@@ -261,7 +283,13 @@ class FrozenTree:
             all_dead = all(state in ("Z", "X") for _, state, _ in left)
             if (all_dead and elapsed > REAP_GRACE) or elapsed > timeout:
                 return [(pid, ppid) for pid, _, ppid in left]
-            time.sleep(0.005)
+            if all_dead and all(pid in pidfds for pid, _, _ in left):
+                # until the next one is reaped
+                for fd, _ in poller.poll(max(REAP_GRACE - elapsed, 0) * 1000 + 1):
+                    poller.unregister(fd)
+                    reaped.update(pid for pid, pfd in pidfds.items() if pfd == fd)
+            else:
+                time.sleep(0.005)
 
 
 def freeze_tree(root):
