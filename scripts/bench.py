@@ -16,11 +16,19 @@ dumped with ``criu dump`` and restored with ``criu restore -d``, and checked and
 measured the same way: its rows have strategy ``criu``.
 
 Times are wall-clock on a shared machine: compare ratios within one run.  Every timed
-command starts after a sync(), so no tool pays for the writeback of an earlier image.
+command starts after a sync(), so no tool pays for the writeback of an earlier image, and
+after touching and freeing WARM_FACTOR x (distinct frames x 4 KiB) of anonymous memory (at
+most 60% of MemAvailable): in a VM whose free memory goes back to the host (virtio-balloon
+free page reporting, as on the machine this was written on) the first use of such memory is
+slow, and which tool meets it depended on what ran before (cow-apply after cow-plan's
+seconds of work met it; criu restore, run right after criu dump freed the tree, did not:
+cow-apply's page filling of a 1 GiB tree took 1.0-1.8 s instead of 0.5 s).  Each command
+now starts with free memory the host backs, as on bare metal.
 """
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -37,15 +45,37 @@ from tests.support.workloads import PATTERNS, reap, start_workload  # noqa: E402
 BIN = os.path.join(ROOT, ".venv", "bin")
 STRATEGIES = ("exact", "address", "none")
 CRIU_DEFAULTS = ("/opt/cowtree-criu/criu",)
+PAGE = 4096
+# free memory touched before each timed command, in distinct frames' bytes: CRIU's image of
+# the `same` pattern is 4x them (each process's copy), a restore makes at most as many again
+WARM_FACTOR = 5
 
 
-def run(cmd, what, reap_for=None):
+def mem_available():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def warm_free_memory(nbytes):
+    """Touch and free nbytes of anonymous memory (at most 60% of MemAvailable), so that the
+    free pages the next command gets are backed by the host (see the module's doc)."""
+    nbytes = min(nbytes, int(mem_available() * 0.6)) // PAGE * PAGE
+    if nbytes > 0:
+        mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE).close()
+
+
+def run(cmd, what, reap_for=None, warm=0):
     """Run cmd, timed.  reap_for: a Workload whose dead processes we reap meanwhile: we are
     their subreaper, and `--kill` (like a restore) wants their pids free, so we must not
-    leave them as zombies while blocked in a wait for the command."""
+    leave them as zombies while blocked in a wait for the command.  warm: bytes of free
+    memory to touch first (warm_free_memory)."""
     # the dirty pages of the previous command (images of up to several GiB) are written back
     # first, so that their writeback does not slow this one down: each tool starts alike
     os.sync()
+    warm_free_memory(warm)
     t0 = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
@@ -73,8 +103,9 @@ def bench_one(pattern, mib, workdir):
     try:
         before = tree_frames(wl.root)["distinct_frames"]
         images = os.path.join(workdir, f"{pattern}-{mib}.cow")
+        warm = WARM_FACTOR * before * PAGE
         _, t_collect = run([os.path.join(BIN, "cow-collect"), "--tree", str(wl.root), "--kill", "-o", images],
-                           "cow-collect", reap_for=wl)
+                           "cow-collect", reap_for=wl, warm=warm)
         wl.popen.wait(timeout=30)
         wl.wait_gone(timeout=10)
         image_bytes = os.path.getsize(images)
@@ -82,10 +113,10 @@ def bench_one(pattern, mib, workdir):
             plan = os.path.join(workdir, f"{pattern}-{mib}.{strategy}.plan")
             stats_file = plan + ".stats"
             _, t_plan = run([os.path.join(BIN, "cow-plan"), "-i", images, "-o", plan, "--strategy", strategy,
-                             "--stats", stats_file], f"cow-plan {strategy}")
+                             "--stats", stats_file], f"cow-plan {strategy}", warm=warm)
             with open(stats_file) as f:
                 stats = json.load(f)
-            res, t_apply = run([os.path.join(BIN, "cow-apply"), "-i", plan], f"cow-apply {strategy}")
+            res, t_apply = run([os.path.join(BIN, "cow-apply"), "-i", plan], f"cow-apply {strategy}", warm=warm)
             restored_root = int(res.stdout.split()[-1])
             wl.root = restored_root
             wl.known.update(wl.pids)
@@ -132,15 +163,16 @@ def bench_criu(criu, pattern, mib, workdir):
         before = tree_frames(wl.root)["distinct_frames"]
         images = os.path.join(workdir, f"{pattern}-{mib}.criu")
         os.mkdir(images)
+        warm = WARM_FACTOR * before * PAGE
         _, t_dump = run([criu, "dump", "-t", str(wl.root), "-D", images, "-o", "dump.log"], "criu dump",
-                        reap_for=wl)
+                        reap_for=wl, warm=warm)
         wl.popen.wait(timeout=30)
         wl.wait_gone(timeout=10)
         image_bytes = dir_bytes(images)
         pidfile = os.path.join(workdir, "criu.pid")
         # restore -d: criu exits once the tree runs; the tree is reparented to us (a subreaper)
         _, t_restore = run([criu, "restore", "-d", "-D", images, "-o", "restore.log", "--pidfile", pidfile],
-                           "criu restore")
+                           "criu restore", warm=warm)
         with open(pidfile) as f:
             wl.root = int(f.read())
         os.unlink(pidfile)
