@@ -18,12 +18,12 @@ measured the same way: its rows have strategy ``criu``.
 Times are wall-clock on a shared machine: compare ratios within one run.  Every timed
 command starts after a sync(), so no tool pays for the writeback of an earlier image, and
 after touching and freeing WARM_FACTOR x (distinct frames x 4 KiB) of anonymous memory (at
-most 60% of MemAvailable): in a VM whose free memory goes back to the host (virtio-balloon
-free page reporting, as on the machine this was written on) the first use of such memory is
-slow, and which tool meets it depended on what ran before (cow-apply after cow-plan's
-seconds of work met it; criu restore, run right after criu dump freed the tree, did not:
-cow-apply's page filling of a 1 GiB tree took 1.0-1.8 s instead of 0.5 s).  Each command
-now starts with free memory the host backs, as on bare metal.
+most 60% of MemAvailable).  On the VM this was written on (a virtio-balloon with free page
+reporting on the kernel command line: free memory presumably goes back to the host) memory
+was slow to use again depending on what ran before: cow-apply's page filling of a 1 GiB tree
+took 1.0-1.8 s right after cow-plan and 0.6 s when 3 GiB had been touched and freed just
+before; criu restore runs right after criu dump freed its tree, and met no such cost.  Each
+command now starts from the same state.
 """
 
 import argparse
