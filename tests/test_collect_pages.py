@@ -140,6 +140,34 @@ def test_frame_table_ids_and_runs(tmp_path):
         os.close(fd)
 
 
+def test_frame_ids_of_a_child_in_its_parents_order_or_not(tmp_path):
+    """frames.c guesses a page's id from the last one (a forked child maps its parent's frames in
+    order); a wrong guess falls back to the table: the ids are the same either way, and the same
+    whether the entries are read by vma_frames or handed to it (PagemapPrefetch)."""
+    P, S = pagemap.PRESENT, pagemap.SWAPPED
+    start = 0x40000
+    parent = [P | (200 + i) for i in range(10)]
+    child = [P | 200, P | 201, P | 202, P | 300, P | 204, P | 203, P | 205, P | 206, P | 207,
+             P | 208, P | 209, 0, S | 1, P | 200]
+    want = [1, 2, 3, 11, 5, 4, 6, 7, 8, 9, 10, 0, 12, 1]
+
+    def vma(n):
+        return {"start": start, "end": start + n * PAGE, "shared": False, "kind": "anon"}
+
+    by_read = FrameTable(zero_pfn=1)
+    for index, entries in enumerate((parent, child)):
+        fd = _entries_file(tmp_path, start, entries)
+        try:
+            got = by_read.vma_frames(fd, index, vma(len(entries)))
+        finally:
+            os.close(fd)
+    assert list(got) == want
+    handed = FrameTable(zero_pfn=1)
+    for index, entries in enumerate((parent, child)):
+        got = handed.vma_frames(-1, index, vma(len(entries)), entries=array("Q", entries).tobytes())
+    assert list(got) == want and handed.runs == by_read.runs and len(handed) == len(by_read) == 12
+
+
 def test_vdso_symbols_read_with_struct_match_pyelftools():
     from elftools.elf.elffile import ELFFile
 
