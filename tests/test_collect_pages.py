@@ -7,6 +7,8 @@ import random
 import zlib
 from array import array
 
+import pytest
+
 from stages.collect import pages
 from stages.collect.frames import FrameTable
 from stages.linux import pagemap
@@ -215,9 +217,10 @@ def test_show_checks_page_crcs():
     assert "page crcs: 3 checked, 1 wrong (first: frame 3)" in images(good, [0, 0, 1])
 
 
-def test_crc_index_keeps_the_first_id_of_each_crc_while_it_grows():
+@pytest.mark.parametrize("expected", [0, 100_000], ids=["growing", "sized-before"])
+def test_crc_index_keeps_the_first_id_of_each_crc_while_it_grows(expected):
     from stages._native import ffi, lib
-    index = ffi.gc(lib.cow_crc_index_new(), lib.cow_crc_index_free)
+    index = ffi.gc(lib.cow_crc_index_new(expected), lib.cow_crc_index_free)
     rnd = random.Random(3)
     crcs = array("I", rnd.sample(range(1 << 32), 100_000))
     crcs[0] = 0  # crc 0 is a crc like any other

@@ -167,10 +167,16 @@ static unsigned long index_slot(uint32_t crc, unsigned long mask)
 	return (unsigned long)(((uint64_t)crc * 0x9E3779B97F4A7C15ULL) >> 24) & mask;
 }
 
-struct cow_crc_index *cow_crc_index_new(void)
+/* expected: how many crcs will be added (at most): slots for all at the load factor that
+ * index_grow keeps, so that no growth rehashes the table on the way (at a million pages,
+ * the rehashes of the doublings from 2^16 slots cost cow-collect's writer ~0.1 s) */
+struct cow_crc_index *cow_crc_index_new(unsigned long expected)
 {
+	unsigned long slots = 1UL << 16;
+	while (slots < 2 * expected + 2 && slots < (1UL << 33))
+		slots *= 2;
 	struct cow_crc_index *t = calloc(1, sizeof *t);
-	if (!t || index_alloc(t, 1UL << 16) < 0) {
+	if (!t || index_alloc(t, slots) < 0) {
 		cow_crc_index_free(t);
 		return NULL;
 	}

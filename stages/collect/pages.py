@@ -225,13 +225,13 @@ class _Dedup:
     """Finds, in id order, the frames whose bytes an earlier frame has: a crc proposes,
     a byte comparison decides (a crc collision never merges two different pages)."""
 
-    def __init__(self, table, memories, volatile=frozenset()):
+    def __init__(self, table, memories, volatile=frozenset(), expected=0):
         self.table, self.memories = table, memories
         # frames whose bytes may have changed since they were written (rseq areas of processes
         # that ran a pager): never the frame another one is said to equal
         self.volatile = volatile
         # crc -> first frame id with that crc (native/helpers/crc.c: a dict costs ~0.4 us a page)
-        self.index = ffi.gc(lib.cow_crc_index_new(), lib.cow_crc_index_free)
+        self.index = ffi.gc(lib.cow_crc_index_new(expected), lib.cow_crc_index_free)  # expected: pages
         if self.index == ffi.NULL:
             raise MemoryError("cannot allocate the crc index")
         self.more_with = {}  # crc -> later frame ids with that crc but other bytes (collisions)
@@ -358,7 +358,7 @@ def write_pages(writer, table, memories, progress=None, views=None, notes=None):
     total = len(table)
     pagers = _Pagers(table, views, notes if notes is not None else []) if views is not None else None
     reader = _Reader(table, memories, pagers)
-    dedup = _Dedup(table, memories, pagers.volatile if pagers else frozenset())
+    dedup = _Dedup(table, memories, pagers.volatile if pagers else frozenset(), expected=total)
     stored = 0
     pending = collections.deque()
     poll = pagers.poll if pagers else None
