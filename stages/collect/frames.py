@@ -10,11 +10,12 @@ kept as runs, so pages are later read with one pread per run.  The per-page work
 import bisect
 import os
 import threading
-from _queue import SimpleQueue  # what queue.SimpleQueue is, without the queue module's import
 from array import array
 
 from stages._native import ffi, lib
 from stages.linux import pagemap
+
+from .parallel import Workers
 
 PAGE = pagemap.PAGE
 
@@ -29,9 +30,9 @@ def has_frames(vma):
 
 
 class PagemapPrefetch:
-    """Reads the pagemap entries of processes on a thread of its own while the caller works
-    on the ones before (their state, their frame ids): the kernel's page walk behind a
-    pagemap read (~50 ns a page) then overlaps the caller's work instead of following it.
+    """Reads the pagemap entries of processes on two threads while the caller works on the
+    ones before (their state, their frame ids): the kernel's page walk behind a pagemap read
+    (~50 ns a page) then overlaps the caller's work instead of following it.
 
     A process is submitted once nothing more changes its memory (its remote calls are over).
     VMAs over PAGEMAP_SLICE pages, and all once PREFETCH_BUDGET entries are held, are left to
@@ -39,46 +40,28 @@ class PagemapPrefetch:
     reports the error as it always has."""
 
     def __init__(self, threads=2):
-        self.jobs = SimpleQueue()
-        self.results = {}  # process index -> [entries or None per VMA], set before done
-        self.done = {}  # process index -> threading.Event
         self.left = PREFETCH_BUDGET  # entries this prefetch may still hold
         self.lock = threading.Lock()  # for left
         # two: the caller mostly waits for them once the remote calls are over
-        self.threads = [threading.Thread(target=self._run, name=f"cow-pagemap-{i}", daemon=True)
-                        for i in range(threads)]
-        for t in self.threads:
-            t.start()
+        self.workers = Workers(self._read, threads, name="cow-pagemap")
+        self.jobs = {}  # process index -> its Job
 
     def submit(self, index, pid, vmas):
-        self.done[index] = threading.Event()
-        self.jobs.put((index, pid, vmas))
+        self.jobs[index] = self.workers.submit(pid, vmas)
 
     def entries(self, index, count):
-        """The entries read for process index (a list, one per VMA); all None when not submitted."""
-        event = self.done.get(index)
-        if event is None:
+        """The entries read for process index (a list, one per VMA); all None when not
+        submitted, or when the read failed."""
+        job = self.jobs.pop(index, None)
+        if job is None:
             return [None] * count
-        event.wait()
-        return self.results.pop(index)
+        try:
+            return job.result()
+        except Exception:
+            return [None] * count
 
     def close(self):
-        for _ in self.threads:
-            self.jobs.put(None)
-        for t in self.threads:
-            t.join()
-
-    def _run(self):
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            index, pid, vmas = job
-            try:
-                self.results[index] = self._read(pid, vmas)
-            except BaseException:
-                self.results[index] = [None] * len(vmas)
-            self.done[index].set()
+        self.workers.close()
 
     def _read(self, pid, vmas):
         out = [None] * len(vmas)

@@ -21,15 +21,15 @@ starts, watches and finishes the pagers.
 
 import bisect
 import collections
-import threading
 import time
-from _queue import SimpleQueue  # what queue.SimpleQueue is, without the queue module's import
 from array import array
 
 from stages._native import ffi, lib
 from stages.linux import pager as pager_mod
 from stages.linux import ptrace
 from stages.stream import pack_u32
+
+from .parallel import Workers
 
 PAGE = 4096
 FRAMES_PER_RECORD = 256  # 1 MiB of data at most per record
@@ -297,58 +297,6 @@ def _record(first, buf, crcs, buf_crc, same, ndups):
     return body, data, data_crc, len(crcs) - ndups
 
 
-class _Job:
-    __slots__ = ("args", "done", "value", "error")
-
-    def __init__(self, args):
-        self.args, self.done, self.value, self.error = args, threading.Event(), None, None
-
-    def result(self, poll=None):
-        """The value (or the error raised); poll() is called while waiting."""
-        while not self.done.wait(WAIT_POLL if poll else None):
-            poll()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-class _Workers:
-    """``count`` threads running fn on submitted arguments; results come back per job.
-    (concurrent.futures would do, but importing it costs cow-collect 12 ms.)"""
-
-    def __init__(self, fn, count):
-        self.fn, self.jobs = fn, SimpleQueue()
-        self.threads = [threading.Thread(target=self._run, name=f"cow-pages-{i}", daemon=True)
-                        for i in range(count)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self):
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            try:
-                job.value = self.fn(*job.args)
-            except BaseException as exc:  # handed to the caller by result()
-                job.error = exc
-            job.done.set()
-
-    def submit(self, *args):
-        job = _Job(args)
-        self.jobs.put(job)
-        return job
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for _ in self.threads:
-            self.jobs.put(None)
-        for t in self.threads:
-            t.join()
-
-
 def write_pages(writer, table, memories, progress=None, views=None, notes=None):
     """Write the pages records of every frame in table; memories[proc_index] reads that process.
     With views (the frozen processes, in table order; called from the tracer thread), big
@@ -364,7 +312,7 @@ def write_pages(writer, table, memories, progress=None, views=None, notes=None):
     poll = pagers.poll if pagers else None
     readers = READERS_WITH_PAGERS if pagers and pagers.streams else READERS
     try:
-        with _Workers(reader.read, readers) as pool:
+        with Workers(reader.read, readers, name="cow-pages") as pool:
             try:
                 for first in range(1, total + 1, FRAMES_PER_RECORD):
                     count = min(FRAMES_PER_RECORD, total + 1 - first)
@@ -395,7 +343,7 @@ def write_pages(writer, table, memories, progress=None, views=None, notes=None):
 
 def _write(writer, pending, reader, dedup, progress, pagers, poll):
     first, job = pending
-    buf, crcs, buf_crc = job.result(poll)
+    buf, crcs, buf_crc = job.result(poll, WAIT_POLL)
     if pagers:
         pagers.finish_upto(first + len(crcs) - 1)
     body, data, crc, stored = _record(first, buf, crcs, buf_crc, *dedup.record(first, buf, crcs))

@@ -1,12 +1,15 @@
-"""ordered_map: a function over a list on a few threads, results and errors as a loop gives them.
+"""Work on a few threads, for work that spends its time in system calls, which release the GIL.
 
-For work that spends its time in system calls, which release the GIL: reading /proc of several
-frozen processes, where the kernel walks each one's page tables for smaps.
+ordered_map: a function over a list, results and errors as a loop gives them (reading /proc of
+several frozen processes, where the kernel walks each one's page tables for smaps).
+Workers: threads running a function on arguments submitted one by one, a Job for each
+(reading the pages of the next records, the pagemaps of the next processes).
 """
 
 import collections
 import os
 import threading
+from _queue import SimpleQueue  # what queue.SimpleQueue is, without the queue module's import
 
 MAX_THREADS = 8
 
@@ -57,3 +60,59 @@ def ordered_map(fn, items, threads=None):
         if exc is not None:
             raise exc
     return results
+
+
+class Job:
+    __slots__ = ("args", "done", "value", "error")
+
+    def __init__(self, args):
+        self.args, self.done, self.value, self.error = args, threading.Event(), None, None
+
+    def result(self, poll=None, every=None):
+        """The value (or the error raised); poll() is called every ``every`` seconds while waiting."""
+        while not self.done.wait(every if poll else None):
+            poll()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Workers:
+    """``count`` threads running fn on submitted arguments; results come back per job.
+    (concurrent.futures would do, but importing it costs cow-collect 12 ms.)"""
+
+    def __init__(self, fn, count, name="cow-work"):
+        self.fn, self.jobs = fn, SimpleQueue()
+        self.threads = [threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+                        for i in range(count)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                job.value = self.fn(*job.args)
+            except BaseException as exc:  # handed to the caller by result()
+                job.error = exc
+            job.done.set()
+
+    def submit(self, *args):
+        job = Job(args)
+        self.jobs.put(job)
+        return job
+
+    def close(self):
+        """The threads end once the jobs submitted so far are done."""
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

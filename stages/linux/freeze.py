@@ -264,7 +264,8 @@ class FrozenTree:
         # dead processes leave /proc once reaped; give parents a moment to do it
         start = time.monotonic()
         poller = select.poll()
-        for fd in pidfds.values():
+        pid_of = {fd: pid for pid, fd in pidfds.items()}
+        for fd in pid_of:
             poller.register(fd, 0)  # only POLLHUP, which a pidfd reports once its process is reaped
         reaped = set()
         while True:
@@ -287,7 +288,7 @@ class FrozenTree:
                 # until the next one is reaped
                 for fd, _ in poller.poll(max(REAP_GRACE - elapsed, 0) * 1000 + 1):
                     poller.unregister(fd)
-                    reaped.update(pid for pid, pfd in pidfds.items() if pfd == fd)
+                    reaped.add(pid_of[fd])
             else:
                 time.sleep(0.005)
 
