@@ -7,27 +7,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.support.commands import TIMEOUT, tool
+from tests.support.commands import run as run_command
 from tests.support.workloads import (  # noqa: F401 (workload: fixture)
     become_subreaper, build, children_of, proc_state, reap, workload)
 from tests.test_reliability_streams import PIDS_CGROUP, run_counted
 
-BIN = os.path.dirname(sys.executable)
-TIMEOUT = 60
-
-
-def tool(name):
-    return os.path.join(BIN, name)
-
 
 def run(argv, data=None):
-    proc = subprocess.run(argv, input=data, capture_output=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{argv[0]}: {proc.stderr.decode(errors='replace')[-2000:]}"
-    return proc.stdout
+    return run_command(argv, data).stdout
 
 
 class Cgroup:

@@ -5,7 +5,6 @@ import copy
 import io
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,15 +15,11 @@ from stages.plan.model import PlanError, read_images
 from stages.plan.simulate import simulate
 from stages.plan.validate import PlanInvalid, validate_plan
 from stages.stream import StreamError, StreamReader, StreamWriter, envelope, images, pack_u32, plans, unpack_u32
+from tests.support.commands import tool
 from tests.support.synthetic import PATTERNS, ImageBuilder, page_bytes
 
-BIN = os.path.dirname(sys.executable)
 PAGE = 4096
 PIDS_CGROUP = "/sys/fs/cgroup/pids"
-
-
-def tool(name):
-    return os.path.join(BIN, name)
 
 
 # -- running a stage and proving it created no process ----------------------------------------

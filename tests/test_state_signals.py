@@ -5,26 +5,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.support.commands import run as run_command
+from tests.support.commands import tool
 from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state
 
-BIN = os.path.dirname(sys.executable)
-TIMEOUT = 60
 DRAINED = ["28 0 0", "12 -1 4242", "35 -1 1", "35 -1 2"]  # SIGWINCH (tgkill), SIGUSR2, SIGRTMIN+1 x2
 
 
-def tool(name):
-    return os.path.join(BIN, name)
-
-
 def run(argv, data=None):
-    proc = subprocess.run(argv, input=data, capture_output=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{argv[0]} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-2000:]}"
-    return proc.stdout
+    return run_command(argv, data).stdout
 
 
 def ask(outdir, ns_pid, outer_pid, sig, suffix):

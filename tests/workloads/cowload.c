@@ -23,7 +23,6 @@
  *   orphans  root is a child subreaper; a middle process forks 2 children, then exits
  */
 #define _GNU_SOURCE
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -43,7 +42,6 @@
 
 static struct { unsigned char *addr; size_t len; } regions[MAX_REGIONS];
 static int nregions;
-static uint64_t expected_sum;
 
 /* Page-distinct contents: every word depends on (seed, page index, word index). */
 static void fill_pages(unsigned char *base, size_t first, size_t count, uint64_t seed)
@@ -83,83 +81,21 @@ static void add_region(unsigned char *addr, size_t len)
 	nregions++;
 }
 
-static void publish_sum(void)
-{
-	char name[64], text[64];
-	expected_sum = checksum();
-	snprintf(name, sizeof name, "%d.sum", (int)getpid());
-	snprintf(text, sizeof text, "%016llx\n", (unsigned long long)expected_sum);
-	write_file(name, text);
-}
-
-static int count_sums(char *pids, size_t size)
-{
-	DIR *d = opendir(outdir);
-	struct dirent *e;
-	int n = 0;
-	size_t used = 0;
-	if (!d)
-		die("opendir");
-	pids[0] = 0;
-	while ((e = readdir(d))) {
-		size_t len = strlen(e->d_name);
-		if (len > 4 && e->d_name[0] != '.' && strcmp(e->d_name + len - 4, ".sum") == 0) {
-			n++;
-			used += snprintf(pids + used, size - used, "%.*s\n", (int)(len - 4), e->d_name);
-		}
-	}
-	closedir(d);
-	return n;
-}
-
-
-/* Wait for signals forever; never returns. */
-static void serve(void)
-{
-	sigset_t block, wait_mask;
-	sigemptyset(&block);
-	sigaddset(&block, SIGUSR1);
-	sigaddset(&block, SIGTERM);
-	sigprocmask(SIG_BLOCK, &block, &wait_mask);
-	sigdelset(&wait_mask, SIGUSR1);
-	sigdelset(&wait_mask, SIGTERM);
-	for (;;) {
-		sigsuspend(&wait_mask);
-		if (got_term)
-			_exit(0);
-		if (got_usr1) {
-			char name[64], text[64];
-			uint64_t sum = checksum();
-			got_usr1 = 0;
-			snprintf(name, sizeof name, "%d.check", (int)getpid());
-			snprintf(text, sizeof text, "%s %016llx\n", sum == expected_sum ? "ok" : "bad",
-				 (unsigned long long)sum);
-			write_file(name, text);
-		}
-	}
-}
-
 /* Final memory reached in a non-root process: publish and serve. */
 static void settle(void)
 {
-	publish_sum();
-	serve();
+	uint64_t sum = checksum();
+	publish_sum(sum);
+	serve_checksum(checksum, sum);
 }
 
 /* The root: publish, wait for everyone's .sum, write ready, serve. */
 static void root_settle(int expected)
 {
-	char pids[8192];
-	publish_sum();
-	for (int tries = 0; count_sums(pids, sizeof pids) < expected; tries++) {
-		if (tries > 60000) {
-			errno = ETIMEDOUT;
-			die("waiting for the .sum files");
-		}
-		usleep(1000);
-	}
-	write_file("ready", pids);
-	serve();
+	uint64_t sum = checksum();
+	publish_sum(sum);
+	write_ready_after_sums(expected);
+	serve_checksum(checksum, sum);
 }
 
 static pid_t fork_or_die(void)
@@ -194,12 +130,7 @@ int main(int argc, char **argv)
 		die("MIB must be at least 1");
 	}
 
-	struct sigaction sa;
-	memset(&sa, 0, sizeof sa);
-	sa.sa_handler = on_usr1;
-	sigaction(SIGUSR1, &sa, NULL);
-	sa.sa_handler = on_term;
-	sigaction(SIGTERM, &sa, NULL);
+	catch_usr1_term();
 
 	unsigned char *region = map_region(len);
 	fill_pages(region, 0, npages, 1);

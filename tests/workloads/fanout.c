@@ -6,7 +6,6 @@
  * "bad <sum>"; SIGTERM exits.  Errors: OUTDIR/error.
  */
 #define _GNU_SOURCE
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -40,37 +39,6 @@ static void fill_page(size_t page, uint64_t tag)
 }
 
 
-static void serve(uint64_t sum)
-{
-	char name[64], text[128];
-	sigset_t block, old;
-	sigemptyset(&block);
-	sigaddset(&block, SIGUSR1);
-	sigaddset(&block, SIGTERM);
-	sigprocmask(SIG_BLOCK, &block, &old);
-	for (;;) {
-		while (!got_usr1 && !got_term)
-			sigsuspend(&old);
-		if (got_term)
-			_exit(0);
-		got_usr1 = 0;
-		uint64_t now = checksum();
-		snprintf(name, sizeof name, "%d.check", (int)getpid());
-		snprintf(text, sizeof text, "%s %016llx\n", now == sum ? "ok" : "bad", (unsigned long long)now);
-		write_file(name, text);
-	}
-}
-
-static uint64_t publish(void)
-{
-	char name[64], text[64];
-	uint64_t sum = checksum();
-	snprintf(name, sizeof name, "%d.sum", (int)getpid());
-	snprintf(text, sizeof text, "%016llx\n", (unsigned long long)sum);
-	write_file(name, text);
-	return sum;
-}
-
 int main(int argc, char **argv)
 {
 	if (argc != 4)
@@ -78,11 +46,7 @@ int main(int argc, char **argv)
 	int nproc = atoi(argv[1]);
 	len = (size_t)atol(argv[2]) << 20;
 	outdir = argv[3];
-	struct sigaction sa = {0};
-	sa.sa_handler = on_usr1;
-	sigaction(SIGUSR1, &sa, NULL);
-	sa.sa_handler = on_term;
-	sigaction(SIGTERM, &sa, NULL);
+	catch_usr1_term();
 	region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (region == MAP_FAILED)
 		die("mmap");
@@ -95,32 +59,14 @@ int main(int argc, char **argv)
 			die("fork");
 		if (pid == 0) {
 			fill_page((size_t)c % npages, 100 + c);
-			serve(publish());
+			uint64_t sum = checksum();
+			publish_sum(sum);
+			serve_checksum(checksum, sum);
 		}
 	}
-	uint64_t sum = publish();
-	/* ready once every .sum exists */
-	char pids[1 << 16];
-	for (;;) {
-		DIR *d = opendir(outdir);
-		struct dirent *e;
-		int n = 0;
-		size_t used = 0;
-		if (!d)
-			die("opendir");
-		while ((e = readdir(d))) {
-			size_t l = strlen(e->d_name);
-			if (l > 4 && e->d_name[0] != '.' && strcmp(e->d_name + l - 4, ".sum") == 0) {
-				n++;
-				used += snprintf(pids + used, sizeof pids - used, "%.*s\n", (int)(l - 4), e->d_name);
-			}
-		}
-		closedir(d);
-		if (n == nproc)
-			break;
-		usleep(2000);
-	}
-	write_file("ready", pids);
-	serve(sum);
+	uint64_t sum = checksum();
+	publish_sum(sum);
+	write_ready_after_sums(nproc);
+	serve_checksum(checksum, sum);
 	return 0;
 }

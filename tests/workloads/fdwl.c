@@ -66,7 +66,9 @@ static int read_names(int fd, char *out, size_t size, int max)
 	}
 }
 
-static void report(int is_root)
+static int is_root; /* the root reports the names it read at set-up too */
+
+static void report(void)
 {
 	static char text[16384], rest[8192];
 	char *p = text, *end = text + sizeof text;
@@ -92,46 +94,33 @@ static void report(int is_root)
 		}
 		p += snprintf(p, end - p, "\n");
 	}
-	char name[64];
-	snprintf(name, sizeof name, "%d.check", (int)getpid());
-	write_file(name, text);
+	write_own_file("check", text);
 }
 
-static void serve(int is_root)
+/* SIGUSR2: OUTDIR/<pid>.fifo = what the fifo (fd 11) holds now */
+static void read_fifo(void)
 {
-	sigset_t none;
-	sigemptyset(&none);
-	for (;;) {
-		sigsuspend(&none);
-		if (got_usr1) {
-			got_usr1 = 0;
-			report(is_root);
-		}
-		if (got_usr2) {
-			got_usr2 = 0;
-			char buf[4096];
-			ssize_t n = read(11, buf, sizeof buf - 1);
-			buf[n > 0 ? n : 0] = 0;
-			char name[64];
-			snprintf(name, sizeof name, "%d.fifo", (int)getpid());
-			write_file(name, buf);
-		}
-	}
+	if (!got_usr2)
+		return;
+	got_usr2 = 0;
+	char buf[4096];
+	ssize_t n = read(11, buf, sizeof buf - 1);
+	buf[n > 0 ? n : 0] = 0;
+	write_own_file("fifo", buf);
 }
 
 int main(int argc, char **argv)
 {
 	start(argc, argv);
 	signal(SIGUSR2, on_usr2);
-	char path[4096], name[64];
+	char path[4096];
 	snprintf(path, sizeof path, "%s/fifo", outdir);
 	at(open(path, O_RDWR), 10, "open fifo rdwr");
 	pid_t child = fork();
 	if (child == 0) {
 		at(open(path, O_RDONLY | O_NONBLOCK), 11, "open fifo rdonly");
-		snprintf(name, sizeof name, "%d.sum", (int)getpid());
-		write_file(name, "child\n");
-		serve(0);
+		write_own_file("sum", "child\n");
+		serve_reports(report, read_fifo);
 	}
 	at(open(path, O_WRONLY | O_NONBLOCK), 12, "open fifo wronly");
 	must(write(12, "fifo-bytes", 10) == 10, "write fifo");
@@ -149,5 +138,6 @@ int main(int argc, char **argv)
 	char ready[64];
 	snprintf(ready, sizeof ready, "%d\n%d\n", (int)getpid(), (int)child);
 	write_file("ready", ready);
-	serve(1);
+	is_root = 1;
+	serve_reports(report, read_fifo);
 }

@@ -49,32 +49,10 @@ int main(int argc, char **argv)
 		if (mprotect(region + i * PAGE, PAGE, PROT_READ) < 0)
 			die("mprotect");
 	uint64_t sum = checksum();
-	char name[64], text[128];
-	snprintf(name, sizeof name, "%d.sum", (int)getpid());
-	snprintf(text, sizeof text, "%016llx\n", (unsigned long long)sum);
-	write_file(name, text);
+	catch_usr1_term();
+	publish_sum(sum);
+	char text[32];
 	snprintf(text, sizeof text, "%d\n", (int)getpid());
 	write_file("ready", text);
-
-	struct sigaction sa = {0};
-	sa.sa_handler = on_usr1;
-	sigaction(SIGUSR1, &sa, NULL);
-	sa.sa_handler = on_term;
-	sigaction(SIGTERM, &sa, NULL);
-	sigset_t block, old;
-	sigemptyset(&block);
-	sigaddset(&block, SIGUSR1);
-	sigaddset(&block, SIGTERM);
-	sigprocmask(SIG_BLOCK, &block, &old);
-	for (;;) {
-		while (!got_usr1 && !got_term)
-			sigsuspend(&old);
-		if (got_term)
-			_exit(0);
-		got_usr1 = 0;
-		uint64_t now = checksum();
-		snprintf(name, sizeof name, "%d.check", (int)getpid());
-		snprintf(text, sizeof text, "%s %016llx\n", now == sum ? "ok" : "bad", (unsigned long long)now);
-		write_file(name, text);
-	}
+	serve_checksum(checksum, sum);
 }

@@ -55,11 +55,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	outdir = argv[1];
-	struct sigaction sa = {0};
-	sa.sa_handler = on_usr1;
-	sigaction(SIGUSR1, &sa, NULL);
-	sa.sa_handler = on_term;
-	sigaction(SIGTERM, &sa, NULL);
+	catch_usr1_term();
 	sigset_t mask, old;
 	sigemptyset(&mask);
 	sigaddset(&mask, SIGUSR1);
@@ -76,9 +72,7 @@ int main(int argc, char **argv)
 		if (got_usr1) {
 			got_usr1 = 0;
 			snprintf(text, sizeof text, "aborts %lu\n", aborts);
-			char name[64];
-			snprintf(name, sizeof name, "%d.check", (int)getpid());
-			write_file(name, text);
+			write_own_file("check", text);
 		}
 		usleep(5000);
 	}

@@ -135,22 +135,7 @@ static void report(void)
 		if (CPU_ISSET(c, &cpus))
 			p += snprintf(p, end - p, " %d", c);
 	p += snprintf(p, end - p, "\noom_score_adj %s\n", oom);
-	char name[64];
-	snprintf(name, sizeof name, "%d.check", (int)getpid());
-	write_file(name, text);
-}
-
-static void serve(void)
-{
-	sigset_t none;
-	sigemptyset(&none);
-	for (;;) {
-		sigsuspend(&none);
-		if (got_usr1) {
-			got_usr1 = 0;
-			report();
-		}
-	}
+	write_own_file("check", text);
 }
 
 static void set_limit(int res, rlim_t soft, rlim_t hard)
@@ -189,9 +174,8 @@ int main(int argc, char **argv)
 		must(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_RAW, 0, 0) == 0, 38);
 		must(prctl(PR_CAPBSET_DROP, CAP_SYS_MODULE) == 0, 39);
 		must(prctl(PR_SET_SECUREBITS, SECBIT_NOROOT) == 0, 50);
-		snprintf(name, sizeof name, "%d.sum", (int)getpid());
-		write_file(name, "child\n");
-		serve();
+		write_own_file("sum", "child\n");
+		serve_reports(report, NULL);
 	}
 	snprintf(name, sizeof name, "%s/%d.sum", outdir, (int)child);
 	while (access(name, F_OK) != 0)
@@ -221,10 +205,9 @@ int main(int argc, char **argv)
 	set_caps(nbs, nbs | raw, nbs | raw);
 	must(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_RAW, 0, 0) == 0, 54);
 	must(prctl(PR_SET_DUMPABLE, 1) == 0, 47);
-	snprintf(name, sizeof name, "%d.sum", (int)getpid());
-	write_file(name, "root\n");
+	write_own_file("sum", "root\n");
 	char ready[64];
 	snprintf(ready, sizeof ready, "%d\n%d\n", (int)getpid(), (int)child);
 	write_file("ready", ready);
-	serve();
+	serve_reports(report, NULL);
 }

@@ -141,9 +141,7 @@ static void check(void)
 			      tid_first[i], tid_now[i], tls_ok[i], sum_ok[i], (unsigned long long)counter[i], ack[i] == gen,
 			      pend[i]);
 	p += snprintf(p, end - p, "dataset %d\n", checksum(dataset, DATASET) == dataset_sum);
-	char name[64];
-	snprintf(name, sizeof name, "%d.check", (int)getpid());
-	write_file(name, text);
+	write_own_file("check", text);
 }
 
 static void run(void)
@@ -171,11 +169,7 @@ int main(int argc, char **argv)
 	}
 	outdir = argv[1];
 	int children = atoi(argv[2]);
-	struct sigaction sa = {0};
-	sa.sa_handler = on_usr1;
-	sigaction(SIGUSR1, &sa, NULL);
-	sa.sa_handler = on_term;
-	sigaction(SIGTERM, &sa, NULL);
+	catch_usr1_term();
 	dataset = malloc(DATASET);
 	if (!dataset)
 		die("malloc");
