@@ -343,11 +343,14 @@ def tiny_fs(tmp_path):
 def test_disk_full(workload, tiny_fs):
     wl = workload("same", mib=4)
     out = tiny_fs / "images.cow"
+    out.write_bytes(b"an earlier image")
     res = collect(wl.root, out=out)
     err = res.stderr.decode()
     assert res.returncode == 1, err
     assert "ENOSPC" in err and str(out) in err and "Traceback" not in err, err
-    assert os.listdir(tiny_fs) == []  # the partial file is gone
+    assert f"{out} was left as it was" in err, err
+    # the partial image had no name; the earlier one is still there
+    assert os.listdir(tiny_fs) == ["images.cow"] and out.read_bytes() == b"an earlier image"
     assert_running_untraced(wl.pids)
     assert all(v.startswith("ok ") for v in wl.check().values())
 

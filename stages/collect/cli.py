@@ -7,7 +7,8 @@ Exit codes:
   1   failure (no such process, permission, I/O error such as a closed pipe, ...)
   2   refused: the tree holds something cowtree cannot restore yet (each reason is printed)
   64  bad command line
-On every non-zero exit the tree is resumed and a partial -o FILE is removed.
+On every non-zero exit the tree is resumed and -o FILE is left as it was: the image is
+written under no name and takes FILE's name only once complete.
 """
 
 import argparse
@@ -46,10 +47,12 @@ def main(argv=None):
         "cow-collect's (with every signal blocked) that reads its state and hands its pages over "
         "through pipes; it is taken out again before the tree goes on (docs/SECURITY.md).",
         epilog="exit codes: 0 done, 1 failure, 2 refused (not supported yet), 64 bad usage. "
-        "On failure the tree is resumed and a partial output file removed.",
+        "On failure the tree is resumed and FILE left as it was (the image takes FILE's name only "
+        "once complete).",
     )
     ap.add_argument("--tree", type=int, required=True, metavar="PID", help="root of the tree to dump")
-    ap.add_argument("-o", "--output", default="-", metavar="FILE", help="image file (created 0600); default stdout")
+    ap.add_argument("-o", "--output", default="-", metavar="FILE",
+                    help="image file (0600; replaced only once the image is complete); default stdout")
     after = ap.add_mutually_exclusive_group()
     after.add_argument("--kill", action="store_true", help="SIGKILL the tree once the stream is complete")
     after.add_argument("--leave-stopped", action="store_true", help="leave the tree stopped (SIGSTOP) when done")
@@ -83,8 +86,8 @@ def main(argv=None):
             print(f"cow-collect: {line}", file=sys.stderr)
         code = EXIT_REFUSED
     except OutputError as exc:
-        removed = "; the partial file was removed" if output.path else ""
-        print(f"cow-collect: {exc}; the tree was resumed{removed}", file=sys.stderr)
+        kept = f"; {output.path} was left as it was" if output.path else ""
+        print(f"cow-collect: {exc}; the tree was resumed{kept}", file=sys.stderr)
         code = EXIT_FAILURE
     except (FreezeError, CollectError, StreamError) as exc:
         print(f"cow-collect: {exc}", file=sys.stderr)

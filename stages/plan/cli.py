@@ -56,7 +56,8 @@ def parse_args(argv):
         "3 --check found the plan wrong, 2 bad usage.",
     )
     ap.add_argument("-i", "--input", help="image stream (default stdin)")
-    ap.add_argument("-o", "--output", help="plan stream (default stdout)")
+    ap.add_argument("-o", "--output", help="plan stream (default stdout); a file is replaced only once the plan "
+                    "is complete, so -o may name the input")
     ap.add_argument(
         "--strategy", choices=sorted(STRATEGIES), default="exact",
         help="exact (default): every page the tree shared stays shared, wherever it moved; "

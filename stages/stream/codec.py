@@ -305,35 +305,100 @@ WRITE_BUFFER = 1 << 16
 
 
 class OutputFile:
-    """A stream destination: a new 0600 file (removed again unless committed) or stdout.
+    """A stream destination: stdout, or a file that gets its name only once committed.
 
-    Images and plans contain process memory, so files are private to the owner.
+    A new name or a regular file is written under no name in its directory (O_TMPFILE)
+    and linked into place by commit(), replacing what was there: a run that fails leaves
+    an existing file as it was, and ``cow-plan -i F -o F`` reads F to the end before F is
+    replaced.  Anything else that exists (a FIFO, a device such as /dev/null) is written
+    in place and never replaced.  Images and plans contain process memory, so a file we
+    create is private to the owner (0600).
     """
 
     def __init__(self, path):
         self.path = None if path in (None, "-") else path
+        self._temp_name = None  # the temporary name, once the file has one
+        self._unnamed = False  # written under no name: commit() links it into place
         if self.path is None:
             self.file = os.fdopen(os.dup(1), "wb", buffering=WRITE_BUFFER)
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # a FIFO or device: no mode change either
         else:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            os.fchmod(fd, 0o600)
-            self.file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+            fd = self._open_new()
+        self.file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+
+    def _temp_names(self):
+        """Hidden names beside path to try in turn: .NAME.PID-N.tmp"""
+        where, base = os.path.split(os.path.abspath(self.path))
+        return (os.path.join(where, f".{base}.{os.getpid()}-{n}.tmp") for n in range(100))
+
+    def _open_new(self):
+        try:
+            where = os.path.dirname(os.path.abspath(self.path))
+            fd = os.open(where, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+            self._unnamed = True
+            return fd
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+        # a file system without O_TMPFILE: a hidden temporary name, renamed at commit
+        for name in self._temp_names():
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            self._temp_name = name
+            return fd
+        raise FileExistsError(errno.EEXIST, "no free temporary name", self.path)
 
     def commit(self):
+        """Write what is buffered and put the file in place (its name replaced at once).
+        Not synced: like any write, the image reaches the disk when the kernel writes it."""
         self.file.flush()
+        if self._unnamed:
+            self._link_temp_name()
+        if self._temp_name is not None:
+            os.rename(self._temp_name, self.path)
+            self._temp_name = None
         self.file.close()
 
+    def _link_temp_name(self):
+        # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: how an O_TMPFILE file gets a name without
+        # CAP_DAC_READ_SEARCH.  os.link passes AT_SYMLINK_FOLLOW only when given a dir fd.
+        fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in self._temp_names():
+                try:
+                    os.link(str(self.file.fileno()), name, src_dir_fd=fds, follow_symlinks=True)
+                except FileExistsError:
+                    continue
+                self._temp_name, self._unnamed = name, False
+                return
+        finally:
+            os.close(fds)
+        raise FileExistsError(errno.EEXIST, "no free temporary name", self.path)
+
     def abandon(self):
-        """Close and remove a partial file; on a pipe the missing trailer marks it invalid."""
+        """Close without putting anything in place: an unnamed file vanishes, a temporary
+        name is removed, an existing file at path is left as it was.  On a pipe the
+        missing trailer marks the stream invalid."""
         try:
             self.file.close()
         except OSError:
             pass
-        if self.path is not None:
+        if self._temp_name is not None:
             try:
-                os.unlink(self.path)
+                os.unlink(self._temp_name)
             except OSError:
                 pass
+            self._temp_name = None
 
 
 def is_broken_pipe(exc):
