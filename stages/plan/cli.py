@@ -8,7 +8,7 @@ Exit codes: 0 done, 1 bad input or an image the plan cannot handle, 3 --check fa
 import argparse
 import sys
 
-from stages.stream import OutputFile, StreamError, StreamWriter, is_broken_pipe, open_input
+from stages.stream import OutputFile, StreamError, StreamWriter, is_broken_pipe, open_input, os_error_text
 
 from .exact import plan_exact
 from .explain import explain
@@ -112,7 +112,7 @@ def main(argv=None):
     except OSError as exc:
         if is_broken_pipe(exc):
             return 1
-        print(f"cow-plan: {exc}", file=sys.stderr)
+        print(f"cow-plan: {os_error_text(exc)}", file=sys.stderr)
         return 1
     finally:
         if images is not None:

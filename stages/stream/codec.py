@@ -347,7 +347,7 @@ class OutputFile:
             return fd
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise
+                raise OSError(exc.errno, exc.strerror, self.path) from None
         # a file system without O_TMPFILE: a hidden temporary name, renamed at commit
         for name in self._temp_names():
             try:
@@ -399,6 +399,14 @@ class OutputFile:
             except OSError:
                 pass
             self._temp_name = None
+
+
+def os_error_text(exc):
+    """An OSError as a command prints it: "PATH: reason" (the way cat does), not Python's
+    "[Errno 2] No such file or directory: 'PATH'"."""
+    if exc.strerror and exc.filename is not None:
+        return f"{os.fsdecode(exc.filename)}: {exc.strerror}"
+    return exc.strerror or str(exc)
 
 
 def is_broken_pipe(exc):

@@ -48,7 +48,8 @@ def main(argv=None):
     try:
         m = tree_frames(args.pid)
     except OSError as exc:
-        print(f"cow-mem: process {args.pid}: {exc.strerror or exc}", file=sys.stderr)
+        # memstat's own errors name the process already; the kernel's say only what failed
+        print(f"cow-mem: process {args.pid}: {exc.strerror}" if exc.strerror else f"cow-mem: {exc}", file=sys.stderr)
         return 1
     if args.json:
         json.dump(m, sys.stdout, indent=1)

@@ -16,7 +16,7 @@ import sys
 import zlib
 from array import array
 
-from stages.stream import StreamError, StreamReader, open_input, unpack_u32
+from stages.stream import StreamError, StreamReader, open_input, os_error_text, unpack_u32
 
 PROT = {0: "---", 1: "r--", 2: "-w-", 3: "rw-", 4: "--x", 5: "r-x", 6: "-wx", 7: "rwx"}
 PAGE = 4096
@@ -368,11 +368,13 @@ def main(argv=None):
         sys.stdout.flush()
         print(f"cow-show: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"cow-show: {exc}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:
+    except BrokenPipeError:  # a reader such as head has seen enough: not an error
+        # stdout to /dev/null, so that the interpreter's last flush of it does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        print(f"cow-show: {os_error_text(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 
