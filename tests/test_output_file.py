@@ -79,6 +79,19 @@ def test_without_o_tmpfile_a_hidden_name_is_renamed_or_removed(tmp_path, monkeyp
     assert names(tmp_path) == ["images.cow"] and path.read_bytes() == b"new"
 
 
+def test_a_symlink_stays_and_its_target_is_replaced(tmp_path):
+    (tmp_path / "big").mkdir()
+    target = tmp_path / "big" / "images.cow"
+    target.write_bytes(b"old")
+    link = tmp_path / "images.cow"
+    link.symlink_to(target)
+    out = OutputFile(str(link))
+    out.file.write(b"new")
+    out.commit()
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_bytes() == b"new" and names(tmp_path / "big") == ["images.cow"]
+
+
 def test_a_fifo_is_written_in_place(tmp_path):
     fifo = tmp_path / "stream"
     os.mkfifo(fifo, 0o640)

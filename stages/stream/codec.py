@@ -311,12 +311,13 @@ class OutputFile:
     and linked into place by commit(), replacing what was there: a run that fails leaves
     an existing file as it was, and ``cow-plan -i F -o F`` reads F to the end before F is
     replaced.  Anything else that exists (a FIFO, a device such as /dev/null) is written
-    in place and never replaced.  Images and plans contain process memory, so a file we
-    create is private to the owner (0600).
+    in place and never replaced.  A symlink stays: the file it points to is replaced.
+    Images and plans contain process memory, so a file we create is private to the owner (0600).
     """
 
     def __init__(self, path):
         self.path = None if path in (None, "-") else path
+        self._target = None if self.path is None else os.path.realpath(self.path)  # what is replaced
         self._temp_name = None  # the temporary name, once the file has one
         self._unnamed = False  # written under no name: commit() links it into place
         if self.path is None:
@@ -336,13 +337,12 @@ class OutputFile:
 
     def _temp_names(self):
         """Hidden names beside path to try in turn: .NAME.PID-N.tmp"""
-        where, base = os.path.split(os.path.abspath(self.path))
+        where, base = os.path.split(self._target)
         return (os.path.join(where, f".{base}.{os.getpid()}-{n}.tmp") for n in range(100))
 
     def _open_new(self):
         try:
-            where = os.path.dirname(os.path.abspath(self.path))
-            fd = os.open(where, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+            fd = os.open(os.path.dirname(self._target), os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
             self._unnamed = True
             return fd
         except OSError as exc:
@@ -365,7 +365,7 @@ class OutputFile:
         if self._unnamed:
             self._link_temp_name()
         if self._temp_name is not None:
-            os.rename(self._temp_name, self.path)
+            os.rename(self._temp_name, self._target)
             self._temp_name = None
         self.file.close()
 
