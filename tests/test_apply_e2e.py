@@ -365,7 +365,7 @@ def test_restored_stack_still_grows(restored, originals, tmp_path):
         time.sleep(0.02)
     time.sleep(0.05)
     assert out.read_text().startswith("deep "), f"state {proc_state(pid)}"  # 4 MiB of stack, 132 KiB dumped
-    assert proc_state(pid) == "S"
+    assert proc_state(pid) in RUNNING_STATES  # it wakes every 20 ms: R at times
 
 
 PREFORK = """

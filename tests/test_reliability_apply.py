@@ -290,15 +290,30 @@ def stop_apply_when(cgroup, proc, want_untraced, timeout=30):
             return agents
         return None
 
+    def stopped_and_holds():
+        os.kill(proc.pid, signal.SIGSTOP)
+        while proc_state(proc.pid) not in ("T", None):
+            time.sleep(0.0002)
+        agents = holds()
+        if not agents:
+            os.kill(proc.pid, signal.SIGCONT)
+        return agents
+
+    known = {proc.pid}
     while time.monotonic() < deadline and proc.poll() is None:
-        if holds():
-            os.kill(proc.pid, signal.SIGSTOP)
-            while proc_state(proc.pid) not in ("T", None):
-                time.sleep(0.0002)
-            agents = holds()
+        if want_untraced:
+            # an agent is untraced from its fork to cow-apply's seize, a fraction of a
+            # millisecond: stop cow-apply as soon as a new process shows, check after
+            new = set(cgroup.procs()) - known
+            if new:
+                known |= new
+                agents = stopped_and_holds()
+                if agents:
+                    return agents
+        elif holds():
+            agents = stopped_and_holds()
             if agents:
                 return agents
-            os.kill(proc.pid, signal.SIGCONT)
     return None
 
 
