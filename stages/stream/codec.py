@@ -335,10 +335,19 @@ class OutputFile:
             fd = self._open_new()
         self.file = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
 
-    def _temp_names(self):
-        """Hidden names beside path to try in turn: .NAME.PID-N.tmp"""
+    def _claim_temp_name(self, make):
+        """make(name) for hidden names beside the target (.NAME.PID-N.tmp) until one is free
+        (make raises FileExistsError for a taken one); returns what make returned."""
         where, base = os.path.split(self._target)
-        return (os.path.join(where, f".{base}.{os.getpid()}-{n}.tmp") for n in range(100))
+        for n in range(100):
+            name = os.path.join(where, f".{base}.{os.getpid()}-{n}.tmp")
+            try:
+                made = make(name)
+            except FileExistsError:
+                continue
+            self._temp_name = name
+            return made
+        raise FileExistsError(errno.EEXIST, "no free temporary name", self.path)
 
     def _open_new(self):
         try:
@@ -349,14 +358,8 @@ class OutputFile:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise OSError(exc.errno, exc.strerror, self.path) from None
         # a file system without O_TMPFILE: a hidden temporary name, renamed at commit
-        for name in self._temp_names():
-            try:
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                continue
-            self._temp_name = name
-            return fd
-        raise FileExistsError(errno.EEXIST, "no free temporary name", self.path)
+        return self._claim_temp_name(
+            lambda name: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
 
     def commit(self):
         """Write what is buffered and put the file in place (its name replaced at once).
@@ -374,16 +377,11 @@ class OutputFile:
         # CAP_DAC_READ_SEARCH.  os.link passes AT_SYMLINK_FOLLOW only when given a dir fd.
         fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for name in self._temp_names():
-                try:
-                    os.link(str(self.file.fileno()), name, src_dir_fd=fds, follow_symlinks=True)
-                except FileExistsError:
-                    continue
-                self._temp_name, self._unnamed = name, False
-                return
+            self._claim_temp_name(
+                lambda name: os.link(str(self.file.fileno()), name, src_dir_fd=fds, follow_symlinks=True))
         finally:
             os.close(fds)
-        raise FileExistsError(errno.EEXIST, "no free temporary name", self.path)
+        self._unnamed = False
 
     def abandon(self):
         """Close without putting anything in place: an unnamed file vanishes, a temporary
