@@ -24,6 +24,8 @@ def test_missing_paths_are_named(tmp_path):
          f"cow-plan: {in_missing_dir}: No such file or directory\n"),
         ([tool("cow-plan"), "-i", str(images), "-o", str(tmp_path)], f"cow-plan: {tmp_path}: Is a directory\n"),
         ([tool("cow-show"), str(missing)], f"cow-show: {missing}: No such file or directory\n"),
+        ([tool("cow-apply"), "-i", str(missing)],
+         f"cow-apply: cannot read the plan: {missing}: No such file or directory\n"),
     ]
     for argv, expected in cases:
         res = run(argv, check=False)

@@ -18,7 +18,7 @@ import sys
 import time
 
 from stages.linux import procfs
-from stages.stream import StreamError, open_input
+from stages.stream import StreamError, open_input, os_error_text
 
 from .check import Refusal, check_plan
 from .restore import ApplyError, Restore
@@ -129,7 +129,7 @@ def main(argv=None):
     except StreamError as exc:
         return fail(f"bad plan stream: {exc}")
     except OSError as exc:
-        return fail(f"cannot read the plan: {exc}")
+        return fail(f"cannot read the plan: {os_error_text(exc)}")
     except Terminated as exc:
         return fail(f"{exc} while reading the plan: nothing was created")
     t_read = time.monotonic() - t0

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from stages.linux.freeze import FreezeError
-from stages.stream import OutputFile, StreamError, is_broken_pipe
+from stages.stream import OutputFile, StreamError, is_broken_pipe, os_error_text
 
 from .collector import KILL, LEAVE_STOPPED, RESUME, CollectError, OutputError, run_collect
 from .refusals import Refused
@@ -99,7 +99,7 @@ def main(argv=None):
         if is_broken_pipe(exc):
             print("cow-collect: output closed (broken pipe); the tree was resumed", file=sys.stderr)
         else:
-            print(f"cow-collect: {exc}", file=sys.stderr)
+            print(f"cow-collect: {os_error_text(exc)}", file=sys.stderr)
         code = EXIT_FAILURE
     for note in notes:
         print(f"cow-collect: {note}", file=sys.stderr)
