@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.commands import run as run_command
 from tests.support.commands import tool
+from tests.support.workloads import ask as ask_workload
 from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state
 
 DRAINED = ["28 0 0", "12 -1 4242", "35 -1 1", "35 -1 2"]  # SIGWINCH (tgkill), SIGUSR2, SIGRTMIN+1 x2
@@ -21,16 +22,7 @@ def run(argv, data=None):
 
 
 def ask(outdir, ns_pid, outer_pid, sig, suffix):
-    path = os.path.join(outdir, f"{ns_pid}.{suffix}")
-    if os.path.exists(path):
-        os.unlink(path)
-    os.kill(outer_pid, sig)
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"no {suffix} from {outer_pid} (state {proc_state(outer_pid)})"
-        time.sleep(0.005)
-    with open(path) as f:
-        return f.read().splitlines()
+    return ask_workload(os.path.join(outdir, f"{ns_pid}.{suffix}"), outer_pid, sig, timeout=10).splitlines()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from stages.linux import ptrace
 from stages.linux.memstat import tree_frames
 from stages.stream import StreamReader
 from tests.support.commands import run, tool
-from tests.support.workloads import become_subreaper, build, kill_and_reap, proc_state, wait_killed
+from tests.support.workloads import ask, become_subreaper, build, kill_and_reap, proc_state, wait_killed
 from tests.test_apply_e2e import apply, outer, plan, restored  # noqa: F401 (fixture)
 
 NTHREADS = 8
@@ -43,16 +43,7 @@ class ThreadTree:
 
     def check(self, ns_pid, outer_pid):
         """The process's own report: ({thread index: fields}, first line, dataset line)."""
-        path = os.path.join(self.outdir, f"{ns_pid}.check")
-        if os.path.exists(path):
-            os.unlink(path)
-        os.kill(outer_pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(path):
-            assert time.monotonic() < deadline, f"no check from {outer_pid} (state {proc_state(outer_pid)})"
-            time.sleep(0.005)
-        with open(path) as f:
-            lines = f.read().splitlines()
+        lines = ask(os.path.join(self.outdir, f"{ns_pid}.check"), outer_pid, timeout=15).splitlines()
         threads = {}
         for line in lines[1:-1]:
             words = line.split()
@@ -398,15 +389,7 @@ def test_thread_inside_an_rseq_critical_section_goes_to_its_abort_handler(restor
                          stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True, cwd="/")
 
     def aborts(ns_pid, outer_pid):
-        path = outdir / f"{ns_pid}.check"
-        if path.exists():
-            path.unlink()
-        os.kill(outer_pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while not path.exists():
-            assert time.monotonic() < deadline, f"no check from {outer_pid}"
-            time.sleep(0.005)
-        return int(path.read_text().split()[1])
+        return int(ask(outdir / f"{ns_pid}.check", outer_pid, timeout=10).split()[1])
 
     def goes_on(ns_pid, outer_pid):
         # the worker aborts only when preempted: on a busy machine it may not run for a

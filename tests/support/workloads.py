@@ -163,12 +163,12 @@ class Running:
         self.outdir, self.popen, self.pids, self.ready = outdir, popen, {popen.pid}, ""
 
 
-def ask(path, pid):
-    """The text a workload writes at path when it gets SIGUSR1 (an old answer removed first)."""
+def ask(path, pid, sig=signal.SIGUSR1, timeout=20):
+    """The text a workload writes at path when it gets sig (an old answer removed first)."""
     if os.path.exists(path):
         os.unlink(path)
-    os.kill(pid, signal.SIGUSR1)
-    wait_file(path, pid)
+    os.kill(pid, sig)
+    wait_file(path, pid, timeout)
     with open(path) as f:
         return f.read()
 
