@@ -406,7 +406,7 @@ def test_python3_prefork_tree_restored_exact_with_no_more_frames(restored, origi
     rep = apply(plan(images), tmp_path, restored)
     time.sleep(1.0)
     assert sorted(tree_pids(orig.pid)) == sorted(pids)
-    assert all(proc_state(p) in ("S", "R") for p in pids)
+    assert all(proc_state(p) in RUNNING_STATES for p in pids)
     after = tree_frames(orig.pid)["distinct_frames"]
     assert after <= before, f"{after} frames after restore, {before} before"
     assert rep["pages_written"] < before  # shared pages were written once, not per process

@@ -13,7 +13,7 @@ import pytest
 
 from stages.stream import StreamError, StreamReader
 from tests.support.images import Images
-from tests.support.workloads import become_subreaper, proc_state, tree_pids, workload  # noqa: F401
+from tests.support.workloads import RUNNING_STATES, become_subreaper, proc_state, tree_pids, workload  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECT = [sys.executable, "-m", "stages.collect.cli"]
@@ -49,7 +49,7 @@ def wait_until(cond, timeout=10, what="condition"):
 def assert_running_untraced(pids):
     for pid in pids:
         assert tracer(pid) == 0, f"process {pid} is still traced"
-        assert proc_state(pid) in ("S", "R"), f"process {pid} is {proc_state(pid)}"
+        assert proc_state(pid) in RUNNING_STATES, f"process {pid} is {proc_state(pid)}"
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ def test_sigkill_while_pages_come_through_the_pager(workload):
         proc.stdout.close()
         proc.stderr.close()
     deadline = time.monotonic() + 10
-    while any(tracer(pid) or proc_state(pid) not in ("S", "R") for pid in wl.pids):
+    while any(tracer(pid) or proc_state(pid) not in RUNNING_STATES for pid in wl.pids):
         assert time.monotonic() < deadline, {pid: (tracer(pid), proc_state(pid)) for pid in wl.pids}
         time.sleep(0.05)
     assert syscall_nr(wl.root) == waiting_in  # restarted, as the kernel would have
@@ -266,7 +266,7 @@ def test_processes_exiting_while_frozen(pytree, tmp_path):
         else:
             assert Images(out).pids[0] == p.pid
         results.append(res.returncode)
-        assert tracer(p.pid) == 0 and proc_state(p.pid) in ("S", "R")
+        assert tracer(p.pid) == 0 and proc_state(p.pid) in RUNNING_STATES
     assert 0 in results  # the churn does not make collect impossible
     assert p.poll() is None
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.support.workloads import become_subreaper, proc_state, reap
+from tests.support.workloads import RUNNING_STATES, become_subreaper, proc_state, reap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECT = [sys.executable, "-m", "stages.collect.cli"]
@@ -56,7 +56,7 @@ def on_tmpfs(path):
 def still_running(pid):
     with open(f"/proc/{pid}/status") as f:
         status = dict(line.split(":", 1) for line in f)
-    return status["TracerPid"].strip() == "0" and proc_state(pid) in ("S", "R")
+    return status["TracerPid"].strip() == "0" and proc_state(pid) in RUNNING_STATES
 
 
 def test_tcp_socket_is_refused(spawn, tmp_path):

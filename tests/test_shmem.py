@@ -20,7 +20,7 @@ import pytest
 from stages._native import lib
 from stages.linux import memstat
 from tests.support.commands import run, tool
-from tests.support.workloads import Trees, become_subreaper, build, proc_state, wait_file, wait_killed
+from tests.support.workloads import RUNNING_STATES, Trees, become_subreaper, build, proc_state, wait_file, wait_killed
 
 PAGE = 4096
 SYS_KCMP, KCMP_FILE = 312, 0
@@ -163,7 +163,7 @@ def test_shared_anonymous_region_of_parent_and_four_children(tree, tmp_path, pid
         assert read_mem(p, r[0] + 5 * PAGE, PAGE) == bytes([0x47]) * PAGE
     assert regions[0][4] == "/dev/zero (deleted)"
     check_frames(before, frames(outer[0]), stats)
-    assert all(proc_state(p) in ("S", "R") for p in outer)
+    assert all(proc_state(p) in RUNNING_STATES for p in outer)
     table = run([tool("cow-mem"), str(outer[0])]).stdout.decode()
     assert "shared memory: 2 objects holding 50 frames;" in table, table
     if not pidns:  # dumped again, the restored tree has the same objects with the same pages

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support.commands import run, tool
-from tests.support.workloads import ask, become_subreaper, proc_state, running_workload, wait_file
+from tests.support.workloads import RUNNING_STATES, ask, become_subreaper, proc_state, running_workload, wait_file
 
 # Timers by raw system calls (ids as the kernel gives them): 0 = MONOTONIC, signal 36 with value
 # 0x1234, in 1000 s then every 500 s; 1 made and deleted (a hole); 2 = MONOTONIC, SIGUSR2 every
@@ -110,7 +110,7 @@ def test_posix_timers_restored_with_their_ids(timerwl, tmp_path):
     time.sleep(0.5)
     _, later = check(tmp_path, p.pid)
     assert later["count"] >= after["count"] + 3  # the 50 ms timer fires in the restored process
-    assert proc_state(p.pid) in ("S", "R")
+    assert proc_state(p.pid) in RUNNING_STATES
 
 
 def test_timer_on_another_clock_is_refused(tmp_path):
