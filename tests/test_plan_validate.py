@@ -147,3 +147,24 @@ def test_pieces_on_shared_vma(plan):
     def m(h, r):
         r[1]["layout"][0]["shared"] = True
     assert "shared" in broken(plan, m)
+
+
+def test_no_process(plan):
+    def m(h, r):
+        r.clear()
+    assert "no process" in broken(plan, m)
+
+
+def test_range_pages_taken_twice(plan):
+    # the restorer mremaps a piece's pages out of its range: a second piece of the same pages
+    # would find nothing there, after every process was created
+    def m(h, r):
+        for proc in r:
+            for v in proc["layout"]:
+                pieces = v["pieces"]
+                if pieces and pieces[0][2] >= 2:
+                    rid, rpage, count, _ = pieces[0]
+                    v["pieces"] = [[rid, rpage, 1, 0], [rid, rpage, count - 1, 1]] + pieces[1:]
+                    return
+        raise AssertionError("no VMA with a piece of 2 pages or more")
+    assert "is also taken by" in broken(plan, m)

@@ -220,6 +220,9 @@ def _add_holes(draft):
                 written.set(rid, page, 1)
             else:
                 state[page] = written.fork()
+        # clean slots already given to a page of this process: the restorer mremaps a slot's
+        # page away, so two VMAs cannot both take it
+        taken = set()
         for v in images.vmas[pid]:
             pieces = draft.sources[pid][v.index]
             if pieces is None:
@@ -234,7 +237,8 @@ def _add_holes(draft):
                 if f:
                     continue
                 s = src[i]
-                if not written.get(*s) and _clean_slot_ok(draft.ranges[s[0]], v, i, s[1]):
+                if s not in taken and not written.get(*s) and _clean_slot_ok(draft.ranges[s[0]], v, i, s[1]):
+                    taken.add(s)
                     continue
                 if hole is None:
                     hole = draft.new_range(pid, v.npages, v, v.body["pgoff"])

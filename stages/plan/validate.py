@@ -108,6 +108,8 @@ def validate_plan(header, processes, frame_ids):
 
 
 def _check_tree(header, processes, bad):
+    if not processes:
+        bad("the plan has no process")
     seen = {}
     forks = {}
     for n, proc in enumerate(processes):
@@ -142,6 +144,7 @@ def _check_tree(header, processes, bad):
 
 def _check_layout(pid, layout, mapped, ranges, base, wsize, bad):
     prev_end = 0
+    taken = {}  # range id -> [(first page, count, piece)]: mremap moves pages out, so once each
     for n, v in enumerate(layout):
         where = f"process {pid}: layout[{n}] [{v['start']:#x}-{v['end']:#x})"
         start, end = v["start"], v["end"]
@@ -186,6 +189,12 @@ def _check_layout(pid, layout, mapped, ranges, base, wsize, bad):
                     bad(f"{pw}: file VMA piece from range {rid} with another file or offset")
             elif r["backing"] != "anon":
                 bad(f"{pw}: anonymous VMA piece from file range {rid}")
+            taken.setdefault(rid, []).append((rpage, count, pw))
             cursor += count
         if cursor is not None and cursor != npages:
             bad(f"{where}: pieces cover {cursor} of {npages} pages")
+    for rid, uses in taken.items():
+        uses.sort()
+        for (p1, c1, w1), (p2, _, w2) in zip(uses, uses[1:]):
+            if p2 < p1 + c1:
+                bad(f"{w2}: range {rid} page {p2} is also taken by {w1}")
