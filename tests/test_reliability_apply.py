@@ -234,15 +234,18 @@ def big_plan(tmp_path_factory):
     return path, wl.pids
 
 
-@pytest.mark.parametrize("when", [2, 4])  # after the root agent / after the 3rd process exists
+# when: after the root agent / after the 3rd process exists; SIGINT is Ctrl-C, which must not
+# surface as a KeyboardInterrupt that skips the killing of the partial tree
+@pytest.mark.parametrize("when, sig", [(2, signal.SIGTERM), (4, signal.SIGTERM), (2, signal.SIGINT)],
+                         ids=["2-term", "4-term", "2-int"])
 @pytest.mark.parametrize("flags", [(), ("--pidns",)], ids=["host", "pidns"])
-def test_sigterm_mid_restore_leaves_nothing(big_plan, cgroup, when, flags):
+def test_signal_mid_restore_leaves_nothing(big_plan, cgroup, when, sig, flags):
     path, pids = big_plan
     proc = start_apply(cgroup, path, *flags)
     try:
         started = wait_for_tasks(cgroup, proc, when + (1 if flags else 0))
         assert started, f"cow-apply finished before {when - 1} processes existed: {proc.communicate()}"
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
@@ -250,9 +253,9 @@ def test_sigterm_mid_restore_leaves_nothing(big_plan, cgroup, when, flags):
             proc.wait()
     err = err.decode(errors="replace")
     if proc.returncode == 0:  # the signal came after the last check: the tree is complete, not half
-        pytest.fail(f"cow-apply finished despite SIGTERM: {err}")
-    assert proc.returncode == 1 and "terminated by signal 15" in err, (proc.returncode, err)
-    assert cgroup.left_after(5) == [], "processes left after SIGTERM"
+        pytest.fail(f"cow-apply finished despite signal {sig}: {err}")
+    assert proc.returncode == 1 and f"terminated by signal {int(sig)}" in err, (proc.returncode, err)
+    assert cgroup.left_after(5) == [], f"processes left after signal {sig}"
     deadline = time.monotonic() + 5
     while not all(reap(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -32,6 +32,7 @@ def check_plan(plan, pidns=False, pid_wait=3.0):
     check_state(plan)
     check_files(plan)
     check_tids_unique(plan)
+    check_pid_max([t["tid"] for p in plan.processes for t in p["image"]["threads"]])
     if pidns:
         if any(t["tid"] == 1 for p in plan.processes for t in p["image"]["threads"]):
             raise Refusal("the plan has a pid 1: --pidns needs pid 1 for its own init")
@@ -86,7 +87,7 @@ def check_process(proc):
             if "pipe" not in fd or "desc" not in fd:
                 raise Refusal(f"process {pid}: fd {fd['fd']} is a pipe without pipe/desc ids")
             continue
-        if fd["kind"] not in SUPPORTED_FD_KINDS or not fd.get("path", "").startswith("/"):
+        if fd["kind"] not in SUPPORTED_FD_KINDS or not (fd.get("path") or "").startswith("/"):
             raise Refusal(f"process {pid}: fd {fd['fd']} ({fd['kind']} {fd.get('path')}) cannot be restored yet")
     for vma in proc["layout"]:
         where = f"process {pid}: VMA {vma['start']:#x}-{vma['end']:#x}"
@@ -255,6 +256,17 @@ def check_tids_unique(plan):
             owner[tid] = proc["pid"]
 
 
+def check_pid_max(pids):
+    """clone3's set_tid takes only pids below pid_max (a new pid namespace starts with the same)."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = int(f.read())
+    over = sorted(pid for pid in pids if pid >= pid_max)
+    if over:
+        listed = ", ".join(map(str, over[:10])) + (" ..." if len(over) > 10 else "")
+        raise Refusal(f"pid(s) {listed} are not below this machine's pid_max {pid_max}: raise "
+                      "/proc/sys/kernel/pid_max (sysctl kernel.pid_max) to restore them")
+
+
 def check_pids_free(pids, wait):
     """Every pid must be free; upstream `cow-collect --kill` may still be releasing them."""
     deadline = time.monotonic() + wait
@@ -366,5 +378,10 @@ def check_files(plan):
             elif fd["kind"] != "pipe" and not os.path.exists(fd["path"]):
                 raise Refusal(f"process {pid}: fd {fd['fd']}: {fd['path']} does not exist")
         exe = proc["image"]["mm"].get("exe_file")
-        if exe and not os.path.exists(exe):
-            raise Refusal(f"process {pid}: executable {exe} does not exist")
+        if exe and not os.path.isfile(exe):  # PR_SET_MM_MAP takes a regular file only
+            what = "is not a regular file" if os.path.exists(exe) else "does not exist"
+            raise Refusal(f"process {pid}: executable {exe} {what}")
+        cwd = proc["image"].get("cwd")
+        if cwd and not os.path.isdir(cwd):  # the restorer's chdir would fail after the tree exists
+            what = "is not a directory" if os.path.exists(cwd) else "does not exist"
+            raise Refusal(f"process {pid}: working directory {cwd} {what}")

@@ -18,7 +18,7 @@ import sys
 import time
 
 from stages.linux import procfs
-from stages.stream import StreamError, open_input, os_error_text
+from stages.stream import OutputFile, StreamError, open_input, os_error_text
 
 from .check import Refusal, check_plan
 from .restore import ApplyError, Restore
@@ -63,10 +63,15 @@ class Terminated(Exception):
     pass
 
 
+# SIGINT too: Ctrl-C must kill a half-made tree like SIGTERM does, not raise KeyboardInterrupt
+# past the code that kills it
+CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def _on_signal(signum, frame):
-    # SIGTERM/SIGHUP become an exception, so a half-restored tree is killed on the way out;
+    # these signals become an exception, so a half-restored tree is killed on the way out;
     # a second signal must not interrupt that cleanup
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in CAUGHT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     raise Terminated(f"terminated by signal {signum}")
 
@@ -111,28 +116,37 @@ def main(argv=None):
                     "used in place (no copy): do not change it while cow-apply runs")
     ap.add_argument("--pidns", action="store_true", help="restore into a fresh pid namespace (same pid numbers inside)")
     ap.add_argument("--wait", action="store_true", help="stay until the root exits; exit with its status")
-    ap.add_argument("--report", metavar="FILE", help="write a JSON report (pids, thread ids, times, bytes) to FILE")
+    ap.add_argument("--report", metavar="FILE", help="write a JSON report (pids, thread ids, times, bytes) to FILE "
+                    "once the tree runs, before its pid is printed; FILE is opened first, so a path that cannot be "
+                    "written is refused before any process exists (a later write error only warns: the tree runs on)")
     ap.add_argument("--progress", action="store_true",
                     help="pages, bytes and rate on stderr while memory is written (default when stderr is a terminal)")
     args = ap.parse_args(argv)
     if args.input in (None, "-") and sys.stdin.isatty():
         ap.error("refusing to read a plan from a terminal: use -i FILE or a pipe")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in CAUGHT_SIGNALS:
         signal.signal(sig, _on_signal)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two pipes per process
 
     t0 = time.monotonic()
     try:
+        report_out = OutputFile(args.report) if args.report else None
+    except OSError as exc:
+        return fail(f"cannot write the report: {os_error_text(exc)}: nothing was created")
+    try:
         with open_input(args.input) as f:
             plan = spool_plan(f)
-    except StreamError as exc:
-        return fail(f"bad plan stream: {exc}")
-    except OSError as exc:
-        return fail(f"cannot read the plan: {os_error_text(exc)}")
-    except Terminated as exc:
+    except (StreamError, OSError, Terminated) as exc:
+        if report_out:
+            report_out.abandon()
+        if isinstance(exc, StreamError):
+            return fail(f"bad plan stream: {exc}")
+        if isinstance(exc, OSError):
+            return fail(f"cannot read the plan: {os_error_text(exc)}")
         return fail(f"{exc} while reading the plan: nothing was created")
     t_read = time.monotonic() - t0
+    restored = False
     try:
         t1 = time.monotonic()
         try:
@@ -150,32 +164,44 @@ def main(argv=None):
         try:
             restore.run()
         except (ApplyError, OSError, MemoryError, Terminated) as exc:
-            for sig in (signal.SIGTERM, signal.SIGHUP):
+            for sig in CAUGHT_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
             stray = kill_leftovers()
             if stray:
                 print(f"cow-apply: killed {stray} process(es) of the partial tree that the restore "
                       "had not recorded", file=sys.stderr)
             return fail(f"restore failed, every created process was killed: {exc}")
+        restored = True
+        for sig in CAUGHT_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)  # the tree is complete: nothing to undo now
         if progress:
             progress.done(restore.pages_written)
-        report = restore.report()
-        report["phases"] = dict(read=round(t_read, 6), check=round(t_check, 6), **report["phases"])
-        report["wall"] = round(time.monotonic() - t0, 6)
-        if args.report:
-            import json  # here: only --report needs it (its import is ~2 ms of every start)
-
-            with open(args.report, "w") as out:
-                json.dump(report, out, indent=1, sort_keys=True)
-                out.write("\n")
+        if report_out:
+            write_report(report_out, restore, t0, t_read, t_check)
         print(restore.root_outer_pid, flush=True)
         if args.wait:
-            for sig in (signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)  # the tree is complete: nothing to undo now
             return restore.wait_root()
         return EXIT_OK
     finally:
+        if report_out and not restored:
+            report_out.abandon()
         plan.close()
+
+
+def write_report(out, restore, t0, t_read, t_check):
+    """The --report JSON, into out (an OutputFile); a failure only warns: the tree runs."""
+    import json  # here: only --report needs it (its import is ~2 ms of every start)
+
+    report = restore.report()
+    report["phases"] = dict(read=round(t_read, 6), check=round(t_check, 6), **report["phases"])
+    report["wall"] = round(time.monotonic() - t0, 6)
+    try:
+        out.file.write((json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+        out.commit()
+    except OSError as exc:
+        out.abandon()
+        print(f"cow-apply: warning: the tree runs, but the report could not be written: {os_error_text(exc)}",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -409,3 +409,11 @@ def os_error_text(exc):
 
 def is_broken_pipe(exc):
     return isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE)
+
+
+def silence_broken_pipe(stream):
+    """After a reader of stream (stdout, a pipe) went away (head has seen enough): point its
+    fd at /dev/null, so that the interpreter's last flush does not fail again at exit."""
+    fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, stream.fileno())
+    os.close(fd)

@@ -280,8 +280,8 @@ def _unpack_incrementally(meta, path, spec, strings, lists):
             key = unpacker.unpack()
         except Exception:
             raise _Irregular()
-        if key in body:
-            raise _Irregular()  # a repeated key: let the whole-record decode decide
+        if not isinstance(key, (str, int)) or key in body:
+            raise _Irregular()  # a repeated or unhashable key: let the whole-record decode decide
         cls = lists.get(key) if isinstance(key, str) else None
         if cls is None:
             try:

@@ -17,6 +17,7 @@ import json
 import sys
 
 from stages.linux.memstat import tree_frames
+from stages.stream import silence_broken_pipe
 
 
 def render_table(m, out):
@@ -51,11 +52,15 @@ def main(argv=None):
         # memstat's own errors name the process already; the kernel's say only what failed
         print(f"cow-mem: process {args.pid}: {exc.strerror}" if exc.strerror else f"cow-mem: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        json.dump(m, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        render_table(m, sys.stdout)
+    try:
+        if args.json:
+            json.dump(m, sys.stdout, indent=1)
+            sys.stdout.write("\n")
+        else:
+            render_table(m, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:  # a reader such as head has seen enough: not an error
+        silence_broken_pipe(sys.stdout)
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 import zlib
 from array import array
 
-from stages.stream import StreamError, StreamReader, open_input, os_error_text, unpack_u32
+from stages.stream import StreamError, StreamReader, open_input, os_error_text, silence_broken_pipe, unpack_u32
 
 PROT = {0: "---", 1: "r--", 2: "-w-", 3: "rw-", 4: "--x", 5: "r-x", 6: "-wx", 7: "rwx"}
 PAGE = 4096
@@ -71,18 +71,20 @@ def summarize_bin(blob):
     return {"bytes": len(blob), "blake2b": hashlib.blake2b(blob, digest_size=8).hexdigest()}
 
 
-def to_json(value, key=None):
+def to_json(value, key=None, kind=None):
+    """A record body (of record kind ``kind``) as JSON values: packed integers unpacked,
+    other bytes summarized."""
     if isinstance(value, bytes):
-        if key in PACKED_U32:
+        if key in PACKED_U32 or (key == "pages" and kind == "shmem"):  # shmem: the page indexes dumped
             return list(unpack_u32(value, key))
-        if key == "pages":  # write steps: (page, frame) pairs
+        if key == "pages":  # a plan's write steps: (page, frame) pairs
             arr = unpack_u32(value, key)
             return [[arr[i], arr[i + 1]] for i in range(0, len(arr), 2)]
         return summarize_bin(value)
     if isinstance(value, dict):
-        return {str(k): to_json(v, k) for k, v in value.items()}
+        return {str(k): to_json(v, k, kind) for k, v in value.items()}
     if isinstance(value, list):
-        return [to_json(v, key) for v in value]
+        return [to_json(v, key, kind) for v in value]
     return value
 
 
@@ -307,20 +309,25 @@ def _check_crcs(first, same, crcs, data, frame_crcs, stats):
 
 
 def show(stream, out, normal=False, as_json=False):
+    """Print the stream to out; returns the page statistics (``crc_bad``: pages whose bytes
+    do not match their crc, which the caller reports as a bad stream)."""
     reader = StreamReader(stream)
     stats = {"pages_records": 0, "frames": 0, "stored": 0, "same": 0, "crc_checked": 0, "crc_bad": 0}
     frame_crcs = array("I", [0])  # frame id -> its crc from the stream (crcs records only)
     if as_json:
         doc = {"header": to_json(reader.header), "records": []}
         for rec in reader:
-            entry = {"kind": rec.kind, "body": to_json(rec.body)}
+            entry = {"kind": rec.kind, "body": to_json(rec.body, kind=rec.kind)}
             if rec.data is not None:
                 entry["data"] = summarize_bin(rec.data)
             doc["records"].append(entry)
+            if rec.kind == "pages" and "crcs" in rec.body:
+                _check_crcs(rec.body["first"], unpack_u32(rec.body["same"], "same"),
+                            unpack_u32(rec.body["crcs"], "crcs"), rec.data, frame_crcs, stats)
         doc["trailer"] = reader.trailer
         json.dump(doc, out, indent=1, sort_keys=True)
         out.write("\n")
-        return
+        return stats
     pr = Printer(out, normal)
     pr.header(reader.header)
     for rec in reader:
@@ -344,6 +351,7 @@ def show(stream, out, normal=False, as_json=False):
             obj = stats.setdefault("shmem", {}).setdefault(b["id"], [b["kind"], b["size"], b.get("name"), 0])
             obj[3] += len(b["pages"]) // 4
     pr.trailer(reader.trailer, stats)
+    return stats
 
 
 def main(argv=None):
@@ -351,7 +359,8 @@ def main(argv=None):
         prog="cow-show",
         description="Print a cowtree stream (images from cow-collect, or a plan from cow-plan). "
         "Every record is checked (checksums, order, schema); a bad stream exits 1.",
-        epilog="exit codes: 0 shown, 1 bad stream or unreadable file.",
+        epilog="exit codes: 0 shown, 1 bad stream (also: a page whose bytes do not match its crc) "
+        "or unreadable file, 130 interrupted.",
     )
     ap.add_argument("file", nargs="?", default="-", help="stream file (default: standard input)")
     form = ap.add_mutually_exclusive_group()
@@ -363,17 +372,22 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         with open_input(args.file) as stream:
-            show(stream, sys.stdout, normal=args.normal, as_json=args.json)
+            stats = show(stream, sys.stdout, normal=args.normal, as_json=args.json)
+    except KeyboardInterrupt:
+        return 130
     except StreamError as exc:
         sys.stdout.flush()
         print(f"cow-show: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # a reader such as head has seen enough: not an error
-        # stdout to /dev/null, so that the interpreter's last flush of it does not fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_broken_pipe(sys.stdout)
         return 0
     except OSError as exc:
         print(f"cow-show: {os_error_text(exc)}", file=sys.stderr)
+        return 1
+    if stats["crc_bad"]:
+        print(f"cow-show: {stats['crc_bad']} of {stats['crc_checked']} pages do not match their crc "
+              f"(first: frame {stats['crc_first_bad']})", file=sys.stderr)
         return 1
     return 0
 
