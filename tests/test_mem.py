@@ -53,3 +53,35 @@ def test_cli_table_and_json(workload):
 def test_cli_no_such_process():
     res = cow_mem(4194303)
     assert res.returncode == 1 and "process 4194303" in res.stderr
+
+
+RESERVER = """
+import mmap, sys, time
+# 1 TiB reserved, never touched (PROT_NONE, MAP_NORESERVE: as sanitizers and sandboxes do), 4 MiB written
+r = mmap.mmap(-1, 1 << 40, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000, prot=0)
+d = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+d.write(bytes(range(256)) * (4 << 12))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_reservation_of_a_tebibyte_is_measured_in_little_memory():
+    # the pagemap of a VMA used to be read in one pread: 2 GiB of entries for this one
+    holder = subprocess.Popen([sys.executable, "-c", RESERVER], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              close_fds=True)
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        # cow-mem's own peak memory, printed on stderr after its output
+        code = ("import resource, sys; from stages.tools.mem import main; rc = main(sys.argv[1:]); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+        res = subprocess.run([sys.executable, "-c", code, "--json", str(holder.pid)], capture_output=True,
+                             text=True, timeout=120, cwd=ROOT)
+        assert res.returncode == 0, res.stderr
+        out, peak_kib = res.stdout, int(res.stderr.split()[-1])
+        assert peak_kib < 200 * 1024, peak_kib  # not the 2 GiB of entries (4 GiB peak before)
+        m = json.loads(out)
+        assert m["distinct_frames"] >= 1024  # the 4 MiB written
+    finally:
+        holder.kill()
+        holder.wait()

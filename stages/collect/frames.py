@@ -21,7 +21,7 @@ PAGE = pagemap.PAGE
 
 # Kernel-provided mappings: never frames (apply places the kernel's own).
 NO_FRAME_KINDS = {"vdso", "vvar", "vvar_vclock", "vsyscall", "special"}
-PAGEMAP_SLICE = 1 << 18  # pages per pagemap read (2 MiB of entries, 1 GiB of address space)
+PAGEMAP_SLICE = pagemap.SLICE  # pages per pagemap read (2 MiB of entries, 1 GiB of address space)
 PREFETCH_BUDGET = 1 << 23  # entries PagemapPrefetch may hold (64 MiB, 32 GiB of address space)
 
 
@@ -56,9 +56,12 @@ class PagemapPrefetch:
         if job is None:
             return [None] * count
         try:
-            return job.result()
+            out = job.result()
         except Exception:
             return [None] * count
+        with self.lock:  # the caller has them now (and drops them VMA by VMA): budget back
+            self.left += sum(len(blob) // 8 for blob in out if blob is not None)
+        return out
 
     def close(self):
         self.workers.close()
@@ -81,9 +84,12 @@ class PagemapPrefetch:
                 try:
                     blob = os.pread(fd, 8 * npages, vma["start"] // PAGE * 8)
                 except OSError:
-                    continue
+                    blob = b""
                 if len(blob) == 8 * npages:
                     out[i] = blob
+                else:
+                    with self.lock:
+                        self.left += npages
         finally:
             os.close(fd)
         return out

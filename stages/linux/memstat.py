@@ -31,11 +31,15 @@ def process_anon_pfns(pid, zero_pfn):
         for vma in procfs.read_maps(pid):
             if vma["shared"] or vma["kind"] in SKIP_KINDS:
                 continue
-            for entry in pagemap.read_entries(fd, vma["start"], vma["end"]):
-                if entry & pagemap.PRESENT and not entry & pagemap.FILE_OR_SHARED:
-                    pfn = entry & pagemap.PFN_MASK
-                    if pfn != zero_pfn:
-                        pfns.append(pfn)
+            for entries in pagemap.iter_entries(fd, vma["start"], vma["end"]):
+                raw = entries.tobytes()
+                if raw.count(0) == len(raw):
+                    continue  # nothing present or swapped (a reservation): skipped at C speed
+                for entry in entries:
+                    if entry & pagemap.PRESENT and not entry & pagemap.FILE_OR_SHARED:
+                        pfn = entry & pagemap.PFN_MASK
+                        if pfn != zero_pfn:
+                            pfns.append(pfn)
     finally:
         os.close(fd)
     return pfns

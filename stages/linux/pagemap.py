@@ -32,6 +32,17 @@ def read_entries(fd, start, end):
     return entries
 
 
+SLICE = 1 << 18  # pages per read of iter_entries: 2 MiB of entries, 1 GiB of address space
+
+
+def iter_entries(fd, start, end):
+    """read_entries of [start, end) in slices of SLICE pages: a VMA may be a reservation of a
+    TiB or more (sanitizers' shadow, sandboxes), whose entries in one read would be GiBs."""
+    step = SLICE * PAGE
+    for at in range(start, end, step):
+        yield read_entries(fd, at, min(end, at + step))
+
+
 def open_pagemap(pid):
     return os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
 
