@@ -146,12 +146,22 @@ def test_sleep_restored_in_pidns_keeps_sleeping(restored, originals, tmp_path):
     assert os.path.basename(os.readlink(f"/proc/{pid}/exe")) == "sleep"
 
 
+def counter(path, timeout=5):
+    """The number a workload keeps writing at path; `echo n > path` truncates before it
+    writes, so an empty read is asked again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path) as f:
+            words = f.read().split()
+        if words or time.monotonic() > deadline:
+            return int(words[0])
+        time.sleep(0.01)
+
+
 def progress(path, wait=1.5):
-    with open(path) as f:
-        first = int(f.read().split()[0])
+    first = counter(path)
     time.sleep(wait)
-    with open(path) as f:
-        return first, int(f.read().split()[0])
+    return first, counter(path)
 
 
 PY_SCRIPT = """

@@ -162,7 +162,8 @@ class SharedObjects:
                 continue
             pid = int(name)
             try:
-                with open(f"/proc/{pid}/maps") as f:
+                # any process's: file names need not be UTF-8 (only dev and inode are used)
+                with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
                     for line in f:
                         parts = line.split(None, 5)
                         if len(parts) > 5 and parts[1][3:4] == "s":
