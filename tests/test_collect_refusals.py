@@ -252,3 +252,24 @@ def test_leases_terminals_deleted_and_chroot_are_refused(spawn, tmp_path):
         assert f"cow-collect: process {p.pid}: {text}: not supported" in lines, (text, err)
     assert not out.exists()
     assert still_running(p.pid)
+
+
+def test_a_file_name_that_is_not_utf8_is_refused(spawn, tmp_path):
+    # streams hold paths as UTF-8 strings: such a name was a UnicodeEncodeError traceback
+    ready = tmp_path / "ready"
+    odd = os.fsencode(tmp_path) + b"/odd-\xff\xfe"
+    p = spawn(
+        "import mmap, time\n"
+        f"f = open({odd!r}, 'w+b'); f.write(bytes(8192)); f.flush()\n"
+        "m = mmap.mmap(f.fileno(), 8192, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)\n"
+        f"open({str(ready)!r}, 'w').write('x')\n"
+        "time.sleep(600)\n"
+    )
+    wait_for(ready)
+    out = tmp_path / "images.cow"
+    code, err = refused(p.pid, out)
+    assert code == 2, err
+    shown = repr(odd)
+    assert f"fd 3 is a file whose name is not UTF-8 ({shown})" in err, err
+    assert f"of a file whose name is not UTF-8 ({shown})" in err, err
+    assert not out.exists() and still_running(p.pid)

@@ -197,18 +197,33 @@ def vma_reason(vma):
     return None
 
 
+def not_utf8(path):
+    """True for a path read with surrogateescape from bytes that are not UTF-8: the stream
+    holds paths as msgpack strings, which are UTF-8."""
+    try:
+        path.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def process_reasons(pid, status, vmas, fds):
     reasons = []
     if status.get("Seccomp", "0") != "0":
         reasons.append("has a seccomp filter")
     for fd in fds:
         text = fd_reason(pid, fd)
+        if not text and fd.get("path") and not_utf8(fd["path"]):
+            text = f"fd {fd['fd']} is a file whose name is not UTF-8 ({os.fsencode(fd['path'])!r})"
         if text:
             reasons.append(text)
         reasons.extend(lock_reasons(fd))
     reasons.extend(state_reasons(pid))
     for vma in vmas:
         text = vma_reason(vma)
+        if not text and vma.get("path") and not_utf8(vma["path"]):
+            text = (f"mapping at {vma['start']:#x}-{vma['end']:#x} of a file whose name is not UTF-8 "
+                    f"({os.fsencode(vma['path'])!r})")
         if text:
             reasons.append(text)
     return reasons
