@@ -54,7 +54,7 @@ def on_tmpfs(path):
 
 
 def still_running(pid):
-    with open(f"/proc/{pid}/status") as f:
+    with open(f"/proc/{pid}/status", errors="surrogateescape") as f:  # its Name need not be UTF-8
         status = dict(line.split(":", 1) for line in f)
     return status["TracerPid"].strip() == "0" and proc_state(pid) in RUNNING_STATES
 
@@ -258,10 +258,14 @@ def test_a_file_name_that_is_not_utf8_is_refused(spawn, tmp_path):
     # streams hold paths as UTF-8 strings: such a name was a UnicodeEncodeError traceback
     ready = tmp_path / "ready"
     odd = os.fsencode(tmp_path) + b"/odd-\xff\xfe"
+    odd_dir = os.fsencode(tmp_path) + b"/dir-\xff"
+    os.mkdir(odd_dir)
     p = spawn(
-        "import mmap, time\n"
+        "import ctypes, mmap, os, time\n"
         f"f = open({odd!r}, 'w+b'); f.write(bytes(8192)); f.flush()\n"
         "m = mmap.mmap(f.fileno(), 8192, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)\n"
+        f"os.chdir({odd_dir!r})\n"
+        "ctypes.CDLL(None).prctl(15, b'name-\\xfe', 0, 0, 0)  # PR_SET_NAME\n"
         f"open({str(ready)!r}, 'w').write('x')\n"
         "time.sleep(600)\n"
     )
@@ -272,4 +276,6 @@ def test_a_file_name_that_is_not_utf8_is_refused(spawn, tmp_path):
     shown = repr(odd)
     assert f"fd 3 is a file whose name is not UTF-8 ({shown})" in err, err
     assert f"of a file whose name is not UTF-8 ({shown})" in err, err
+    assert f"its working directory's name is not UTF-8 ({odd_dir!r})" in err, err
+    assert f"thread {p.pid}'s name (comm) is not UTF-8 (b'name-\\xfe')" in err, err
     assert not out.exists() and still_running(p.pid)

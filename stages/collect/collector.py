@@ -102,7 +102,8 @@ class Collection:
         self.views = ordered_map(self._view, self.tree.order)
         for pid, view in zip(self.tree.order, self.views):
             mark_caller_terminal(view.fds, terminal)
-            reasons.extend((pid, text) for text in process_reasons(pid, view.status, view.vmas, view.fds))
+            reasons.extend((pid, text)
+                           for text in process_reasons(pid, view.status, view.vmas, view.fds, view.tids))
         holders = state.pipe_holders(self.views)
         reasons.extend(pipe_reasons(holders, state.pipes_held_outside(set(self.tree.order), state.pipe_links(self.views))))
         self.shared = SharedObjects(self.views)

@@ -207,8 +207,25 @@ def not_utf8(path):
         return True
 
 
-def process_reasons(pid, status, vmas, fds):
+def name_reasons(pid, tids):
+    """The names the stream keeps besides paths of fds and mappings: cwd, exe, thread names."""
     reasons = []
+    for what, link in (("working directory", "cwd"), ("executable", "exe")):
+        path = procfs.readlink(f"/proc/{pid}/{link}")
+        if path and not_utf8(path):
+            reasons.append(f"its {what}'s name is not UTF-8 ({os.fsencode(path)!r})")
+    for tid in tids:
+        try:
+            name = procfs.read_text(f"/proc/{pid}/task/{tid}/comm").rstrip("\n")
+        except OSError:
+            continue  # a thread that exits is noticed where it matters
+        if not_utf8(name):
+            reasons.append(f"thread {tid}'s name (comm) is not UTF-8 ({os.fsencode(name)!r})")
+    return reasons
+
+
+def process_reasons(pid, status, vmas, fds, tids):
+    reasons = name_reasons(pid, tids)
     if status.get("Seccomp", "0") != "0":
         reasons.append("has a seccomp filter")
     for fd in fds:

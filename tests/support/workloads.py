@@ -84,7 +84,7 @@ RUNNING_STATES = ("R", "S", "D")
 def proc_state(pid):
     """The one-letter state of /proc/PID/stat, or None when the pid is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat", errors="surrogateescape") as f:  # comm need not be UTF-8
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return None
