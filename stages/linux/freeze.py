@@ -10,7 +10,10 @@ exited while others run on is not seized but listed in ``leaderless`` (the
 caller refuses it).
 
 FrozenTree.resume() / leave_stopped() / kill() end the ptrace session; every
-path detaches every thread, so a tree is never left frozen by us.
+path detaches every thread, so a tree is never left frozen by us.  That holds for
+a freeze that fails half way too (a process someone else traces, EPERM, a signal):
+each thread is booked before it is seized, and resume() lets go of every booked
+one, wherever between seize and stop the failure caught it.
 """
 
 import errno
@@ -65,6 +68,18 @@ def _comm(pid):
         return "?"
 
 
+def _state(tid):
+    try:
+        return procfs.read_stat(tid)["state"]
+    except OSError:
+        return None
+
+
+def _my_tid():
+    """The thread id a tracee's TracerPid shows: ptrace belongs to the thread that seized."""
+    return int(os.readlink("/proc/thread-self").rsplit("/", 1)[1])
+
+
 def _thread_group(pid):
     """The process (thread group) pid belongs to, or None when /proc does not know pid."""
     try:
@@ -81,17 +96,28 @@ class FrozenTree:
         self.zombies = []    # pids of exited, unreaped children in the tree (not seized)
         self.leaderless = {}  # pid -> threads left: processes whose main thread has exited (not seized)
         self.released = False
+        # tids booked in threads but not (yet) seen in our stop: maybe not seized, maybe running
+        # under us, maybe in a stop we have not waited for; resume() handles them one by one
+        self._unsettled = set()
 
     @property
     def pids(self):
         return list(self.order)
 
     # -- freezing -------------------------------------------------------------
-    def _seize_thread(self, tid):
-        """Seize and interrupt one thread; True when it is now in our stop, False if it is gone."""
+    def _unbook(self, pid, tid):
+        self._unsettled.discard(tid)
+        self.threads[pid].remove(tid)
+
+    def _seize_thread(self, pid, tid):
+        """Seize and interrupt one thread of pid; True when it is now in our stop, False if it
+        is gone.  The thread is booked first (a signal may land right after the seize)."""
+        self._unsettled.add(tid)
+        self.threads[pid].append(tid)
         try:
             ptrace.seize(tid, ptrace.PTRACE_O_TRACESYSGOOD)
         except OSError as exc:
+            self._unbook(pid, tid)
             if exc.errno == ptrace.ESRCH:
                 return False
             if exc.errno == errno.EPERM and _exiting(tid):
@@ -107,16 +133,20 @@ class FrozenTree:
             ptrace.interrupt(tid)
         except OSError as exc:
             if exc.errno == ptrace.ESRCH:
+                self._unbook(pid, tid)
                 return False
             raise
         while True:
             try:
                 _, status = ptrace.waitpid(tid)
             except ChildProcessError:
+                self._unbook(pid, tid)
                 return False
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                self._unbook(pid, tid)
                 return False
             if ptrace.is_group_stop(status):
+                self._unsettled.discard(tid)
                 return True
             # a signal-delivery stop came first: deliver the signal, the trap follows
             ptrace.cont(tid, os.WSTOPSIG(status))
@@ -135,7 +165,7 @@ class FrozenTree:
             if left > 1:  # pthread_exit in main: the process lives on in its other threads
                 self.leaderless[pid] = left - 1
             return False
-        seized = self.threads.setdefault(pid, [])
+        self.threads.setdefault(pid, [])
         tried = set()
         while True:
             try:
@@ -147,9 +177,8 @@ class FrozenTree:
                 break
             for tid in new:
                 tried.add(tid)  # a thread that could not be seized is exiting: not tried again
-                if self._seize_thread(tid):
-                    seized.append(tid)
-        if not seized:
+                self._seize_thread(pid, tid)
+        if not self.threads[pid]:
             del self.threads[pid]
             return False
         return True
@@ -195,15 +224,49 @@ class FrozenTree:
 
     def _detach_all_threads(self):
         errors = []
-        for pid in reversed(self.order):
+        # children first; a freeze that failed has no order yet, only threads (in walk order)
+        ordered = set(self.order)
+        pids = self.order + [pid for pid in self.threads if pid not in ordered]
+        for pid in reversed(pids):
             for tid in self.threads.get(pid, []):
                 try:
-                    ptrace.detach(tid)
+                    if tid in self._unsettled:
+                        self._let_go(tid)
+                    else:
+                        ptrace.detach(tid)
                 except OSError as exc:
                     if exc.errno != ptrace.ESRCH:
                         errors.append(f"process {pid}: detach of thread {tid}: {exc.strerror}")
+        self._unsettled.clear()
         self.released = True
         return errors
+
+    def _let_go(self, tid):
+        """Detach a thread a failed freeze left between seize and stop.  PTRACE_DETACH needs
+        the thread in a ptrace stop, and detaching from a signal-delivery stop with 0 would
+        drop that signal: so ask the kernel where the thread is, not our bookkeeping."""
+        if _tracer_of(tid) != _my_tid():
+            return  # never seized (the seize failed or did not happen), or gone
+        if _state(tid) == "t":
+            # stopped for us (whether we waited for it or not): which stop says what to pass on
+            try:
+                signo, code = ptrace.getsiginfo(tid)
+            except OSError as exc:
+                if exc.errno == ptrace.ESRCH:
+                    return
+                signo, code = 0, 0
+            ptrace.detach(tid, 0 if code >> 8 == ptrace.PTRACE_EVENT_STOP else signo)
+            return
+        # running under us (seized, the interrupt not sent or not arrived yet): stop it first
+        ptrace.interrupt(tid)
+        try:
+            _, status = ptrace.waitpid(tid)
+        except ChildProcessError:
+            return
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            return
+        # a signal-delivery stop may come before the trap: its signal goes with the detach
+        ptrace.detach(tid, 0 if ptrace.is_group_stop(status) else os.WSTOPSIG(status))
 
     def resume(self):
         """Detach everything: the tree runs on as if nothing happened."""

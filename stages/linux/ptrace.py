@@ -151,6 +151,15 @@ def set_xstate(pid, blob):
     setregset(pid, NT_X86_XSTATE, blob)
 
 
+def getsiginfo(pid):
+    """(si_signo, si_code) of the stop the tracee is in: a signal-delivery stop has the
+    signal's own code, a PTRACE_EVENT_STOP has (PTRACE_EVENT_STOP << 8) | signo."""
+    buf = ffi.new("char[]", 128)  # sizeof(siginfo_t)
+    ptrace(PTRACE_GETSIGINFO, pid, 0, int(ffi.cast("unsigned long", buf)), "PTRACE_GETSIGINFO")
+    signo, _errno, code = struct.unpack_from("<iii", ffi.buffer(buf, 12))
+    return signo, code
+
+
 def get_sigmask(pid):
     out = ffi.new("unsigned long *")
     ptrace(PTRACE_GETSIGMASK, pid, 8, int(ffi.cast("unsigned long", out)), "PTRACE_GETSIGMASK")
