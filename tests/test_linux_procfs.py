@@ -94,3 +94,25 @@ def test_pagemap_frame_keys():
     swapped = pagemap.SWAPPED | (77 << 5) | 1  # type 1, offset 77
     key = pagemap.frame_key(swapped, zero, False)
     assert key is not None and key != (77 << 5 | 1) and key & pagemap.SWAP_KEY
+
+
+# maps as the kernel writes it: a newline in a name as \012, a name's own spaces kept (the
+# trailing one of the second line too), a \r as is
+ODD_MAPS = (
+    "7f3000000000-7f3000002000 r--p 00000000 fe:00 4242                       /tmp/nl\\012name\n"
+    "7f3000002000-7f3000004000 r--p 00000000 fe:00 4243                       /tmp/two  trail \n"
+    "7f3000004000-7f3000006000 r--p 00000000 fe:00 4244                       /tmp/cr\rname\n"
+    "7f3000006000-7f3000008000 rw-s 00000000 00:1a 77                         /dev/shm/x (deleted)\n"
+)
+ODD_PATHS = ["/tmp/nl\nname", "/tmp/two  trail ", "/tmp/cr\rname", "/dev/shm/x (deleted)"]
+
+
+def test_maps_names_unescaped_and_kept_whole():
+    lines = ODD_MAPS.split("\n")[:-1]
+    smaps = "".join(line + "\nVmFlags: rd mr\n" for line in lines)
+    by_line = [line + "\n" for line in smaps.split("\n")[:-1]]
+    # as parse_maps reads the text, as read_smaps hands its lines (each with its "\n"), as text
+    for vmas in (procfs.parse_maps(ODD_MAPS), procfs.parse_smaps(by_line), procfs.parse_smaps(smaps)):
+        assert [v["path"] for v in vmas] == ODD_PATHS
+        assert [v["kind"] for v in vmas] == ["file"] * 4
+

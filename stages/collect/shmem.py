@@ -162,12 +162,12 @@ class SharedObjects:
                 continue
             pid = int(name)
             try:
-                # any process's: file names need not be UTF-8 (only dev and inode are used)
-                with open(f"/proc/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
+                # bytes: any process's names, not only UTF-8 ones; lines end at b"\n" only
+                with open(f"/proc/{pid}/maps", "rb") as f:
                     for line in f:
                         parts = line.split(None, 5)
-                        if len(parts) > 5 and parts[1][3:4] == "s":
-                            oid = self.ids.get((parts[3], int(parts[4])))
+                        if len(parts) > 5 and parts[1][3:4] == b"s":
+                            oid = self.ids.get((parts[3].decode(), int(parts[4])))
                             if oid:
                                 found.setdefault(oid, pid)
                 for n in os.listdir(f"/proc/{pid}/fd"):

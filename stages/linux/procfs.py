@@ -42,11 +42,23 @@ def parse_stat(text):
 def parse_status(text):
     """/proc/PID/status -> {key: value text}."""
     out = {}
-    for line in text.splitlines():
+    # only "\n" ends a line: splitlines() would also split a Name holding a \x1c or \x85
+    for line in text.split("\n"):
         key, sep, value = line.partition(":")
         if sep:
             out[key] = value.strip()
     return out
+
+
+def maps_path(field):
+    """The path of a maps line, from the first character after the column padding.  It is
+    the file's name as is (spaces, a trailing one too), but for the newline that ends the
+    line and a newline in the name, which the kernel writes as \\012 (seq_file_path with
+    "\\n" to escape; a backslash itself is not escaped, so a name that holds the four
+    characters \\012 reads as a newline: resolve_file_vmas asks map_files for those)."""
+    if field.endswith("\n"):
+        field = field[:-1]
+    return field.replace("\\012", "\n")
 
 
 def parse_maps_line(line):
@@ -55,7 +67,7 @@ def parse_maps_line(line):
     start, end = (int(x, 16) for x in parts[0].split("-"))
     perms = parts[1]
     prot = (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
-    path = parts[5].strip() if len(parts) > 5 else ""  # a path may itself contain spaces
+    path = maps_path(parts[5]) if len(parts) > 5 else ""
     ino = int(parts[4])
     if path in SPECIAL_KINDS:
         kind = SPECIAL_KINDS[path]
@@ -85,7 +97,8 @@ def _is_maps_header(line):
 
 
 def parse_maps(text):
-    return [parse_maps_line(line) for line in text.splitlines() if line.strip()]
+    # only "\n" ends a line (a name may hold a \r); the one empty line is after the last
+    return [parse_maps_line(line) for line in text.split("\n") if line]
 
 
 def parse_smaps(lines):
@@ -93,13 +106,13 @@ def parse_smaps(lines):
     (list of mnemonics).  The numeric fields (Rss, Anonymous, ...) are not kept: nobody reads
     them, and for a process with 20,000 VMAs they cost 60 MiB of dicts."""
     if isinstance(lines, str):
-        lines = lines.splitlines()
+        lines = lines.split("\n")  # not splitlines(): a name may hold a \r
     vmas = []
     for line in lines:
         if line.startswith("VmFlags:"):
             vmas[-1]["vmflags"] = line.split(":", 1)[1].split()
         elif line and not line[0].isupper() and _is_maps_header(line):
-            vma = parse_maps_line(line.rstrip("\n"))
+            vma = parse_maps_line(line)
             vma["vmflags"] = []
             vmas.append(vma)
     return vmas
@@ -204,6 +217,16 @@ def read_smaps(pid):
 
 def read_maps(pid):
     return parse_maps(read_text(f"/proc/{pid}/maps"))
+
+
+def resolve_file_vmas(pid, vmas):
+    """Settle what parse_maps_line could not from the text alone, for the file VMAs of pid:
+    the exact name when it holds a newline (maps cannot tell an escaped one from a name with
+    \\012 in it; map_files, where we may read it, has the name as is)."""
+    for vma in vmas:
+        if vma["kind"] == "file" and "\n" in vma["path"]:
+            link = f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}"
+            vma["path"] = readlink(link) or vma["path"]  # needs CAP_SYS_ADMIN/CAP_CHECKPOINT_RESTORE
 
 
 def read_rollup(pid):
