@@ -1,6 +1,9 @@
 """Files with odd names, mapped and held open by a real process: collected with the names
 they have (maps writes a newline in a name as \\012 and pads its column with spaces), and
-after cow-plan | cow-apply the restored process maps and holds the very same files."""
+deleted only when they are.  A live file whose name ends in " (deleted)" is a file like
+any other: mapped privately it is dumped, mapped MAP_SHARED from tmpfs its data stays in
+it (not in an unnamed copy), and after cow-plan | cow-apply the restored process maps and
+holds the very same files."""
 
 import json
 import os
@@ -16,14 +19,14 @@ from tests.support.workloads import Trees, become_subreaper, wait_file, wait_kil
 PAGE = 4096
 
 # argv: OUT, then JSON [[how, path], ...]; how: "private" or "shared" (a 2-page mapping;
-# the fd is closed) or "fd" (held open).  OUT: JSON {pid, maps: [[path, addr]], fds: [[path, fd]]}
+# the fd is closed), or "fd" or "dir" (held open: a file or FIFO, a directory).  OUT: JSON {pid, maps: [[path, addr]], fds: [[path, fd]]}
 WORKLOAD = r"""
 import ctypes, json, mmap, os, signal, sys
 out, specs = sys.argv[1], json.loads(sys.argv[2])
 keep, maps, fds = [], [], []
 for how, path in specs:
-    fd = os.open(path, os.O_RDWR)
-    if how == "fd":
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY if how == "dir" else os.O_RDWR)
+    if how in ("fd", "dir"):
         fds.append([path, fd])
         continue
     m = mmap.mmap(fd, 2 * 4096, flags=mmap.MAP_SHARED if how == "shared" else mmap.MAP_PRIVATE)
@@ -42,6 +45,7 @@ while True:
 # the names: each is a real, live file
 ODD = {
     "escaped or padded": ["nl\nname", "trail ", "two  spaces  ", " lead", "cr\rname", "tab\tname", "back\\012slash"],
+    "named deleted": ["live (deleted)", "twice (deleted) (deleted)"],
 }
 
 
@@ -84,6 +88,12 @@ def read_mem(pid, addr, n):
         return f.read(n)
 
 
+def write_mem(pid, addr, data):
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as f:
+        f.seek(addr)
+        f.write(data)
+
+
 def collect(root, out, *args):
     return subprocess.run([tool("cow-collect"), "--tree", str(root), "-o", str(out)] + list(args),
                           capture_output=True, timeout=60)
@@ -114,6 +124,11 @@ def test_odd_names_are_collected_and_restored_as_they_are(names, trees, tmp_path
     where.mkdir()
     files = make_files(str(where), ODD[names])
     specs = [[how, path] for path in files for how in ("private", "fd")]
+    # a directory and a FIFO of the same name, held open (both reopened by path)
+    for i, name in enumerate(ODD[names]):
+        os.mkdir(where / f"dir{i}{name}")
+        os.mkfifo(where / f"fifo{i}{name}")
+        specs += [["dir", str(where / f"dir{i}{name}")], ["fd", str(where / f"fifo{i}{name}")]]
     popen, info = start(trees, tmp_path, specs)
     pid = info["pid"]
     image = tmp_path / "images.cow"
@@ -127,6 +142,50 @@ def test_odd_names_are_collected_and_restored_as_they_are(names, trees, tmp_path
     assert all(held[fd] == path for path, fd in info["fds"]), held
     assert restore(image, tmp_path, trees) == [pid]
     assert_holds(pid, info, files)
+
+
+def test_a_live_tmpfs_file_named_deleted_mapped_shared_stays_that_file(trees, tmp_path):
+    """Not a deleted tmpfs file: nothing of it goes into the image, and after the restore
+    a write through the mapping reaches the file."""
+    path = f"/dev/shm/cowtree-{os.getpid()}-odd (deleted)"
+    try:
+        files = make_files("/dev/shm", [os.path.basename(path)])
+        popen, info = start(trees, tmp_path, [["shared", path], ["fd", path]])
+        pid = info["pid"]
+        image = tmp_path / "images.cow"
+        res = collect(pid, image, "--kill")
+        assert res.returncode == 0, res.stderr.decode()
+        wait_killed(popen, [pid])
+        shown = run([tool("cow-show")], image.read_bytes()).stdout.decode()
+        assert "shared memory" not in shown, shown
+        assert restore(image, tmp_path, trees) == [pid]
+        assert_holds(pid, info, files)
+        (_, addr), = info["maps"]
+        write_mem(pid, addr + 100, b"written after the restore")
+        with open(path, "rb") as f:
+            assert f.read()[100:125] == b"written after the restore"
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def test_a_name_unlinked_while_another_link_remains_is_deleted(trees, tmp_path):
+    """The link count is 1, but the name maps and the fd show leads nowhere: refused."""
+    where = tmp_path / "files"
+    where.mkdir()
+    files = make_files(str(where), ["gone"])
+    path, = files
+    os.link(path, str(where / "other"))
+    popen, info = start(trees, tmp_path, [["private", path], ["fd", path]])
+    os.unlink(path)
+    pid = info["pid"]
+    res = collect(pid, tmp_path / "images.cow")
+    err = res.stderr.decode()
+    assert res.returncode == 2, err
+    (_, addr), = info["maps"]
+    (_, fd), = info["fds"]
+    assert f"mapping of a deleted file at {addr:#x}-{addr + 2 * PAGE:#x} ({path} (deleted))" in err, err
+    assert f"fd {fd} is a deleted file ({path} (deleted))" in err, err
 
 
 NON_UTF8 = (

@@ -1,5 +1,7 @@
 """Parsers of /proc files, on recorded contents."""
 
+import os
+
 from stages.linux import pagemap, procfs
 
 STAT = (
@@ -97,7 +99,7 @@ def test_pagemap_frame_keys():
 
 
 # maps as the kernel writes it: a newline in a name as \012, a name's own spaces kept (the
-# trailing one of the second line too), a \r as is
+# trailing one of the second line too), a \r as is; the last name is a deleted file's
 ODD_MAPS = (
     "7f3000000000-7f3000002000 r--p 00000000 fe:00 4242                       /tmp/nl\\012name\n"
     "7f3000002000-7f3000004000 r--p 00000000 fe:00 4243                       /tmp/two  trail \n"
@@ -115,4 +117,18 @@ def test_maps_names_unescaped_and_kept_whole():
     for vmas in (procfs.parse_maps(ODD_MAPS), procfs.parse_smaps(by_line), procfs.parse_smaps(smaps)):
         assert [v["path"] for v in vmas] == ODD_PATHS
         assert [v["kind"] for v in vmas] == ["file"] * 4
+        # what the name says, until resolve_file_vmas asks the kernel
+        assert [v["deleted"] for v in vmas] == [False, False, False, True]
 
+
+def test_deleted_is_the_kernels_word_not_the_names(tmp_path):
+    live = tmp_path / "live (deleted)"
+    live.write_bytes(b"x")
+    st = os.stat(live)
+    dev = procfs.dev_string(st.st_dev)
+    assert not procfs.is_deleted(str(live), dev, st.st_ino, st.st_nlink)  # the name leads to it
+    assert not procfs.is_deleted(str(live), dev, st.st_ino)               # link count unknown
+    assert procfs.is_deleted(str(live), dev, st.st_ino + 1)               # leads to another file
+    assert procfs.is_deleted(str(tmp_path / "gone (deleted)"), dev, 5, 1)  # leads nowhere
+    assert procfs.is_deleted(str(live), dev, st.st_ino, 0)                # no link left
+    assert not procfs.is_deleted("/tmp/plain", dev, 5, 1)                 # no suffix: not unlinked

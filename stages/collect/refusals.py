@@ -169,13 +169,13 @@ def fd_reason(pid, fd):
             return f"fd {fd['fd']} is a packet-mode pipe (O_DIRECT)"
         return None
     if kind == "fifo":  # a FIFO of the tree is dumped like a pipe, and reopened by path
-        if path.endswith(procfs.DELETED) or not path.startswith("/"):
+        if fd.get("deleted") or not path.startswith("/"):
             return f"fd {fd['fd']} is a FIFO whose path is gone ({path})"
         return None
     if kind == "anon":
         return f"fd {fd['fd']} is {_a(procfs.anon_inode_kind(path))}"
     if kind == "dir":  # reopened by path with its flags and position
-        if path.endswith(procfs.DELETED) or not path.startswith("/"):
+        if fd.get("deleted") or not path.startswith("/"):
             return f"fd {fd['fd']} is a deleted directory ({path})"
         return None
     if kind == "blk":
@@ -192,7 +192,7 @@ def vma_reason(vma):
         return None  # MAP_SHARED anonymous, memfd or deleted file: an object (shmem.py)
     if is_memfd_path(path):
         return f"private mapping of a memfd at {where} ({path})"
-    if vma["kind"] == "file" and path.endswith(procfs.DELETED):
+    if vma["kind"] == "file" and vma.get("deleted"):
         return f"mapping of a deleted file at {where} ({path})"
     return None
 

@@ -55,8 +55,8 @@ def vma_object_kind(vma):
         return ANON  # '/dev/zero (deleted)', '[anon_shmem:name]'
     if vma["kind"] == "file" and is_memfd_path(path):
         return MEMFD
-    if vma["kind"] == "file" and path.endswith(procfs.DELETED) and not path.startswith("/SYSV"):
-        return TMPFILE
+    if vma["kind"] == "file" and vma.get("deleted") and not path.startswith("/SYSV"):
+        return TMPFILE  # not a live file whose name ends in " (deleted)": its data stays in it
     return None
 
 

@@ -24,7 +24,7 @@ class ProcView:
         self.stat = procfs.read_stat(pid)
         self.status = procfs.read_status(pid)
         self.vmas = procfs.read_smaps(pid)
-        procfs.resolve_file_vmas(pid, self.vmas)  # exact names
+        procfs.resolve_file_vmas(pid, self.vmas)  # exact names, and which files are deleted
         self.fds = [procfs.describe_fd(pid, n) for n in procfs.fd_numbers(pid)]
         self._syscall_addr = None
 

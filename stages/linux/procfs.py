@@ -62,7 +62,10 @@ def maps_path(field):
 
 
 def parse_maps_line(line):
-    """One line of maps/smaps -> a VMA dict (start, end, prot, shared, pgoff, dev, ino, path, kind)."""
+    """One line of maps/smaps -> a VMA dict (start, end, prot, shared, pgoff, dev, ino, path,
+    kind, deleted).  deleted is what the name says (the kernel appends " (deleted)" to the
+    name of an unlinked file, but a live file's name may end so too): resolve_file_vmas
+    asks the kernel."""
     parts = line.split(None, 5)
     start, end = (int(x, 16) for x in parts[0].split("-"))
     perms = parts[1]
@@ -80,7 +83,7 @@ def parse_maps_line(line):
     return {
         "start": start, "end": end, "prot": prot, "shared": perms[3] == "s",
         "pgoff": int(parts[2], 16), "dev": parts[3], "ino": ino,
-        "path": path or None, "kind": kind,
+        "path": path or None, "kind": kind, "deleted": kind == "file" and path.endswith(DELETED),
     }
 
 
@@ -219,14 +222,41 @@ def read_maps(pid):
     return parse_maps(read_text(f"/proc/{pid}/maps"))
 
 
+def is_deleted(path, dev, ino, nlink=None):
+    """Whether file (dev, ino), which maps or an fd link names path, is no longer there.  A link
+    count of 0 (when known) says so for sure.  Else the " (deleted)" the kernel appends to the
+    name of an unlinked file is only a hint: a live file's own name may end so, and an unlinked
+    name of a file with other links has a count above 0; the path shown leads to the file
+    itself only in the first case."""
+    if nlink == 0:
+        return True
+    if not path.endswith(DELETED):
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True
+    return (dev_string(st.st_dev), st.st_ino) != (dev, ino)
+
+
 def resolve_file_vmas(pid, vmas):
     """Settle what parse_maps_line could not from the text alone, for the file VMAs of pid:
     the exact name when it holds a newline (maps cannot tell an escaped one from a name with
-    \\012 in it; map_files, where we may read it, has the name as is)."""
+    \\012 in it; map_files, where we may read it, has the name as is), and deleted."""
     for vma in vmas:
-        if vma["kind"] == "file" and "\n" in vma["path"]:
-            link = f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}"
+        if vma["kind"] != "file":
+            continue
+        link = f"/proc/{pid}/map_files/{vma['start']:x}-{vma['end']:x}"
+        if "\n" in vma["path"]:
             vma["path"] = readlink(link) or vma["path"]  # needs CAP_SYS_ADMIN/CAP_CHECKPOINT_RESTORE
+        if vma["path"].endswith(DELETED):
+            try:
+                nlink = os.stat(link).st_nlink
+            except OSError:  # not allowed: the path alone decides
+                nlink = None
+            vma["deleted"] = is_deleted(vma["path"], vma["dev"], vma["ino"], nlink)
+        else:
+            vma["deleted"] = False
 
 
 def read_rollup(pid):
@@ -315,10 +345,11 @@ def describe_fd(pid, fd):
     out["mode"] = st.st_mode
     out["ino"] = st.st_ino
     out["dev"] = dev_string(st.st_dev)
+    # the link target is the name as is (no escapes); the inode behind it has the link count
+    out["deleted"] = target.startswith("/") and is_deleted(target, out["dev"], st.st_ino, st.st_nlink)
     if statmod.S_ISREG(st.st_mode):
         out["kind"] = "file"
         out["size"] = st.st_size
-        out["deleted"] = target.endswith(DELETED) or st.st_nlink == 0
     elif statmod.S_ISCHR(st.st_mode):
         out["kind"] = "chr"
         out["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
