@@ -265,26 +265,3 @@ def test_python_multiprocessing_shared_array_and_lock(tree, tmp_path):
     assert all(b > a for a, b in zip(at_restore, later)), (first, at_restore, later)
     assert frames(outer[0])[1:] == before[1:]
 
-
-OUTSIDER = """
-import mmap, os, sys, time
-path = os.fsencode(sys.argv[1]) + b"-\\xff\\xfe"  # a name that is not UTF-8
-with open(path, "wb") as f:
-    f.write(bytes(4096))
-with open(path, "rb") as f:
-    m = mmap.mmap(f.fileno(), 4096, prot=mmap.PROT_READ)
-os.unlink(path)
-print("ready", flush=True)
-time.sleep(600)
-"""
-
-
-def test_an_outside_process_with_a_file_name_that_is_not_utf8(tree, tmp_path):
-    # every process's maps are read to find outside holders of the tree's shared memory
-    outsider = subprocess.Popen([sys.executable, "-c", OUTSIDER, str(tmp_path / "odd")], stdout=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, close_fds=True)
-    tree.popens.append(outsider)
-    assert outsider.stdout.readline() == b"ready\n"
-    popen, pids, _ = start(tree, tmp_path, "anon", 1)
-    res = run([tool("cow-collect"), "--tree", str(pids[0]), "-o", str(tmp_path / "images.cow")], check=False)
-    assert res.returncode == 0, res.stderr.decode()[-2000:]
