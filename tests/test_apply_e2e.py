@@ -10,7 +10,7 @@ import time
 import pytest
 
 from stages.linux.memstat import tree_frames
-from tests.support.workloads import PATTERNS, RUNNING_STATES, proc_state, workload  # noqa: F401 (fixture)
+from tests.support.workloads import PATTERNS, RUNNING_STATES, children_of, proc_state, workload  # noqa: F401 (fixture)
 
 from tests.support.commands import run, tool  # noqa: F401
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +97,31 @@ def test_workload_restored_exact_keeps_sharing(pattern, workload, restored, tmp_
     assert all(v.startswith("ok ") for v in checks.values()), checks
     after = tree_frames(wl.root)["distinct_frames"]
     assert after <= before, f"{pattern}: {after} frames after restore, {before} before"
+
+
+def test_a_stopped_process_is_restored_stopped(workload, restored, tmp_path):
+    """A process group-stopped (kill -STOP) when dumped with --kill comes back stopped, the
+    others running; SIGCONT and it goes on with its memory intact."""
+    wl = workload("chain", mib=4)
+    (middle,) = children_of(wl.root)
+    os.kill(middle, signal.SIGSTOP)
+    wait_state(middle, "T")
+    argv = [tool("cow-collect"), "--tree", str(wl.root), "--kill"]
+    images = subprocess.run(argv, capture_output=True, timeout=30, check=True).stdout  # it hung
+    assert wl.wait_gone(10)
+    rep = apply(plan(images), tmp_path, restored)
+    assert sorted(int(p) for p in rep["pids"]) == wl.pids
+    wait_state(outer(rep, middle), "T")
+    assert all(proc_state(outer(rep, pid)) in RUNNING_STATES for pid in wl.pids if pid != middle)
+    os.kill(outer(rep, middle), signal.SIGCONT)
+    assert set(wl.check().values()) == {f"ok {s}" for s in wl.sums().values()}
+
+
+def wait_state(pid, state, timeout=10):
+    deadline = time.monotonic() + timeout
+    while proc_state(pid) != state:
+        assert time.monotonic() < deadline, f"process {pid}: state {proc_state(pid)}, not {state}"
+        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("pattern", ["same", "chain"])

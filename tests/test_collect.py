@@ -5,13 +5,16 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
+from stages.collect.pages import PAGER_MIN_PAGES
 from stages.linux.memory import ProcessMemory
 from stages.linux.memstat import tree_frames
 from tests.support.images import PAGE, Images, rseq_pages, without_rseq
-from tests.support.workloads import PATTERNS, RUNNING_STATES, proc_state, workload  # noqa: F401
+from tests.support.workloads import (PATTERNS, RUNNING_STATES, Trees, become_subreaper, children_of,  # noqa: F401
+                                     proc_state, workload)
 
 COLLECT = [sys.executable, "-m", "stages.collect.cli"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,6 +218,102 @@ def test_leave_stopped(workload, tmp_path):
     for pid in wl.pids:
         os.kill(pid, signal.SIGCONT)
     assert all(v.startswith("ok ") for v in wl.check().values())
+
+
+def wait_states(pids, states, timeout=10):
+    """Wait until every pid is in one of states (a detached or continued process takes a
+    moment to get there)."""
+    deadline = time.monotonic() + timeout
+    while any(proc_state(pid) not in states for pid in pids):
+        assert time.monotonic() < deadline, {pid: proc_state(pid) for pid in pids}
+        time.sleep(0.005)
+
+
+def stop(pids):
+    """SIGSTOP each pid and wait until it is in group-stop (state T)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    wait_states(pids, ("T",))
+
+
+def stopped_in(images):
+    return {p["pid"] for p in images.processes if p.get("state", {}).get("stopped")}
+
+
+def own_frames(images, pid):
+    """How many frames are first seen in pid (stream order): the pages its pager would give."""
+    seen = set()
+    for p in images.processes:
+        ids = {i for v in images.vmas[p["pid"]] if v["ids"] for i in v["ids"]} - {0}
+        if p["pid"] == pid:
+            return len(ids - seen)
+        seen |= ids
+
+
+@pytest.fixture
+def trees():
+    become_subreaper()
+    t = Trees()
+    yield t
+    assert t.kill_all()
+
+
+def test_a_stopped_sleep_is_collected_and_stays_stopped(trees, tmp_path):
+    """kill -STOP then cow-collect: done (it hung with the tree frozen), still stopped after."""
+    p = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    trees.popens.append(p)
+    stop([p.pid])
+    out = tmp_path / "images.cow"
+    res = collect(p.pid, out=out, timeout=30)
+    assert res.returncode == 0, res.stderr.decode()
+    wait_states([p.pid], ("T",))
+    assert traced_by(p.pid) == 0
+    assert stopped_in(Images(out)) == {p.pid}
+    os.kill(p.pid, signal.SIGCONT)
+    wait_states([p.pid], RUNNING_STATES)
+
+
+def test_stopped_processes_are_collected_and_stay_stopped(workload, tmp_path):
+    """A middle process (8 MiB, half its own: read by a pager) and a leaf (a few pages of its
+    own: no pager) group-stopped: collected in full, still stopped and untraced afterwards;
+    the others run on."""
+    wl = workload("chain", mib=8)
+    (middle,) = children_of(wl.root)
+    leaf = children_of(middle)[0]
+    stop([middle, leaf])
+    out = tmp_path / "images.cow"
+    res = collect(wl.root, out=out, timeout=30)
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stderr == b""  # no process read without its pager
+    img = Images(out)
+    assert sorted(img.pids) == wl.pids
+    assert stopped_in(img) == {middle, leaf}
+    assert own_frames(img, middle) >= PAGER_MIN_PAGES > own_frames(img, leaf)
+    wait_states([middle, leaf], ("T",))
+    assert all(proc_state(pid) in RUNNING_STATES for pid in wl.pids if pid not in (middle, leaf)), wl.states()
+    assert all(traced_by(pid) == 0 for pid in wl.pids)
+    for pid in (middle, leaf):
+        os.kill(pid, signal.SIGCONT)
+    assert set(wl.check().values()) == {f"ok {s}" for s in wl.sums().values()}
+
+
+def test_leave_stopped_then_collect_again(workload, tmp_path):
+    """The tree --leave-stopped leaves (state T) collected again, twice: it stays stopped."""
+    wl = workload("same", mib=4)
+    res = collect(wl.root, "--leave-stopped", out=tmp_path / "a.cow", timeout=30)
+    assert res.returncode == 0, res.stderr.decode()
+    wait_states(wl.pids, ("T",))
+    assert stopped_in(Images(tmp_path / "a.cow")) == set()  # running when it was dumped
+    for name, args in (("b.cow", ()), ("c.cow", ("--leave-stopped",))):
+        res = collect(wl.root, *args, out=tmp_path / name, timeout=30)
+        assert res.returncode == 0, res.stderr.decode()
+        wait_states(wl.pids, ("T",))
+        assert all(traced_by(pid) == 0 for pid in wl.pids)
+        assert stopped_in(Images(tmp_path / name)) == set(wl.pids)
+    for pid in wl.pids:
+        os.kill(pid, signal.SIGCONT)
+    assert set(wl.check().values()) == {f"ok {s}" for s in wl.sums().values()}
 
 
 def test_collect_twice_gives_the_same_frames(workload, tmp_path):

@@ -11,6 +11,7 @@ import resource
 import signal
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -18,7 +19,7 @@ from stages.collect.collector import Collection
 from stages.linux import batch, freeze, inject, pager, ptrace, remote
 from stages.linux.memory import ProcessMemory
 from stages.linux.memstat import tree_frames
-from tests.support.workloads import workload  # noqa: F401
+from tests.support.workloads import proc_state, workload  # noqa: F401
 
 PAGE = 4096
 
@@ -176,3 +177,67 @@ def test_a_process_killed_while_paging_ends_the_reading(workload):
             raise AssertionError("reading went on after SIGKILL")
         with pytest.raises(OSError):
             p.finish()
+
+
+@contextlib.contextmanager
+def watchdog(pids, seconds=20):
+    """SIGKILL pids if the block takes longer (a tracer waiting for a stop that never comes
+    then sees them die instead of hanging the suite), and fail."""
+    fired = threading.Event()
+
+    def bite():
+        fired.set()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+    timer = threading.Timer(seconds, bite)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    assert not fired.is_set(), f"still waiting after {seconds} s"
+
+
+def wait_state(pid, state, timeout=10):
+    deadline = time.monotonic() + timeout
+    while proc_state(pid) != state:
+        assert time.monotonic() < deadline, f"process {pid}: state {proc_state(pid)}, not {state}"
+        time.sleep(0.005)
+
+
+def test_a_stopped_process_gives_its_state_and_pages_and_stays_stopped(workload):
+    """A group-stopped process (kill -STOP): its state read in one stop (batch), its pages
+    through the pager, each run and stopped again; afterwards it is still stopped."""
+    wl = workload("same", mib=8)
+    os.kill(wl.root, signal.SIGSTOP)
+    wait_state(wl.root, "T")
+    with watchdog(wl.pids):
+        with frozen(wl) as coll:  # the state read: batch.py's code in the process
+            assert coll.tree.stopped == {wl.root}
+            ranges, view = root_ranges(coll)
+            state = snapshot(view.pid)
+            p = pager.Pager(view.pid, remote.find_syscall_insn(view.pid, view.vmas), ranges)
+            p.start()
+            got, errors = read_all(p, ranges)
+            p.finish()
+            assert not errors
+            assert snapshot(view.pid) == state
+    wait_state(wl.root, "T")  # detached, it goes back into its group stop
+    os.kill(wl.root, signal.SIGCONT)
+    assert set(wl.check().values()) == {f"ok {s}" for s in wl.sums().values()}
+
+
+def test_code_closed_while_it_runs_is_stopped_first(workload):
+    """close() without stop() (as when a SIGTERM of cow-collect cuts stop() short): the code
+    is stopped before anything is taken out, the process is left as it was."""
+    wl = workload("same", mib=8)
+    with frozen(wl) as coll:
+        ranges, view = root_ranges(coll)
+        state = snapshot(view.pid)
+        p = pager.Pager(view.pid, remote.find_syscall_insn(view.pid, view.vmas), ranges)
+        p.start()
+        p.read_at(0, memoryview(bytearray(PAGE)))  # it runs: blocked on the full pipes
+        p.code.close()
+        assert snapshot(view.pid) == state
+    assert set(wl.check().values()) == {f"ok {s}" for s in wl.sums().values()}

@@ -10,7 +10,8 @@
            done, the main thread when its layout is the dumped one;
   resume   registers, xstate and signal mask of every thread as dumped (syscall restart applied),
            the blob unmapped by a syscall injected into the process, then the
-           whole tree is detached together.
+           whole tree is detached together (a process that was stopped, state T,
+           when dumped gets a SIGSTOP first: it stops again).
 Anything failing after the first process exists kills every process created.
 """
 
@@ -375,6 +376,8 @@ class Restore:
                 ptrace.set_sigmask(tid, thread["sigmask"])
         for proc in self.plan.processes:  # the whole tree goes at once
             ag = self.agents[proc["pid"]]
+            if (proc["image"].get("state") or {}).get("stopped"):
+                os.kill(ag.pid, signal.SIGSTOP)  # stopped when dumped: it stops again once let go
             for tid in self.threads.get(proc["pid"], []):
                 ptrace.detach(tid)
             ptrace.detach(ag.pid)

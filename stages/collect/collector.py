@@ -152,6 +152,8 @@ class Collection:
                 self.check_alive()
                 raise CollectError(f"process {pid}: {exc}")
             record = state.process_record(view, threads, brk, sigactions, pipes)
+            if pid in self.tree.stopped:
+                record["state"]["stopped"] = True  # cow-apply stops it again
             for fd_rec, fd in zip(record["fds"], view.fds):
                 sid = self.shared.fd_id(pid, fd)
                 if sid:

@@ -7,7 +7,9 @@ child by the time the parent traps, so the next walk sees it; a thread cloned by
 a thread not yet stopped shows up in the next listing of the process's tasks).
 A process that exits while being frozen is dropped; one whose main thread has
 exited while others run on is not seized but listed in ``leaderless`` (the
-caller refuses it).
+caller refuses it).  A process that was group-stopped (state T: kill -STOP, or
+left so by cow-collect --leave-stopped) is listed in ``stopped``: the kernel
+reports our trap with its stop signal instead of SIGTRAP.
 
 FrozenTree.resume() / leave_stopped() / kill() end the ptrace session; every
 path detaches every thread, so a tree is never left frozen by us.  That holds for
@@ -95,6 +97,7 @@ class FrozenTree:
         self.threads = {}    # pid -> [tid, ...]
         self.zombies = []    # pids of exited, unreaped children in the tree (not seized)
         self.leaderless = {}  # pid -> threads left: processes whose main thread has exited (not seized)
+        self.stopped = set()  # pids of processes that were group-stopped (state T)
         self.released = False
         # tids booked in threads but not (yet) seen in our stop: maybe not seized, maybe running
         # under us, maybe in a stop we have not waited for; resume() handles them one by one
@@ -110,8 +113,9 @@ class FrozenTree:
         self.threads[pid].remove(tid)
 
     def _seize_thread(self, pid, tid):
-        """Seize and interrupt one thread of pid; True when it is now in our stop, False if it
-        is gone.  The thread is booked first (a signal may land right after the seize)."""
+        """Seize and interrupt one thread of pid; the signal of its stop when it is now in ours
+        (SIGTRAP, or the stop signal of a group-stopped process), 0 if it is gone.  The thread
+        is booked first (a signal may land right after the seize)."""
         self._unsettled.add(tid)
         self.threads[pid].append(tid)
         try:
@@ -119,9 +123,9 @@ class FrozenTree:
         except OSError as exc:
             self._unbook(pid, tid)
             if exc.errno == ptrace.ESRCH:
-                return False
+                return 0
             if exc.errno == errno.EPERM and _exiting(tid):
-                return False  # it is exiting: the kernel refuses to attach to a dying task
+                return 0  # it is exiting: the kernel refuses to attach to a dying task
             if exc.errno == errno.EPERM:
                 other = _tracer_of(tid)
                 if other:
@@ -134,20 +138,20 @@ class FrozenTree:
         except OSError as exc:
             if exc.errno == ptrace.ESRCH:
                 self._unbook(pid, tid)
-                return False
+                return 0
             raise
         while True:
             try:
                 _, status = ptrace.waitpid(tid)
             except ChildProcessError:
                 self._unbook(pid, tid)
-                return False
+                return 0
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 self._unbook(pid, tid)
-                return False
+                return 0
             if ptrace.is_group_stop(status):
                 self._unsettled.discard(tid)
-                return True
+                return os.WSTOPSIG(status)
             # a signal-delivery stop came first: deliver the signal, the trap follows
             ptrace.cont(tid, os.WSTOPSIG(status))
 
@@ -177,7 +181,9 @@ class FrozenTree:
                 break
             for tid in new:
                 tried.add(tid)  # a thread that could not be seized is exiting: not tried again
-                self._seize_thread(pid, tid)
+                sig = self._seize_thread(pid, tid)
+                if sig and sig != signal.SIGTRAP:
+                    self.stopped.add(pid)
         if not self.threads[pid]:
             del self.threads[pid]
             return False

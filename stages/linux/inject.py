@@ -27,7 +27,7 @@ from stages._native import lib
 
 from . import ptrace
 from .memory import ProcessMemory
-from .remote import RemoteSyscalls, _wait_stop
+from .remote import RemoteSyscalls, wait_trap
 
 SYS_MMAP, SYS_MUNMAP, SYS_CLOSE, SYS_PIPE2, SYS_PIDFD_GETFD = 9, 11, 3, 293, 438
 PROT_RWX = 7  # the loops write their results and cursors next to their code
@@ -228,7 +228,7 @@ class InjectedCode:
             raise InjectError(errno.ESRCH, f"process {self.pid} died while running our code")
         sig = os.WSTOPSIG(status)
         if ptrace.is_group_stop(status):
-            return  # a group stop (SIGSTOP from someone else): going on, its signal is deferred
+            return  # a SIGCONT's notice, or a trap asked for before: going on
         if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
             self.rs.deferred.append(sig)  # sent again when the process is put back
             return
@@ -238,17 +238,18 @@ class InjectedCode:
     def stop(self):
         """Stop the code wherever it is; returns its registers."""
         error = None
+
+        def past(status):  # a signal's stop before the trap: held back, or the error to raise
+            nonlocal error
+            try:
+                self._stopped(status)
+            except InjectError as exc:
+                error = error or exc
+            return 0
+
         if self.running:
             ptrace.interrupt(self.pid)
-            while True:
-                status = _wait_stop(self.pid, "stopping our code")
-                if ptrace.is_group_stop(status) and os.WSTOPSIG(status) == signal.SIGTRAP:
-                    break  # our PTRACE_INTERRUPT
-                try:
-                    self._stopped(status)
-                except InjectError as exc:
-                    error = error or exc
-                ptrace.cont(self.pid)
+            wait_trap(self.pid, "stopping our code", past)
             self.running = False
         if error is not None:
             raise error
@@ -262,9 +263,19 @@ class InjectedCode:
         """Our fds closed; the pipe ends (those but the watch pipe's unless ``closed``: the
         code did) and the mapping gone from the process; registers and mask back
         (RemoteSyscalls.close when the session is ours)."""
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        try:
+            if self.running:
+                # stop() was not called or cut short (a SIGTERM of ours): the thread must stop
+                # before our calls, and before the code sees its watch pipe close (it would
+                # then resume the thread on its own)
+                try:
+                    self.stop()
+                except InjectError:
+                    pass  # stopped all the same; the caller has its own error to report
+        finally:
+            for fd in self.fds:
+                os.close(fd)
+            self.fds = []
         rs, self.rs = self.rs, None
         if rs is None:
             return

@@ -195,10 +195,11 @@ class Pager:
                                    f"process {self.pid}: vmsplice of its pages failed: {why}")
         except OSError as exc:
             error = exc
-        try:
-            self.code.close(closed)
-        except OSError as exc:
-            error = error or exc
+        finally:  # also when a SIGTERM of ours cut stop() short: that exception goes on
+            try:
+                self.code.close(closed)
+            except OSError as exc:
+                error = error or exc
         if error is not None:
             raise error
 

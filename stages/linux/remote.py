@@ -65,6 +65,23 @@ def _wait_stop(pid, what):
             return status
 
 
+def wait_trap(pid, what, past):
+    """Wait until pid, asked to stop by PTRACE_INTERRUPT, is in a PTRACE_EVENT_STOP; resume it
+    past any other stop on the way with the signal ``past(status)`` returns.
+
+    Any PTRACE_EVENT_STOP is the one asked for, whatever its signal: the kernel reports
+    SIGTRAP, or the stop signal when the process is group-stopped (kill -STOP, or left by
+    cow-collect --leave-stopped), for PTRACE_INTERRUPT's trap and a group stop's alike.  And
+    every ptrace stop clears a pending PTRACE_INTERRUPT: after another stop, ask again."""
+    while True:
+        status = _wait_stop(pid, what)
+        if ptrace.is_group_stop(status):
+            return status
+        sig = past(status)
+        ptrace.interrupt(pid)
+        ptrace.cont(pid, sig)
+
+
 class RemoteSyscalls:
     """Use as a context manager around calls into one stopped tracee."""
 
@@ -121,12 +138,8 @@ class RemoteSyscalls:
             os.kill(self.pid, sig)
         ptrace.interrupt(self.pid)
         ptrace.cont(self.pid)
-        while True:
-            status = _wait_stop(self.pid, "re-stopping after remote syscalls")
-            if ptrace.is_group_stop(status):
-                return
-            # a signal arrived meanwhile: let it go through, it is handled after the trap
-            ptrace.cont(self.pid, os.WSTOPSIG(status))
+        # a signal arriving meanwhile goes through: it is handled after the trap
+        wait_trap(self.pid, "re-stopping after remote syscalls", os.WSTOPSIG)
 
 
 PR_GET_PDEATHSIG, PR_GET_DUMPABLE, PR_GET_CHILD_SUBREAPER, PR_GET_SECUREBITS = 2, 3, 37, 27

@@ -113,6 +113,7 @@ STATE = Map(
         "caps": Map({}, {name: UInt() for name in ("effective", "permitted", "inheritable", "bounding", "ambient")}),
         "securebits": Int(0, 0xFF),  # PR_GET_SECUREBITS
         "oom_score_adj": Int(-1000, 1000),
+        "stopped": Bool(),  # group-stopped (state T) when frozen
         "sched": SCHED,
         "affinity": AFFINITY,  # CPUs the process may run on
         # ITIMER_REAL, _VIRTUAL, _PROF: [interval sec, interval usec, value sec, value usec]

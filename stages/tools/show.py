@@ -242,6 +242,8 @@ class Printer:
             armed = [f"{w}:{t[2]}.{t[3]:06d}s/{t[0]}.{t[1]:06d}s" for w, t in zip(("real", "virtual", "prof"), st.get("itimers", ())) if t[2] or t[3]]
             self.line(f"{indent}  itimers {' '.join(armed) or 'none'}  pending (shared) "
                       f"{' '.join(str(int.from_bytes(i[:4], 'little')) for i in st.get('pending', ())) or 'none'}")
+            if st.get("stopped"):
+                self.line(f"{indent}  stopped (state T when dumped: restored stopped)")
         for key in ("cwd", "root", "umask"):
             if key in p:
                 self.line(f"{indent}  {key} {n.path(p[key]) if key != 'umask' else oct(p[key])}")
