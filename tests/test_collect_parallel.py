@@ -72,7 +72,7 @@ def test_inspect_names_the_first_vanished_process_in_tree_order():
         order = [live.pid, live.pid, gone[0], live.pid, gone[1]]
         tree = SimpleNamespace(order=order, zombies=[], leaderless={},
                                threads={pid: [pid] for pid in order})
-        with pytest.raises(CollectError, match=f"^process {gone[0]}: vanished while frozen$"):
+        with pytest.raises(CollectError, match=rf"^process {gone[0]}: exited while the tree was frozen \(killed\?\)$"):
             Collection(tree).inspect()
     finally:
         live.kill()

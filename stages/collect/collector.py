@@ -115,8 +115,8 @@ class Collection:
     def _view(self, pid):
         try:
             return state.ProcView(pid, self.tree.threads[pid])
-        except FileNotFoundError:
-            raise CollectError(f"process {pid}: vanished while frozen")
+        except FileNotFoundError:  # its /proc entries went: killed (check_alive's words)
+            raise CollectError(f"process {pid}: exited while the tree was frozen (killed?)")
 
     def read(self):
         """Step 3: registers, brk, sigactions and frame maps of every process."""

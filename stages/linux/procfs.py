@@ -339,6 +339,8 @@ def describe_fd(pid, fd):
         return out
     try:
         st = os.stat(f"{base}/fd/{fd}")
+    except FileNotFoundError:
+        raise  # the fd or the whole process is gone (killed?): not an fd of an unknown kind
     except OSError:
         out["kind"] = "other"
         return out
