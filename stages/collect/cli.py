@@ -34,8 +34,15 @@ class Terminated(Exception):
     pass
 
 
+# SIGINT too: Ctrl-C must resume the tree as SIGTERM does
+CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def _on_signal(signum, frame):
-    # turn SIGTERM/SIGHUP into an exception so the tree is resumed on the way out
+    # an exception, so the tree is resumed on the way out; a second signal must not cut
+    # that short (a thread left with our registers or a blocked mask)
+    for sig in CAUGHT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise Terminated(f"terminated by signal {signum}")
 
 
@@ -64,7 +71,7 @@ def main(argv=None):
         ap.error("refusing to write an image to a terminal: use -o FILE or a pipe")
 
     mode = KILL if args.kill else LEAVE_STOPPED if args.leave_stopped else RESUME
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in CAUGHT_SIGNALS:
         signal.signal(sig, _on_signal)
     notes = []
     code = EXIT_OK
@@ -92,8 +99,8 @@ def main(argv=None):
     except (FreezeError, CollectError, StreamError) as exc:
         print(f"cow-collect: {exc}", file=sys.stderr)
         code = EXIT_FAILURE
-    except (Terminated, KeyboardInterrupt) as exc:
-        print(f"cow-collect: {exc or 'interrupted'}; the tree was resumed", file=sys.stderr)
+    except Terminated as exc:
+        print(f"cow-collect: {exc}; the tree was resumed", file=sys.stderr)
         code = EXIT_FAILURE
     except OSError as exc:
         if is_broken_pipe(exc):
@@ -101,6 +108,8 @@ def main(argv=None):
         else:
             print(f"cow-collect: {os_error_text(exc)}", file=sys.stderr)
         code = EXIT_FAILURE
+    for sig in CAUGHT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # all is done (nothing to undo); only messages are left
     for note in notes:
         print(f"cow-collect: {note}", file=sys.stderr)
     return code
