@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from stages.linux import freeze, ptrace
+from stages.linux import freeze, procfs, ptrace
 from tests.support.workloads import (RUNNING_STATES, ask, build, proc_state, running_workload, tree_pids,
                                      workload)  # noqa: F401
 
@@ -192,3 +192,37 @@ def test_a_signal_half_way_through_the_threads_of_a_process(name, tmp_path, monk
         assert_let_go(w.order)
         for pid in w.order:
             assert ask(str(outdir / f"{pid}.check"), pid, timeout=15).startswith("ok")
+
+
+def test_a_process_that_leaves_the_tree_while_it_is_frozen_is_let_go(workload, monkeypatch):
+    """The grandchildren of chain are listed under their parent; that parent is killed just
+    before they are seized, so they go to a reaper outside the tree.  They are no longer the
+    tree's: let go, running, and in no list the freeze hands on (their pids could as well have
+    been reused by unrelated processes, which --kill would then kill)."""
+    wl = workload("chain", mib=1)
+    walk = tree_pids(wl.root)
+    middle = walk[1]
+    grandchildren = [pid for pid in walk if pid not in (wl.root, middle)]
+    assert len(grandchildren) == 2
+    real = freeze.FrozenTree._freeze_process
+
+    def freeze_process(self, pid):
+        if pid == grandchildren[0]:
+            os.kill(middle, signal.SIGKILL)  # frozen: SIGKILL works all the same
+            deadline = time.monotonic() + 10
+            while any(procfs.read_stat(g)["ppid"] == middle for g in grandchildren):
+                assert time.monotonic() < deadline, "the grandchildren were not re-parented"
+                time.sleep(0.005)
+        return real(self, pid)
+
+    monkeypatch.setattr(freeze.FrozenTree, "_freeze_process", freeze_process)
+    tree = freeze.freeze_tree(wl.root)
+    try:
+        assert not set(grandchildren) & (set(tree.order) | set(tree.threads)), (tree.order, grandchildren)
+        assert_let_go(grandchildren)
+        assert tracer_of(wl.root) != 0  # the rest is still held
+    finally:
+        tree.resume()
+    assert_let_go([wl.root])
+    wl.pids = [pid for pid in wl.pids if pid != middle]
+    assert all(wl.check()[pid].startswith("ok") for pid in grandchildren)

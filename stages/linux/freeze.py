@@ -218,9 +218,15 @@ class FrozenTree:
         # zombies: children that exited and that their (now frozen) parent has not reaped
         self.zombies = [pid for pid in walk if pid not in self.threads and pid not in self.leaderless
                         and _exiting(pid) and os.path.exists(f"/proc/{pid}")]
-        for pid in self.threads:
-            if pid not in self.order:
-                self.order.append(pid)
+        # held but no longer below the root: its parent exited while we froze (it went to a
+        # reaper outside the tree), or its pid was reused by another process between our
+        # listing and our seize.  Either way not the tree's now: let it go, never dump or kill it
+        ordered = set(self.order)
+        for pid in [pid for pid in self.threads if pid not in ordered]:
+            with _SignalsHeld():
+                self._detach_process(pid, [])
+                del self.threads[pid]
+                self.stopped.discard(pid)
         return self
 
     # -- releasing ------------------------------------------------------------
@@ -234,18 +240,21 @@ class FrozenTree:
         ordered = set(self.order)
         pids = self.order + [pid for pid in self.threads if pid not in ordered]
         for pid in reversed(pids):
-            for tid in self.threads.get(pid, []):
-                try:
-                    if tid in self._unsettled:
-                        self._let_go(tid)
-                    else:
-                        ptrace.detach(tid)
-                except OSError as exc:
-                    if exc.errno != ptrace.ESRCH:
-                        errors.append(f"process {pid}: detach of thread {tid}: {exc.strerror}")
+            self._detach_process(pid, errors)
         self._unsettled.clear()
         self.released = True
         return errors
+
+    def _detach_process(self, pid, errors):
+        for tid in self.threads.get(pid, []):
+            try:
+                if tid in self._unsettled:
+                    self._let_go(tid)
+                else:
+                    ptrace.detach(tid)
+            except OSError as exc:
+                if exc.errno != ptrace.ESRCH:
+                    errors.append(f"process {pid}: detach of thread {tid}: {exc.strerror}")
 
     def _let_go(self, tid):
         """Detach a thread a failed freeze left between seize and stop.  PTRACE_DETACH needs
