@@ -140,6 +140,12 @@ def test_odd_names_are_collected_and_restored_as_they_are(names, trees, tmp_path
     assert set(files) <= paths, sorted(paths)
     held = {fd["fd"]: fd["path"] for fd in images.processes[0]["fds"]}
     assert all(held[fd] == path for path, fd in info["fds"]), held
+    # cow-show keeps one line per thing: control characters of a name escaped
+    shown = run([tool("cow-show"), str(image)]).stdout.decode()
+    for path in files:
+        escaped = path.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+        assert any(line.endswith(escaped) or f" {escaped} " in line for line in shown.splitlines()), escaped
+    assert "\r" not in shown and "\t" not in shown
     assert restore(image, tmp_path, trees) == [pid]
     assert_holds(pid, info, files)
 

@@ -23,6 +23,7 @@ PAGE = 4096
 
 # Fields holding packed uint32 arrays.
 PACKED_U32 = {"frames", "same", "crcs"}
+CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(32), 127]} | {9: "\\t", 10: "\\n", 13: "\\r"}
 
 
 SCHED_POLICIES = {0: "OTHER", 1: "FIFO", 2: "RR", 3: "BATCH", 5: "IDLE", 6: "DEADLINE"}
@@ -120,7 +121,8 @@ class Printer:
         self.norm = Normalizer(normal)
 
     def line(self, text=""):
-        self.out.write(text + "\n")
+        # one line per thing shown, whatever a path holds (a newline, a carriage return...)
+        self.out.write(text.translate(CONTROL_ESCAPES) + "\n")
 
     # -- header and trailer -------------------------------------------------
     def header(self, h):
