@@ -219,6 +219,7 @@ def test_a_process_that_leaves_the_tree_while_it_is_frozen_is_let_go(workload, m
     tree = freeze.freeze_tree(wl.root)
     try:
         assert not set(grandchildren) & (set(tree.order) | set(tree.threads)), (tree.order, grandchildren)
+        assert sorted(tree.departed) == sorted(grandchildren)  # cow-collect names them in a note
         assert_let_go(grandchildren)
         assert tracer_of(wl.root) != 0  # the rest is still held
     finally:

@@ -253,6 +253,8 @@ def run_collect(root, output, mode=RESUME, progress_stream=None, notes=None):
     except BaseException:
         output.abandon()
         raise
+    notes.extend(f"process {pid} left the tree while it was being frozen (its parent exited): not dumped"
+                 for pid in tree.departed)
     try:
         coll = Collection(tree)
         coll.inspect()

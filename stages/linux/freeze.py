@@ -98,6 +98,7 @@ class FrozenTree:
         self.zombies = []    # pids of exited, unreaped children in the tree (not seized)
         self.leaderless = {}  # pid -> threads left: processes whose main thread has exited (not seized)
         self.stopped = set()  # pids of processes that were group-stopped (state T)
+        self.departed = []  # pids held for a while but no longer below the root when frozen (let go)
         self.released = False
         # tids booked in threads but not (yet) seen in our stop: maybe not seized, maybe running
         # under us, maybe in a stop we have not waited for; resume() handles them one by one
@@ -227,6 +228,7 @@ class FrozenTree:
                 self._detach_process(pid, [])
                 del self.threads[pid]
                 self.stopped.discard(pid)
+            self.departed.append(pid)
         return self
 
     # -- releasing ------------------------------------------------------------
