@@ -85,3 +85,26 @@ def test_a_reservation_of_a_tebibyte_is_measured_in_little_memory():
     finally:
         holder.kill()
         holder.wait()
+
+
+NAMED = """
+import ctypes, time
+ctypes.CDLL(None).prctl(15, b"n\\xfe\\x1b[2J", 0, 0, 0)  # PR_SET_NAME: not UTF-8, and an escape sequence
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_name_that_is_not_utf8_is_shown_escaped():
+    named = subprocess.Popen([sys.executable, "-c", NAMED], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                             close_fds=True)
+    try:
+        assert named.stdout.readline() == b"ready\n"
+        res = cow_mem(named.pid, "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["processes"][0]["comm"] == "n\\xfe\\x1b[2J"  # no lone surrogate
+        res = cow_mem(named.pid)
+        assert res.returncode == 0 and "  n\\xfe\\x1b[2J\n" in res.stdout, res.stdout
+    finally:
+        named.kill()
+        named.wait()

@@ -18,6 +18,14 @@ import sys
 
 from stages.linux.memstat import tree_frames
 from stages.stream import silence_broken_pipe
+from stages.tools.show import CONTROL_ESCAPES
+
+
+def shown_name(comm):
+    """A process name as text to print: bytes that are not UTF-8 as \\xNN (JSON readers reject
+    the lone surrogates they were read as), control characters escaped (it is a terminal)."""
+    text = comm.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.translate(CONTROL_ESCAPES)
 
 
 def render_table(m, out):
@@ -52,6 +60,8 @@ def main(argv=None):
         # memstat's own errors name the process already; the kernel's say only what failed
         print(f"cow-mem: process {args.pid}: {exc.strerror}" if exc.strerror else f"cow-mem: {exc}", file=sys.stderr)
         return 1
+    for p in m["processes"]:
+        p["comm"] = shown_name(p["comm"])
     try:
         if args.json:
             json.dump(m, sys.stdout, indent=1)
