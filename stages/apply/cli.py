@@ -17,7 +17,8 @@ import signal
 import sys
 import time
 
-from stages.linux import procfs
+from stages.linux import procfs, termination
+from stages.linux.termination import Terminated
 from stages.stream import OutputFile, StreamError, open_input, os_error_text
 
 from .check import Refusal, check_plan
@@ -57,23 +58,6 @@ class Progress:
 def fail(reason):
     print(f"cow-apply: {reason}", file=sys.stderr)
     return EXIT_FAILURE
-
-
-class Terminated(Exception):
-    pass
-
-
-# SIGINT too: Ctrl-C must kill a half-made tree like SIGTERM does, not raise KeyboardInterrupt
-# past the code that kills it
-CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-
-
-def _on_signal(signum, frame):
-    # these signals become an exception, so a half-restored tree is killed on the way out;
-    # a second signal must not interrupt that cleanup
-    for sig in CAUGHT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    raise Terminated(f"terminated by signal {signum}")
 
 
 def kill_leftovers(timeout=5.0):
@@ -124,8 +108,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.input in (None, "-") and sys.stdin.isatty():
         ap.error("refusing to read a plan from a terminal: use -i FILE or a pipe")
-    for sig in CAUGHT_SIGNALS:
-        signal.signal(sig, _on_signal)
+    termination.catch()  # a signal kills a half-made tree on the way out (Ctrl-C too)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # two pipes per process
 
@@ -164,16 +147,14 @@ def main(argv=None):
         try:
             restore.run()
         except (ApplyError, OSError, MemoryError, Terminated) as exc:
-            for sig in CAUGHT_SIGNALS:
-                signal.signal(sig, signal.SIG_IGN)
+            termination.dispose(signal.SIG_IGN)  # the killing below is not to be cut short
             stray = kill_leftovers()
             if stray:
                 print(f"cow-apply: killed {stray} process(es) of the partial tree that the restore "
                       "had not recorded", file=sys.stderr)
             return fail(f"restore failed, every created process was killed: {exc}")
         restored = True
-        for sig in CAUGHT_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)  # the tree is complete: nothing to undo now
+        termination.dispose(signal.SIG_DFL)  # the tree is complete: nothing to undo now
         if progress:
             progress.done(restore.pages_written)
         if report_out:

@@ -15,7 +15,9 @@ import argparse
 import signal
 import sys
 
+from stages.linux import termination
 from stages.linux.freeze import FreezeError
+from stages.linux.termination import Terminated
 from stages.stream import OutputFile, StreamError, is_broken_pipe, os_error_text
 
 from .collector import KILL, LEAVE_STOPPED, RESUME, CollectError, OutputError, run_collect
@@ -28,22 +30,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-class Terminated(Exception):
-    pass
-
-
-# SIGINT too: Ctrl-C must resume the tree as SIGTERM does
-CAUGHT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-
-
-def _on_signal(signum, frame):
-    # an exception, so the tree is resumed on the way out; a second signal must not cut
-    # that short (a thread left with our registers or a blocked mask)
-    for sig in CAUGHT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    raise Terminated(f"terminated by signal {signum}")
 
 
 def main(argv=None):
@@ -71,8 +57,7 @@ def main(argv=None):
         ap.error("refusing to write an image to a terminal: use -o FILE or a pipe")
 
     mode = KILL if args.kill else LEAVE_STOPPED if args.leave_stopped else RESUME
-    for sig in CAUGHT_SIGNALS:
-        signal.signal(sig, _on_signal)
+    termination.catch()  # a signal resumes the tree on the way out (Ctrl-C too)
     notes = []
     code = EXIT_OK
     try:
@@ -108,8 +93,7 @@ def main(argv=None):
         else:
             print(f"cow-collect: {os_error_text(exc)}", file=sys.stderr)
         code = EXIT_FAILURE
-    for sig in CAUGHT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)  # all is done (nothing to undo); only messages are left
+    termination.dispose(signal.SIG_IGN)  # all is done (nothing to undo); only messages are left
     for note in notes:
         print(f"cow-collect: {note}", file=sys.stderr)
     return code

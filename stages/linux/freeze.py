@@ -24,14 +24,12 @@ import select
 import signal
 import time
 
-from . import procfs, ptrace
+from . import procfs, ptrace, termination
 
 
 REAP_GRACE = 1.0  # seconds to wait for the parents of killed processes to reap them
 
 
-# Signals that would interrupt a release half way (the handlers of cow-collect raise).
-_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 class _SignalsHeld:
@@ -39,7 +37,7 @@ class _SignalsHeld:
     (A class, not contextlib.contextmanager: contextlib's import is ~0.7 ms of cow-collect's start.)"""
 
     def __enter__(self):
-        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, termination.SIGNALS)  # they raise (termination.catch)
 
     def __exit__(self, *exc):
         signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
