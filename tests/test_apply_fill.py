@@ -14,6 +14,7 @@ from stages.apply.fill import MIN_DROP_RUN, Filler
 from stages.linux import pagemap
 from stages.stream import pack_u32
 from tests.test_apply_tree import free_pid
+from tests.support.workloads import read_mem
 
 PAGE = 4096
 BASE = 0x500000000000
@@ -40,9 +41,7 @@ class Spool:
 def read_page(pid, page):
     """Through /proc/PID/mem: process_vm_readv pins the page, and pinning a page shared
     copy-on-write unshares it (the reader would break the sharing it looks at)."""
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
-        f.seek(BASE + page * PAGE)
-        return f.read(PAGE)
+    return read_mem(pid, BASE + page * PAGE, PAGE)
 
 
 def frame_of(pid, page):

@@ -13,7 +13,8 @@ import pytest
 
 from stages.stream import StreamError, StreamReader
 from tests.support.images import Images
-from tests.support.workloads import RUNNING_STATES, become_subreaper, proc_state, tree_pids, workload  # noqa: F401
+from tests.support.workloads import (RUNNING_STATES, become_subreaper, proc_state, traced_by_another, tree_pids,
+                                     workload)  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECT = [sys.executable, "-m", "stages.collect.cli"]
@@ -363,24 +364,10 @@ def test_disk_full(workload, tiny_fs):
 
 # -- trees we may not trace -----------------------------------------------------------
 
-TRACER = (
-    # PTRACE_SEIZE the pid in argv[1] (no stop), say so, and hold it until killed
-    "import ctypes, sys, signal\n"
-    "libc = ctypes.CDLL(None, use_errno=True)\n"
-    "if libc.ptrace(0x4206, int(sys.argv[1]), 0, 0) != 0:\n"
-    "    sys.exit(ctypes.get_errno())\n"
-    "print('seized', flush=True)\n"
-    "signal.pause()\n"
-)
-
-
 def test_already_traced_process_is_refused(workload, tmp_path):
     wl = workload("split", mib=1)
     victim = max(wl.pids)
-    holder = subprocess.Popen([sys.executable, "-c", TRACER, str(victim)], stdout=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL)
-    try:
-        assert holder.stdout.readline() == b"seized\n"
+    with traced_by_another(victim) as holder:
         assert tracer(victim) == holder.pid
         out = tmp_path / "images.cow"
         res = collect(wl.root, out=out)
@@ -392,9 +379,6 @@ def test_already_traced_process_is_refused(workload, tmp_path):
         # the processes collect had frozen before it met the victim run on
         assert_running_untraced([pid for pid in wl.pids if pid != victim])
         assert tracer(victim) == holder.pid
-    finally:
-        holder.kill()  # its tracee is detached when it dies
-        holder.wait()
     wait_until(lambda: tracer(victim) == 0, what="the victim's tracer to go")
     assert all(v.startswith("ok ") for v in wl.check().values())
 

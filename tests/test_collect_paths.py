@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.commands import run, tool
 from tests.support.images import Images
-from tests.support.workloads import Trees, become_subreaper, wait_file, wait_killed
+from tests.support.workloads import Trees, become_subreaper, read_mem, wait_file, wait_killed, write_mem
 
 PAGE = 4096
 
@@ -80,18 +80,6 @@ def make_files(where, names):
             f.write(data)
         out[path] = data
     return out
-
-
-def read_mem(pid, addr, n):
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
-        f.seek(addr)
-        return f.read(n)
-
-
-def write_mem(pid, addr, data):
-    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as f:
-        f.seek(addr)
-        f.write(data)
 
 
 def collect(root, out, *args):

@@ -6,28 +6,16 @@ tree may be traced by us, and each is running, or stopped if it was stopped befo
 The failures: a process of the tree that someone else traces, and a signal (here a
 KeyboardInterrupt raised by a wrapped ptrace call) at each step of seizing a thread."""
 
+import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from stages.linux import freeze, procfs, ptrace
-from tests.support.workloads import (RUNNING_STATES, ask, build, proc_state, running_workload, tree_pids,
-                                     workload)  # noqa: F401
-
-# PTRACE_SEIZE the pid in argv[1] (no stop), say so, and hold it until killed
-TRACER = (
-    "import ctypes, sys, signal\n"
-    "libc = ctypes.CDLL(None, use_errno=True)\n"
-    "if libc.ptrace(0x4206, int(sys.argv[1]), 0, 0) != 0:\n"
-    "    sys.exit(ctypes.get_errno())\n"
-    "print('seized', flush=True)\n"
-    "signal.pause()\n"
-)
-
+from tests.support.workloads import (RUNNING_STATES, ask, build, proc_state, running_workload, traced_by_another,
+                                     tree_pids, workload)  # noqa: F401
 
 def tracer_of(tid):
     try:
@@ -55,21 +43,13 @@ def assert_let_go(pids, states=RUNNING_STATES):
 @pytest.fixture
 def holder():
     """holder(pid): a helper process that ptraces pid until the test ends."""
-    started = []
+    with contextlib.ExitStack() as held:
+        def start(pid):
+            p = held.enter_context(traced_by_another(pid))
+            assert tracer_of(pid) == p.pid
+            return p
 
-    def start(pid):
-        p = subprocess.Popen([sys.executable, "-c", TRACER, str(pid)], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, close_fds=True)
-        started.append(p)
-        assert p.stdout.readline() == b"seized\n"
-        assert tracer_of(pid) == p.pid
-        return p
-
-    yield start
-    for p in started:
-        p.kill()  # its tracee is detached when it dies
-        p.wait()
-        p.stdout.close()
+        yield start
 
 
 def test_a_traced_process_in_the_tree_and_the_rest_is_let_go(workload, holder):

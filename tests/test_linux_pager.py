@@ -105,22 +105,28 @@ def read_all(p, ranges):
     return bytes(buf), errors
 
 
+def page_through(view, ranges):
+    """The frozen process of view gives ranges through a pager: the bytes are its memory's
+    (rseq areas aside), and its registers, mask and mappings are as before."""
+    state = snapshot(view.pid)
+    p = pager.Pager(view.pid, remote.find_syscall_insn(view.pid, view.vmas), ranges)
+    p.start()
+    got, errors = read_all(p, ranges)
+    p.finish()
+    assert not errors
+    assert snapshot(view.pid) == state
+    with ProcessMemory(view.pid) as mem:
+        live = b"".join(mem.read(a, n) for a, n in ranges)
+    assert without_rseq(got, ranges, view.pid) == without_rseq(live, ranges, view.pid)
+
+
 def test_pager_gives_the_bytes_and_leaves_nothing_behind(workload):
     wl = workload("same", mib=8)
     before = tree_frames(wl.root)
     with frozen(wl) as coll:
         ranges, view = root_ranges(coll)
         assert sum(n for _, n in ranges) >= 8 << 20
-        state = snapshot(view.pid)
-        p = pager.Pager(view.pid, remote.find_syscall_insn(view.pid, view.vmas), ranges)
-        p.start()
-        got, errors = read_all(p, ranges)
-        p.finish()
-        assert not errors
-        assert snapshot(view.pid) == state
-        with ProcessMemory(view.pid) as mem:
-            live = b"".join(mem.read(a, n) for a, n in ranges)
-        assert without_rseq(got, ranges, view.pid) == without_rseq(live, ranges, view.pid)
+        page_through(view, ranges)
     assert tree_frames(wl.root)["distinct_frames"] == before["distinct_frames"]
     assert set(wl.check().values()) == {f"ok {s}" for s in wl.sums().values()}
 
@@ -216,13 +222,7 @@ def test_a_stopped_process_gives_its_state_and_pages_and_stays_stopped(workload)
         with frozen(wl) as coll:  # the state read: batch.py's code in the process
             assert coll.tree.stopped == {wl.root}
             ranges, view = root_ranges(coll)
-            state = snapshot(view.pid)
-            p = pager.Pager(view.pid, remote.find_syscall_insn(view.pid, view.vmas), ranges)
-            p.start()
-            got, errors = read_all(p, ranges)
-            p.finish()
-            assert not errors
-            assert snapshot(view.pid) == state
+            page_through(view, ranges)
     wait_state(wl.root, "T")  # detached, it goes back into its group stop
     os.kill(wl.root, signal.SIGCONT)
     assert set(wl.check().values()) == {f"ok {s}" for s in wl.sums().values()}

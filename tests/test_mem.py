@@ -1,5 +1,6 @@
 """cow-mem and its measurement function, on real trees."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -55,6 +56,20 @@ def test_cli_no_such_process():
     assert res.returncode == 1 and "process 4194303" in res.stderr
 
 
+@contextlib.contextmanager
+def python_process(code):
+    """python3 running code, which prints "ready" once set up; killed when the block ends."""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            close_fds=True)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 RESERVER = """
 import mmap, sys, time
 # 1 TiB reserved, never touched (PROT_NONE, MAP_NORESERVE: as sanitizers and sandboxes do), 4 MiB written
@@ -68,10 +83,7 @@ time.sleep(600)
 
 def test_a_reservation_of_a_tebibyte_is_measured_in_little_memory():
     # the pagemap of a VMA used to be read in one pread: 2 GiB of entries for this one
-    holder = subprocess.Popen([sys.executable, "-c", RESERVER], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                              close_fds=True)
-    try:
-        assert holder.stdout.readline() == b"ready\n"
+    with python_process(RESERVER) as holder:
         # cow-mem's own peak memory, printed on stderr after its output
         code = ("import resource, sys; from stages.tools.mem import main; rc = main(sys.argv[1:]); "
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
@@ -82,9 +94,6 @@ def test_a_reservation_of_a_tebibyte_is_measured_in_little_memory():
         assert peak_kib < 200 * 1024, peak_kib  # not the 2 GiB of entries (4 GiB peak before)
         m = json.loads(out)
         assert m["distinct_frames"] >= 1024  # the 4 MiB written
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 NAMED = """
@@ -96,15 +105,9 @@ time.sleep(600)
 
 
 def test_a_name_that_is_not_utf8_is_shown_escaped():
-    named = subprocess.Popen([sys.executable, "-c", NAMED], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                             close_fds=True)
-    try:
-        assert named.stdout.readline() == b"ready\n"
+    with python_process(NAMED) as named:
         res = cow_mem(named.pid, "--json")
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["processes"][0]["comm"] == "n\\xfe\\x1b[2J"  # no lone surrogate
         res = cow_mem(named.pid)
         assert res.returncode == 0 and "  n\\xfe\\x1b[2J\n" in res.stdout, res.stdout
-    finally:
-        named.kill()
-        named.wait()

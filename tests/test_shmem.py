@@ -20,7 +20,8 @@ import pytest
 from stages._native import lib
 from stages.linux import memstat
 from tests.support.commands import run, tool
-from tests.support.workloads import RUNNING_STATES, Trees, become_subreaper, build, proc_state, wait_file, wait_killed
+from tests.support.workloads import (RUNNING_STATES, Trees, become_subreaper, build, proc_state, read_mem, wait_file,
+                                     wait_killed, write_mem)
 
 PAGE = 4096
 SYS_KCMP, KCMP_FILE = 312, 0
@@ -61,18 +62,6 @@ def region_of(pid, path_part, npages=64):
             if b - a == npages * PAGE:
                 return a, b, parts[3], int(parts[4]), parts[5].strip(), int(parts[2], 16)
     raise AssertionError(f"process {pid}: no shared mapping of {path_part}")
-
-
-def read_mem(pid, addr, n):
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
-        f.seek(addr)
-        return f.read(n)
-
-
-def write_mem(pid, addr, data):
-    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as f:
-        f.seek(addr)
-        f.write(data)
 
 
 def counters(pid, addr):

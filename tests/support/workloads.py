@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -178,6 +179,45 @@ def ask_inside(outdir, ns_pid, outer_pid):
     "key value" of OUTDIR/<ns_pid>.check as a dict (the C state workloads' protocol)."""
     text = ask(os.path.join(outdir, f"{ns_pid}.check"), outer_pid)
     return dict(line.split(" ", 1) for line in text.splitlines())
+
+
+# PTRACE_SEIZE the pid in argv[1] (no stop), say so, and hold it until killed
+_TRACER = (
+    "import ctypes, sys, signal\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "if libc.ptrace(0x4206, int(sys.argv[1]), 0, 0) != 0:\n"
+    "    sys.exit(ctypes.get_errno())\n"
+    "print('seized', flush=True)\n"
+    "signal.pause()\n"
+)
+
+
+@contextlib.contextmanager
+def traced_by_another(pid):
+    """A process of ours (the Popen) that ptraces pid, as a debugger would, until the block
+    ends: then it is killed, and pid detached with it."""
+    holder = subprocess.Popen([sys.executable, "-c", _TRACER, str(pid)], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, close_fds=True)
+    try:
+        assert holder.stdout.readline() == b"seized\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def read_mem(pid, addr, n):
+    """n bytes at addr of pid, through /proc/PID/mem."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        f.seek(addr)
+        return f.read(n)
+
+
+def write_mem(pid, addr, data):
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as f:
+        f.seek(addr)
+        f.write(data)
 
 
 @contextlib.contextmanager
